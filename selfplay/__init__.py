@@ -1,0 +1,1 @@
+"""selfplay: workflow-orchestrated iterative DPO."""

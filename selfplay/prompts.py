@@ -1,0 +1,88 @@
+"""Prompt sets: the bundled ones, or any source `datasets` loads (jsonl/json/csv/parquet path, or a hub name).
+
+    >>> rows = load_prompts("bundled:eval")
+    >>> sorted(rows[0])
+    ['id', 'prompt']
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+BUNDLED_DIR = Path(__file__).parent / "data" / "prompts"
+LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class PromptError(ValueError):
+    """A prompt source that cannot be used, phrased as what to fix."""
+
+
+def _prompt_from_messages(messages: Any, row: int) -> str:
+    if not isinstance(messages, list) or not messages:
+        raise PromptError(f"row {row}: the messages column must hold a non-empty list of {{role, content}} dicts")
+    users = [m.get("content", "") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    if not users:
+        raise PromptError(f"row {row}: no user turn in messages")
+    return users[-1]
+
+
+def rows_to_prompts(records: list[dict[str, Any]], column: str, messages_column: str | None, source: str) -> list[dict[str, str]]:
+    """Pure: pick the prompt text from each record, check it, and give each prompt a stable id."""
+    if not records:
+        raise PromptError(f"{source}: no rows")
+    key = messages_column or column
+    if key not in records[0]:
+        option = "prompts.messages_column" if messages_column else "prompts.column"
+        raise PromptError(f"{source}: no column {key!r} (columns: {', '.join(records[0])}); set {option}")
+    out, empty = [], []
+    for i, record in enumerate(records):
+        text = _prompt_from_messages(record[key], i) if messages_column else record[key]
+        if not isinstance(text, str) or not text.strip():
+            empty.append(i)
+            continue
+        out.append({"id": str(record.get("id", i)), "prompt": text.strip()})
+    if empty:
+        shown = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
+        raise PromptError(f"{source}: {len(empty)} empty prompt(s) in column {key!r} at rows {shown}; remove them")
+    return out
+
+
+def load_prompts(source: str, column: str = "prompt", messages_column: str | None = None, split: str = "train") -> list[dict[str, str]]:
+    """Load prompts as [{"id", "prompt"}]. Errors say what to fix."""
+    if source.startswith("bundled:"):
+        path = BUNDLED_DIR / f"{source.split(':', 1)[1]}.jsonl"
+        if not path.is_file():
+            names = ", ".join(f"bundled:{p.stem}" for p in sorted(BUNDLED_DIR.glob("*.jsonl")))
+            raise PromptError(f"unknown bundled prompt set {source!r} (have: {names})")
+        source, column, messages_column = str(path), "prompt", None
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    path = Path(source).expanduser()
+    if path.suffix in LOADERS:
+        if not path.is_file():
+            raise PromptError(f"prompt file not found: {path}")
+        try:
+            ds = datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train")
+        except Exception as exc:  # datasets raises many types for unreadable files
+            raise PromptError(f"cannot read {path} as {LOADERS[path.suffix]}: {exc}") from None
+    elif path.exists():
+        raise PromptError(f"{path}: unsupported prompt file type (use .jsonl, .json, .csv or .parquet)")
+    else:
+        try:
+            ds = datasets.load_dataset(source, split=split)
+        except Exception as exc:
+            raise PromptError(
+                f"{source!r} is not a local file, and loading it as a hub dataset failed ({exc.__class__.__name__}: "
+                f"{str(exc)[:200]}). Offline, use a local jsonl/json/csv/parquet file."
+            ) from None
+    return rows_to_prompts(ds.to_list(), column, messages_column, source)
+
+
+def draw_prompts(prompts: list[dict[str, str]], n: int, seed: int, round_k: int) -> list[dict[str, str]]:
+    """A fresh, seeded draw per round: the same (seed, round) always gives the same prompts."""
+    rng = random.Random(f"{seed}:{round_k}")
+    return rng.sample(prompts, min(n, len(prompts)))

@@ -1,0 +1,147 @@
+"""Stage 1, sample: K completions per prompt from the round's policy, batched, seeded.
+
+Output `round_<k>/sample/samples.parquet`, one row per completion: prompt_id, prompt, sample_idx, response,
+prompt_tokens, n_tokens, truncated (the completion hit max_new_tokens before its end-of-sequence token).
+The policy is always loaded from its saved checkpoint, never reused from the trainer's in-memory model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from selfplay.config import RunConfig
+from selfplay.models import load_causal_lm, load_tokenizer
+from selfplay.prompts import draw_prompts, load_prompts
+from selfplay.rundir import RunDir
+
+COLUMNS = ["prompt_id", "prompt", "sample_idx", "response", "prompt_tokens", "n_tokens", "truncated"]
+
+
+def completion_lengths(token_rows: list[list[int]], stop_ids: set[int]) -> list[tuple[int, bool]]:
+    """Pure: for each generated row (prompt stripped), (tokens before the stop token, truncated?).
+
+    A row is truncated when no stop token appears in it: generation ran out of budget mid-answer (and such a row
+    was never padded, since padding only follows a stop).
+
+    >>> completion_lengths([[5, 6, 2, 0], [5, 6, 7]], stop_ids={2})
+    [(2, False), (3, True)]
+    """
+    out = []
+    for row in token_rows:
+        stop = next((i for i, t in enumerate(row) if t in stop_ids), None)
+        out.append((stop, False) if stop is not None else (len(row), True))
+    return out
+
+
+def stop_token_ids(tokenizer, model) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    return {i for i in ids if i is not None}
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    num_samples: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Batched generation: `num_samples` completions for each prompt, `batch_size` sequences per call.
+
+    Returns one dict per completion (prompt index, sample index, text, token counts, truncated), in prompt order.
+    """
+    import torch
+
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
+    per_call = max(1, batch_size // num_samples)
+    stop_ids = stop_token_ids(tokenizer, model)
+    torch.manual_seed(seed)
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(texts), per_call):
+        chunk = texts[start : start + per_call]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        with torch.no_grad():
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=num_samples,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=sorted(stop_ids),
+                **sampling,
+            )
+        gen = out[:, enc["input_ids"].shape[1] :].tolist()
+        lengths = completion_lengths(gen, stop_ids)
+        prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
+        for row_idx, (tokens, (n, truncated)) in enumerate(zip(gen, lengths)):
+            p_local, s = divmod(row_idx, num_samples)
+            rows.append(
+                {
+                    "prompt_index": start + p_local,
+                    "sample_idx": s,
+                    "response": tokenizer.decode(tokens[:n], skip_special_tokens=True).strip(),
+                    "prompt_tokens": int(prompt_tokens[p_local]),
+                    "n_tokens": int(n),
+                    "truncated": bool(truncated),
+                }
+            )
+        if progress:
+            progress(min(start + per_call, len(texts)), len(texts))
+    return rows
+
+
+def round_prompts(cfg: RunConfig, k: int) -> list[dict[str, str]]:
+    pool = load_prompts(cfg.prompts.train, cfg.prompts.column, cfg.prompts.messages_column, cfg.prompts.split)
+    return draw_prompts(pool, cfg.prompts.per_round, cfg.seed, k)
+
+
+@task(name="sample", cache_policy=NONE)
+def sample(cfg: RunConfig, k: int, policy: str) -> dict[str, Any]:
+    """Sample K completions per drawn prompt from `policy`; skip if this round's sample stage is complete."""
+    log = get_run_logger()
+    run = RunDir(cfg.run_dir)
+    if run.is_done(k, "sample"):
+        log.info("round %d: sample already complete, reusing %s", k, run.stage_dir(k, "sample"))
+        return run.manifest(k, "sample")
+    prompts = round_prompts(cfg, k)
+    s = cfg.sample
+    model, tokenizer = load_causal_lm(policy), load_tokenizer(policy)
+    started = time.time()
+
+    def progress(done: int, total: int) -> None:
+        log.info("round %d: sampled %d/%d prompts x %d (%.0f s)", k, done, total, s.num_samples, time.time() - started)
+
+    rows = generate(
+        model, tokenizer, [p["prompt"] for p in prompts],
+        num_samples=s.num_samples, temperature=s.temperature, top_p=s.top_p,
+        max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed=s.seed + k, progress=progress,
+    )
+    for row in rows:
+        p = prompts[row.pop("prompt_index")]
+        row.update(prompt_id=p["id"], prompt=p["prompt"])
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    with run.stage_output(k, "sample", {"policy": policy}) as (out, manifest):
+        table.to_parquet(out / "samples.parquet", index=False)
+        manifest["metrics"] = {
+            "prompts": len(prompts),
+            "completions": len(table),
+            "truncated": int(table["truncated"].sum()),
+            "mean_tokens": float(table["n_tokens"].mean()),
+            "tokens_per_second": float(table["n_tokens"].sum() / max(time.time() - started, 1e-9)),
+            "seconds": time.time() - started,
+        }
+    log.info("round %d: %d completions, %d truncated", k, len(table), manifest["metrics"]["truncated"])
+    return run.manifest(k, "sample")

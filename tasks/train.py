@@ -1,0 +1,173 @@
+"""Stage 4, train: DPO with TRL + a PEFT LoRA adapter on the round's policy, then merge and save.
+
+The reference is the policy itself with the adapter disabled (TRL's behaviour for a `peft_config` and no
+`ref_model`), so round k trains against round k-1's checkpoint. The adapter is merged and the full model saved
+(safetensors + tokenizer) as `round_<k>/train/checkpoint`: round k+1's policy *and* reference. Merging each round,
+rather than stacking adapters, is also what keeps TRL from failing on a second "ref" adapter.
+
+Everything under `train.dpo` goes to `trl.DPOConfig` as is; selfplay only sets defaults a recipe can override
+(`DPO_DEFAULTS`) and the output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from selfplay.config import RunConfig
+from selfplay.rundir import RunDir
+
+# Defaults for a short CPU-friendly round; any of them can be overridden by train.dpo.
+DPO_DEFAULTS: dict[str, Any] = {
+    "per_device_train_batch_size": 8,
+    "num_train_epochs": 1,
+    "learning_rate": 5e-5,
+    "max_length": 256,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "report_to": "none",
+    "disable_tqdm": True,
+}
+
+# The log keys we summarise; TRL names them so in its DPOTrainer.
+CURVE_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "grad_norm")
+
+
+class NotEnoughPairs(RuntimeError):
+    """Too few kept pairs to train on; says why and what to change."""
+
+
+def check_enough_pairs(kept: int, min_pairs: int, drops: dict[str, int], k: int) -> None:
+    """Raise NotEnoughPairs (with the drop counts and what to change) when kept < min_pairs."""
+    if kept >= min_pairs:
+        return
+    reasons = ", ".join(f"{r}: {n}" for r, n in sorted(drops.items(), key=lambda x: -x[1]) if n) or "none"
+    raise NotEnoughPairs(
+        f"round {k} kept {kept} pairs, fewer than train.min_pairs={min_pairs} (dropped: {reasons}). "
+        f"To get more: draw more prompts (prompts.per_round), sample more per prompt (sample.num_samples), "
+        f"give answers room to finish (sample.max_new_tokens) if many were truncated, lower judge.margin if many "
+        f"were ties, raise filter.max_similarity if many were too similar; or lower train.min_pairs."
+    )
+
+
+def dpo_records(pairs: pd.DataFrame) -> list[dict[str, Any]]:
+    """Kept pairs as TRL's conversational preference format (TRL applies the chat template)."""
+    kept = pairs[pairs["kept"]]
+    return [
+        {
+            "prompt": [{"role": "user", "content": p}],
+            "chosen": [{"role": "assistant", "content": c}],
+            "rejected": [{"role": "assistant", "content": r}],
+        }
+        for p, c, r in zip(kept["prompt"], kept["chosen"], kept["rejected"])
+    ]
+
+
+def dpo_arguments(cfg: RunConfig, k: int, output_dir: str, device: str, dtype_name: str) -> dict[str, Any]:
+    """DPOConfig keyword arguments: our defaults, device precision, then the recipe's train.dpo on top."""
+    args = {**DPO_DEFAULTS, "seed": cfg.seed + k}
+    if device == "cuda":
+        args["bf16" if dtype_name == "bfloat16" else "fp16"] = True
+    args.update(cfg.train.dpo)
+    args["output_dir"] = output_dir
+    return args
+
+
+def summarize_history(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Headline training metrics from the Trainer's log history (per-step entries with a 'loss')."""
+    steps = [h for h in history if "loss" in h and "rewards/accuracies" in h]
+    if not steps:
+        return {"steps": 0}
+    last = steps[-1]
+    mean = lambda key: float(sum(h[key] for h in steps) / len(steps))  # noqa: E731
+    return {
+        "steps": len(steps),
+        "initial_loss": float(steps[0]["loss"]),
+        "final_loss": float(last["loss"]),
+        "mean_loss": mean("loss"),
+        "reward_accuracy": mean("rewards/accuracies"),
+        "reward_margin": mean("rewards/margins"),
+        "final_reward_accuracy": float(last["rewards/accuracies"]),
+        "final_reward_margin": float(last["rewards/margins"]),
+        "ln2": math.log(2),
+    }
+
+
+def log_callback(log, k: int):
+    """A TrainerCallback that sends TRL's per-step logs to our logger instead of stdout."""
+    from transformers import TrainerCallback
+
+    class _LogToPrefect(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs:
+                shown = {key: round(v, 4) if isinstance(v, float) else v for key, v in logs.items() if key in CURVE_KEYS}
+                log.info("round %d: train step %d/%d %s", k, state.global_step, state.max_steps, shown or logs)
+
+    return _LogToPrefect()
+
+
+def train_dpo(cfg: RunConfig, k: int, policy: str, pairs: pd.DataFrame, out: Path, log) -> dict[str, Any]:
+    """Train a LoRA adapter with DPO on `pairs`, merge it and save the full model to out/checkpoint."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, PrinterCallback, ProgressCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from selfplay.models import load_tokenizer, pick_device
+
+    device, dtype = pick_device()
+    tokenizer = load_tokenizer(Path(policy), padding_side="right")
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=dtype).to(device)
+    with tempfile.TemporaryDirectory(dir=out) as scratch:
+        args = DPOConfig(**dpo_arguments(cfg, k, scratch, device, str(dtype).removeprefix("torch.")))
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=None,
+            args=args,
+            train_dataset=Dataset.from_list(dpo_records(pairs)),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(task_type="CAUSAL_LM", **cfg.train.lora),
+        )
+        for cb in (PrinterCallback, ProgressCallback):
+            trainer.remove_callback(cb)
+        trainer.add_callback(log_callback(log, k))
+        trainer.train()
+        history = trainer.state.log_history
+    lora_b_norm = float(sum(p.detach().float().norm() ** 2 for n, p in trainer.model.named_parameters() if "lora_B" in n) ** 0.5)
+    merged = trainer.model.merge_and_unload()
+    merged.to(torch.float32 if device == "cpu" else dtype)
+    merged.save_pretrained(out / "checkpoint")
+    load_tokenizer(Path(policy)).save_pretrained(out / "checkpoint")
+    (out / "log_history.json").write_text(json.dumps(history, indent=1))
+    return {**summarize_history(history), "pairs": len(pairs[pairs["kept"]]), "lora_b_norm": lora_b_norm, "device": device}
+
+
+@task(name="train", cache_policy=NONE)
+def train(cfg: RunConfig, k: int, policy: str) -> dict[str, Any]:
+    """DPO-train round k from `policy` on the filtered pairs; publish the merged checkpoint."""
+    log = get_run_logger()
+    run = RunDir(cfg.run_dir)
+    if run.is_done(k, "train"):
+        log.info("round %d: train already complete, reusing %s", k, run.checkpoint(k))
+        return run.manifest(k, "train")
+    filtered = run.manifest(k, "filter")["metrics"]
+    check_enough_pairs(filtered["kept"], cfg.train.min_pairs, filtered["drops"], k)
+    pairs = pd.read_parquet(run.stage_dir(k, "filter") / "pairs.parquet")
+    started = time.time()
+    log.info("round %d: DPO on %d pairs from %s", k, filtered["kept"], policy)
+    with run.stage_output(k, "train", {"policy": policy, "reference": policy}) as (out, manifest):
+        metrics = train_dpo(cfg, k, policy, pairs, out, log)
+        metrics["seconds"] = time.time() - started
+        manifest["metrics"] = metrics
+        manifest["checkpoint"] = str(run.checkpoint(k))
+    log.info("round %d: trained %d steps in %.0f s, loss %.4f -> %.4f", k, metrics["steps"], metrics["seconds"], metrics.get("initial_loss", float("nan")), metrics.get("final_loss", float("nan")))
+    return run.manifest(k, "train")
