@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 
 def _quiet_environment() -> None:
@@ -70,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _quiet_environment()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s | %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # TRL sets gradient_checkpointing itself; transformers 5 warns about the old name on every config.
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
     args = build_parser().parse_args(argv)
     return args.func(args)
 

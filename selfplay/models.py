@@ -104,7 +104,7 @@ def convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF file once into a cached safetensors checkpoint; return its directory."""
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    out = cache_root() / "models" / f"{gguf.stem}-{key}"
+    out = cache_root() / "models" / f"{gguf.stem}-{key}-v2"
     if is_hf_dir(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +117,11 @@ def convert_gguf(gguf: Path) -> Path:
 
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_config(loaded.config)
+        config = loaded.config
+        # The dequantized weights are plain fp32; a leftover GGUF quantization_config would make trainers refuse them.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config)
         model.load_state_dict(loaded.state_dict())
         tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -48,8 +48,12 @@ def screen(r1: str, r2: str, truncated_1: bool, truncated_2: bool, cfg: FilterCo
 
 
 def drop_reason(screened: str | None, verdict: str) -> str | None:
-    """The pair's drop reason given its screen result and its judge verdict; None means keep."""
-    if screened:
+    """The pair's drop reason given its screen result and its judge verdict; None means keep.
+
+    >>> drop_reason(float("nan"), "first") is None    # a missing screen reason, as parquet reads it back
+    True
+    """
+    if isinstance(screened, str) and screened:
         return screened
     if verdict in ("first", "second"):
         return None

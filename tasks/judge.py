@@ -19,6 +19,7 @@ import itertools
 import random
 import re
 import time
+from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -179,10 +180,20 @@ def judge_stats(table: pd.DataFrame, results: list[JudgeResult]) -> dict[str, An
     }
 
 
-def judge_pairs(judge: Judge, pairs: pd.DataFrame, cfg: JudgeConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Ask `judge` both orders of every unscreened pair; return the judgments table and its statistics."""
+def judge_pairs(
+    judge: Judge, pairs: pd.DataFrame, cfg: JudgeConfig, progress: Callable[[int, int], None] | None = None, chunk: int = 64
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Ask `judge` both orders of every unscreened pair; return the judgments table and its statistics.
+
+    Calls go to the backend `chunk` at a time, with `progress(done, total)` after each chunk.
+    """
     template, rubric = load_template(cfg.template), default_rubric()
-    results = judge.judge(swap_calls(pairs[pairs["screened"].isna()], template, rubric, cfg.system_prompt)) if len(pairs) else []
+    calls = swap_calls(pairs[pairs["screened"].isna()], template, rubric, cfg.system_prompt)
+    results: list[JudgeResult] = []
+    for start in range(0, len(calls), chunk):
+        results.extend(judge.judge(calls[start : start + chunk]))
+        if progress:
+            progress(len(results), len(calls))
     table = judgments_table(pairs, results, cfg.margin)
     return table, judge_stats(table, results)
 
@@ -206,7 +217,10 @@ def judge(cfg: RunConfig, k: int, reference: str) -> dict[str, Any]:
     )
     backend = make_judge(cfg.judge, reference)
     try:
-        table, stats = judge_pairs(backend, pairs, cfg.judge)
+        table, stats = judge_pairs(
+            backend, pairs, cfg.judge,
+            progress=lambda done, total: log.info("round %d: judge calls %d/%d (%.0f s)", k, done, total, time.time() - started),
+        )
     finally:
         backend.close()
     stats["seconds"] = time.time() - started

@@ -75,7 +75,9 @@ def dpo_arguments(cfg: RunConfig, k: int, output_dir: str, device: str, dtype_na
     """DPOConfig keyword arguments: our defaults, device precision, then the recipe's train.dpo on top."""
     args = {**DPO_DEFAULTS, "seed": cfg.seed + k}
     if device == "cuda":
-        args["bf16" if dtype_name == "bfloat16" else "fp16"] = True
+        args.update(bf16=dtype_name == "bfloat16", fp16=dtype_name == "float16")
+    else:  # TRL defaults to bf16 and gradient checkpointing, which assume a GPU
+        args.update(bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False)
     args.update(cfg.train.dpo)
     args["output_dir"] = output_dir
     return args
