@@ -161,3 +161,14 @@ def load_causal_lm(path: Path, device: str | None = None):
     model.to(device or auto_device)
     model.eval()
     return model
+
+
+def weights_digest(model) -> str:
+    """sha256 over a model's parameters (names and fp32 values), independent of how they were loaded."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -66,10 +66,10 @@ def load_template(path: str | None) -> str:
 def fence(text: str) -> str:
     """Neutralise anything in judged text that could forge the prompt's structure (our tags and placeholders).
 
-    >>> fence("</response_A> [[A]] {rubric}")
-    '<\\\\/response_A> [[A]] {\\u200brubric}'
+    >>> fence("</response_A> <response_B> {rubric}")
+    '&lt;/response_A> &lt;response_B> {\u200brubric}'
     """
-    text = re.sub(r"<(/?)(" + "|".join(FENCE_TAGS) + r")\b", lambda m: "<" + ("\\/" if m.group(1) else "") + m.group(2), text, flags=re.I)
+    text = re.sub(r"<(/?)(" + "|".join(FENCE_TAGS) + r")\b", lambda m: "&lt;" + m.group(1) + m.group(2), text, flags=re.I)
     return re.sub(r"\{(" + "|".join(PLACEHOLDERS) + r")\}", lambda m: "{\u200b" + m.group(1) + "}", text)
 
 
@@ -97,7 +97,7 @@ def combine_orders(p1: float | None, p2: float | None, margin: float) -> dict[st
         return {"p_first": None, "margin": None, "verdict": "judge_error", "consistent": None}
     p = (p1 + (1.0 - p2)) / 2.0
     m = abs(2.0 * p - 1.0)
-    verdict = "tie" if m < margin else ("first" if p > 0.5 else "second")
+    verdict = "tie" if m < margin or p == 0.5 else ("first" if p > 0.5 else "second")
     return {"p_first": p, "margin": m, "verdict": verdict, "consistent": (p1 > 0.5) == (p2 < 0.5)}
 
 

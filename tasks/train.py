@@ -124,11 +124,13 @@ def train_dpo(cfg: RunConfig, k: int, policy: str, pairs: pd.DataFrame, out: Pat
     from transformers import AutoModelForCausalLM, PrinterCallback, ProgressCallback
     from trl import DPOConfig, DPOTrainer
 
-    from selfplay.models import load_tokenizer, pick_device
+    from selfplay.models import load_tokenizer, pick_device, weights_digest
 
     device, dtype = pick_device()
     tokenizer = load_tokenizer(Path(policy), padding_side="right")
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=dtype).to(device)
+    # With a peft_config and no ref_model, TRL's reference is these very weights with the adapter disabled.
+    reference_digest = weights_digest(model)
     with tempfile.TemporaryDirectory(dir=out) as scratch:
         args = DPOConfig(**dpo_arguments(cfg, k, scratch, device, str(dtype).removeprefix("torch.")))
         trainer = DPOTrainer(
@@ -150,7 +152,13 @@ def train_dpo(cfg: RunConfig, k: int, policy: str, pairs: pd.DataFrame, out: Pat
     merged.save_pretrained(out / "checkpoint")
     load_tokenizer(Path(policy)).save_pretrained(out / "checkpoint")
     (out / "log_history.json").write_text(json.dumps(history, indent=1))
-    return {**summarize_history(history), "pairs": len(pairs[pairs["kept"]]), "lora_b_norm": lora_b_norm, "device": device}
+    return {
+        **summarize_history(history),
+        "pairs": len(pairs[pairs["kept"]]),
+        "lora_b_norm": lora_b_norm,
+        "reference_digest": reference_digest,
+        "device": device,
+    }
 
 
 @task(name="train", cache_policy=NONE)

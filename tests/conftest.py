@@ -69,6 +69,9 @@ def prefect_server(tmp_path_factory):
         wait_http(f"{url}/health", timeout=120, proc=proc)
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=10)  # send buffered logs before the server goes away
     finally:
         proc.terminate()
         try:

@@ -1,0 +1,256 @@
+"""Fast tier: run configuration (selfplay/config.py): recipes, --set overrides, error messages, resume checks.
+
+Everything here is pure apart from reading small YAML files under tmp_path and the shipped recipes; the
+check_passthrough tests import trl/peft once (a few seconds) to compare against their real config classes.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from selfplay.config import (
+    NON_RESULT_FIELDS,
+    ConfigError,
+    RunConfig,
+    SampleConfig,
+    TrainConfig,
+    check_passthrough,
+    fingerprint,
+    load_config,
+    parse_overrides,
+    result_differences,
+)
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "deployments" / "recipes").glob("*.yaml"))
+
+
+# ---------------------------------------------------------------- unknown keys and wrong types
+
+def test_unknown_top_level_key_names_it_and_lists_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["roundz=3"])
+    msg = str(err.value)
+    assert "roundz: unknown key" in msg
+    for key in RunConfig.model_fields:
+        assert key in msg
+
+
+def test_unknown_nested_key_names_the_dotted_key_and_its_section_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["sample.temprature=0.7"])
+    msg = str(err.value)
+    assert "sample.temprature: unknown key" in msg
+    valid = msg.split("valid keys here:", 1)[1]
+    assert set(k.strip(" )") for k in valid.split(",")) == set(SampleConfig.model_fields)
+
+
+def test_unknown_key_in_a_recipe_file_is_named(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("judge:\n  margn: 0.1\n")
+    with pytest.raises(ConfigError, match=r"judge\.margn: unknown key"):
+        load_config(recipe)
+
+
+def test_set_on_a_section_that_does_not_exist_is_an_error():
+    with pytest.raises(ConfigError, match=r"nosuch: unknown key"):
+        load_config(None, ["nosuch.key=1"])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("sample.temperature=hot", "sample.temperature"),
+    ("rounds=many", "rounds"),
+    ("rounds=0", "rounds"),
+    ("judge.pairing=round_robin", "judge.pairing"),
+    ("judge.margin=1.5", "judge.margin"),
+    ("filter.drop_truncated=[1]", "filter.drop_truncated"),
+    ("name=bad name/", "name"),
+])
+def test_wrong_type_or_value_names_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert f"{key}:" in str(err.value)
+    assert "got" in str(err.value)
+
+
+def test_every_error_is_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["rounds=0", "sample.top_p=2", "evaluate.nope=1"])
+    msg = str(err.value)
+    assert "rounds:" in msg and "sample.top_p:" in msg and "evaluate.nope: unknown key" in msg
+
+
+def test_assignment_is_validated_too():
+    cfg = load_config(None)
+    with pytest.raises(Exception):
+        cfg.sample.num_samples = 1  # ge=2
+
+
+# ---------------------------------------------------------------- overrides
+
+def test_parse_overrides_parses_yaml_scalars_lists_and_dotted_keys():
+    tree = parse_overrides([
+        "rounds=3", "sample.temperature=0.7", "filter.drop_truncated=false", "train.lora.target_modules=[q_proj, v_proj]",
+        "train.dpo.beta=0.25", "name=my-run", "prompts.messages_column=", "judge.template=null", "a.b.c.d=1",
+    ])
+    assert tree == {
+        "rounds": 3,
+        "sample": {"temperature": 0.7},
+        "filter": {"drop_truncated": False},
+        "train": {"lora": {"target_modules": ["q_proj", "v_proj"]}, "dpo": {"beta": 0.25}},
+        "name": "my-run",
+        "prompts": {"messages_column": ""},
+        "judge": {"template": None},
+        "a": {"b": {"c": {"d": 1}}},
+    }
+    assert isinstance(tree["rounds"], int) and isinstance(tree["sample"]["temperature"], float)
+
+
+def test_later_overrides_win_and_values_may_contain_equals():
+    assert parse_overrides(["rounds=2", "rounds=5"]) == {"rounds": 5}
+    assert parse_overrides(["judge.system_prompt=a=b"]) == {"judge": {"system_prompt": "a=b"}}
+
+
+@pytest.mark.parametrize("bad", ["rounds", "=3", " =3"])
+def test_malformed_override_is_an_error(bad):
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        parse_overrides([bad])
+
+
+def test_a_value_used_as_a_section_is_an_error():
+    with pytest.raises(ConfigError, match="rounds is set to a value and used as a section"):
+        parse_overrides(["rounds=3", "rounds.x=1"])
+
+
+def test_parse_overrides_reads_exponent_floats_as_numbers():
+    tree = parse_overrides(["train.dpo.learning_rate=1e-5", "sample.temperature=7E-1"])
+    assert tree == {"train": {"dpo": {"learning_rate": 1e-5}}, "sample": {"temperature": 0.7}}
+
+
+def test_overrides_apply_on_top_of_a_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: base\nsample:\n  temperature: 0.9\n  top_p: 0.5\ntrain:\n  dpo: {beta: 0.1}\n")
+    cfg = load_config(recipe, ["sample.temperature=0.3", "train.dpo.loss_type=ipo"])
+    assert cfg.name == "base"
+    assert (cfg.sample.temperature, cfg.sample.top_p) == (0.3, 0.5)
+    assert cfg.train.dpo == {"beta": 0.1, "loss_type": "ipo"}
+    assert cfg.run_dir == Path("runs") / "base"
+
+
+def test_defaults_without_a_recipe():
+    cfg = load_config(None)
+    assert cfg == RunConfig()
+    assert cfg.rounds == 2 and cfg.policy.model == "bundled"
+
+
+# ---------------------------------------------------------------- recipe files
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_loads(recipe):
+    cfg = load_config(recipe)
+    assert cfg.name and cfg.rounds >= 1
+    assert cfg.train.dpo  # the recipes state their DPO settings explicitly
+
+
+def test_recipes_are_shipped():
+    assert {p.name for p in RECIPES} >= {"cpu-demo.yaml", "gpu-1x-8b.yaml"}
+
+
+def test_missing_recipe_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"recipe not found: .*nope\.yaml.*deployments/recipes"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("text,kind", [("- a\n- b\n", "list"), ("just a string\n", "str"), ("42\n", "int")])
+def test_non_mapping_recipe_is_a_clear_error(tmp_path, text, kind):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    with pytest.raises(ConfigError, match=rf"must be a mapping of sections, got {kind}"):
+        load_config(recipe)
+
+
+def test_invalid_yaml_is_a_clear_error(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("sample: [1, 2\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(recipe)
+
+
+def test_empty_recipe_means_defaults(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("# nothing here\n")
+    assert load_config(recipe) == RunConfig()
+
+
+# ---------------------------------------------------------------- resume checks and fingerprints
+
+def test_result_differences_ignore_non_result_fields():
+    old = load_config(None)
+    new = load_config(None, ["rounds=9", "name=other", "output_dir=/elsewhere", "train.min_pairs=99"])
+    assert {"rounds", "name", "output_dir", "train.min_pairs"} == set(NON_RESULT_FIELDS)
+    assert result_differences(old, new) == []
+
+
+def test_result_differences_report_old_and_new_values():
+    old = load_config(None)
+    new = load_config(None, ["sample.temperature=0.5", "rounds=9", "judge.margin=0.2"])
+    assert result_differences(old, new) == ["judge.margin: 0.1 -> 0.2", "sample.temperature: 0.8 -> 0.5"]
+
+
+def test_result_differences_see_passthrough_dicts():
+    old = load_config(None)
+    new = load_config(None, ["train.dpo.beta=0.3", "train.lora.r=8"])
+    diffs = result_differences(old, new)
+    assert "train.dpo.beta: '<unset>' -> 0.3" in diffs
+    assert any(d.startswith("train.lora.r: 16 -> 8") for d in diffs)
+    assert result_differences(new, new) == []
+
+
+def test_fingerprint_is_key_order_independent():
+    rng = random.Random(0)
+    for _ in range(100):
+        items = [(f"k{i}", rng.choice([rng.random(), rng.randint(0, 9), "s", None, [1, 2], {"x": rng.random()}]))
+                 for i in range(rng.randint(1, 8))]
+        shuffled = items[:]
+        rng.shuffle(shuffled)
+        assert fingerprint(dict(items)) == fingerprint(dict(shuffled))
+
+
+def test_fingerprint_changes_when_a_value_changes():
+    base = load_config(None).model_dump(mode="json")
+    fp = fingerprint(base)
+    assert len(fp) == 16 and all(c in "0123456789abcdef" for c in fp)
+    changed = load_config(None, ["sample.temperature=0.81"]).model_dump(mode="json")
+    assert fingerprint(changed) != fp
+    assert fingerprint({"a": 1}) != fingerprint({"a": 2}) != fingerprint({"b": 2})
+    assert fingerprint(load_config(None).model_dump(mode="json")) == fp
+
+
+# ---------------------------------------------------------------- passthrough to trl / peft (imports them)
+
+def test_check_passthrough_accepts_real_dpo_and_lora_fields():
+    check_passthrough(TrainConfig(dpo={"beta": 0.2, "loss_type": "ipo", "learning_rate": 1e-5}))
+    check_passthrough(TrainConfig(lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}))
+    check_passthrough(TrainConfig())
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_passes_the_passthrough_check(recipe):
+    check_passthrough(load_config(recipe).train)
+
+
+def test_check_passthrough_rejects_unknown_dpo_key_naming_it():
+    with pytest.raises(ConfigError, match=r"train\.dpo\.betta: not a trl\.DPOConfig field"):
+        check_passthrough(TrainConfig(dpo={"beta": 0.1, "betta": 0.1}))
+
+
+def test_check_passthrough_rejects_the_output_dir_we_manage():
+    with pytest.raises(ConfigError, match=r"train\.dpo\.output_dir: set by selfplay itself"):
+        check_passthrough(TrainConfig(dpo={"output_dir": "/tmp/elsewhere"}))
+
+
+def test_check_passthrough_rejects_unknown_lora_key_naming_it():
+    with pytest.raises(ConfigError, match=r"train\.lora\.rank: not a peft\.LoraConfig field"):
+        check_passthrough(TrainConfig(lora={"rank": 8}))

@@ -1,0 +1,154 @@
+"""Stage and flow tier: a tiny random model through two full rounds under a real Prefect server.
+
+Asserts the hand-offs (round 2 trains against round 1's merged checkpoint), that training changed the trainable
+weights and nothing else, the shape of every parquet output, what the server recorded, and that a rerun resumes
+without recomputing anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from selfplay.config import build_config
+from selfplay.models import weights_digest
+from selfplay.rundir import RunDir
+from tasks import evaluate as evaluate_stage
+from tasks import judge as judge_stage
+from tasks import sample as sample_stage
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny_run(prefect_server, tiny_model, tmp_path_factory):
+    from flows.self_play import self_play
+
+    cfg = build_config(tiny_config(tiny_model, tmp_path_factory.mktemp("runs")))
+    summaries = self_play(cfg)
+    return cfg, RunDir(cfg.run_dir), summaries
+
+
+def state_dict(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_both_rounds_complete_with_summaries(tiny_run):
+    cfg, run, summaries = tiny_run
+    assert [s["round"] for s in summaries] == [1, 2]
+    assert run.completed_rounds() == [1, 2]
+    for s in summaries:
+        assert s["kept"] >= cfg.train.min_pairs
+        assert 0.0 <= s["win_rate"] <= 1.0
+        assert s["completions"] == cfg.prompts.per_round * cfg.sample.num_samples
+
+
+def test_round_2_policy_and_reference_are_round_1_checkpoint(tiny_run, tiny_model):
+    cfg, run, _ = tiny_run
+    ckpt1 = run.checkpoint(1)
+    assert run.manifest(2, "sample")["policy"] == str(ckpt1)
+    assert run.manifest(2, "train")["reference"] == str(ckpt1)
+    assert run.manifest(1, "train")["reference"] == str(tiny_model.resolve())
+    # The weights TRL used as round 2's reference are exactly round 1's merged checkpoint.
+    from transformers import AutoModelForCausalLM
+
+    round1 = AutoModelForCausalLM.from_pretrained(ckpt1, dtype=torch.float32)
+    assert run.manifest(2, "train")["metrics"]["reference_digest"] == weights_digest(round1)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    assert run.manifest(1, "train")["metrics"]["reference_digest"] == weights_digest(base)
+
+
+def test_training_changed_the_adapted_weights_and_only_those(tiny_run, tiny_model):
+    cfg, run, _ = tiny_run
+    targets = cfg.train.lora["target_modules"]
+    for k, before_path in ((1, tiny_model), (2, run.checkpoint(1))):
+        before, after = state_dict(before_path), state_dict(run.checkpoint(k))
+        assert set(before) == set(after)
+        changed = {name for name in before if not torch.equal(before[name], after[name])}
+        adapted = {name for name in before if any(f"{t}.weight" in name for t in targets)}
+        assert changed == adapted, f"round {k}: changed {sorted(changed - adapted)} / unchanged {sorted(adapted - changed)}"
+        assert run.manifest(k, "train")["metrics"]["lora_b_norm"] > 0
+
+
+def test_dpo_starts_at_ln2_because_policy_equals_reference(tiny_run):
+    _, run, _ = tiny_run
+    for k in (1, 2):
+        metrics = run.manifest(k, "train")["metrics"]
+        assert metrics["steps"] >= 1
+        assert math.isclose(metrics["initial_loss"], math.log(2), abs_tol=1e-3)
+
+
+def test_parquet_outputs_have_expected_columns_and_counts(tiny_run):
+    cfg, run, _ = tiny_run
+    n_prompts, k_samples = cfg.prompts.per_round, cfg.sample.num_samples
+    pairs_per_prompt = k_samples * (k_samples - 1) // 2
+    for k in (1, 2):
+        samples = pd.read_parquet(run.stage_dir(k, "sample") / "samples.parquet")
+        assert list(samples.columns) == sample_stage.COLUMNS
+        assert len(samples) == n_prompts * k_samples
+        assert all(sorted(idx) == list(range(k_samples)) for _, idx in samples.groupby("prompt_id")["sample_idx"])
+        assert (samples["n_tokens"] <= cfg.sample.max_new_tokens).all()
+        assert samples.loc[samples["truncated"], "n_tokens"].eq(cfg.sample.max_new_tokens).all()
+
+        judgments = pd.read_parquet(run.stage_dir(k, "judge") / "judgments.parquet")
+        assert list(judgments.columns) == judge_stage.COLUMNS
+        assert len(judgments) == n_prompts * pairs_per_prompt
+        judged = judgments[judgments["verdict"] != "not_judged"]
+        assert judged["p_a_order1"].between(0, 1).all() and judged["p_a_order2"].between(0, 1).all()
+        assert (judged["p_first"] - (judged["p_a_order1"] + 1 - judged["p_a_order2"]) / 2).abs().max() < 1e-9
+
+        pairs = pd.read_parquet(run.stage_dir(k, "filter") / "pairs.parquet")
+        assert {"kept", "drop_reason", "chosen", "rejected"} <= set(pairs.columns)
+        kept = pairs[pairs["kept"]]
+        assert len(kept) == run.manifest(k, "filter")["metrics"]["kept"]
+        assert kept["verdict"].isin(["first", "second"]).all()
+        assert (kept["chosen"] != kept["rejected"]).all()
+
+        evals = pd.read_parquet(run.stage_dir(k, "evaluate") / "eval.parquet")
+        assert len(evals) == cfg.prompts.eval_size
+        assert {"response_new", "response_previous", "outcome"} <= set(evals.columns)
+        m = run.manifest(k, "evaluate")["metrics"]
+        assert m["wins"] + m["ties"] + m["losses"] == cfg.prompts.eval_size
+        assert evals["outcome"].value_counts().get("win", 0) == m["wins"]
+
+
+def test_prefect_server_recorded_the_runs_and_artifacts(tiny_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterName
+
+    cfg, _, summaries = tiny_run
+
+    async def query():
+        async with get_client() as client:
+            runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["tiny", "tiny-round-1", "tiny-round-2"])))
+            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tiny-round-summary"])))
+            return runs, arts
+
+    runs, arts = asyncio.run(query())
+    assert sorted(r.name for r in runs if r.state.is_completed()) == ["tiny", "tiny-round-1", "tiny-round-2"]
+    assert len(arts) == 2 and all(a.type == "table" for a in arts)
+    published = [a.data if isinstance(a.data, list) else json.loads(a.data) for a in arts]
+    assert sorted((t[0]["round"], t[0]["kept"]) for t in published) == [(s["round"], s["kept"]) for s in summaries]
+
+
+def test_rerun_resumes_without_recomputing(tiny_run):
+    from flows.self_play import self_play
+
+    cfg, run, summaries = tiny_run
+    before = {(k, s): run.manifest(k, s)["finished_at"] for k in (1, 2) for s in ("sample", "judge", "filter", "train", "evaluate")}
+    again = self_play(cfg)
+    assert [s["kept"] for s in again] == [s["kept"] for s in summaries]
+    after = {(k, s): run.manifest(k, s)["finished_at"] for k in (1, 2) for s in ("sample", "judge", "filter", "train", "evaluate")}
+    assert after == before
+
+
+def test_evaluate_stage_judges_new_against_previous(tiny_run):
+    cfg, run, _ = tiny_run
+    m = run.manifest(2, "evaluate")
+    assert m["checkpoint"] == str(run.checkpoint(2)) and m["previous"] == str(run.checkpoint(1))
+    assert evaluate_stage.tally(pd.read_parquet(run.stage_dir(2, "evaluate") / "eval.parquet")["verdict"].tolist())["n"] == cfg.prompts.eval_size

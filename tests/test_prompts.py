@@ -1,0 +1,189 @@
+"""Fast tier: prompt sets (selfplay/prompts.py): the bundled sets, local files of every supported type, errors, draws.
+
+Files are small and written with pandas under tmp_path; nothing is fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pandas as pd
+import pytest
+
+from selfplay.prompts import BUNDLED_DIR, PromptError, draw_prompts, load_prompts, rows_to_prompts
+
+CATEGORIES = {"question", "howto", "writing", "arithmetic", "coding"}
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().casefold()
+
+
+@pytest.fixture(scope="module")
+def bundled() -> dict[str, list[dict[str, str]]]:
+    return {name: load_prompts(f"bundled:{name}") for name in ("train", "eval")}
+
+
+# ---------------------------------------------------------------- bundled sets
+
+def test_bundled_sets_are_big_enough_and_disjoint(bundled):
+    train, evals = bundled["train"], bundled["eval"]
+    assert len(train) + len(evals) >= 300
+    assert len(evals) >= 16  # the default prompts.eval_size
+    overlap = {normalise(p["prompt"]) for p in train} & {normalise(p["prompt"]) for p in evals}
+    assert overlap == set()
+
+
+def test_bundled_prompts_are_non_empty_with_unique_ids(bundled):
+    everything = bundled["train"] + bundled["eval"]
+    assert all(sorted(p) == ["id", "prompt"] for p in everything)
+    assert all(p["prompt"].strip() == p["prompt"] and p["prompt"] for p in everything)
+    ids = [p["id"] for p in everything]
+    assert len(ids) == len(set(ids))
+    for name, rows in bundled.items():
+        assert len({normalise(p["prompt"]) for p in rows}) == len(rows), f"duplicate prompt text in bundled:{name}"
+
+
+@pytest.mark.parametrize("name", ["train", "eval"])
+def test_bundled_categories_cover_every_kind(name):
+    rows = [json.loads(line) for line in (BUNDLED_DIR / f"{name}.jsonl").read_text().splitlines() if line.strip()]
+    assert {r["category"] for r in rows} == CATEGORIES
+    assert all(r["id"].startswith(f"{name}-") for r in rows)
+
+
+def test_unknown_bundled_set_lists_the_available_ones():
+    with pytest.raises(PromptError, match=r"unknown bundled prompt set 'bundled:test' \(have: bundled:eval, bundled:train\)"):
+        load_prompts("bundled:test")
+
+
+# ---------------------------------------------------------------- local files
+
+def test_load_jsonl_keeps_ids_and_strips_text(tmp_path):
+    path = tmp_path / "p.jsonl"
+    pd.DataFrame({"id": ["a", "b"], "prompt": ["  first?  ", "second\n"]}).to_json(path, orient="records", lines=True)
+    assert load_prompts(str(path)) == [{"id": "a", "prompt": "first?"}, {"id": "b", "prompt": "second"}]
+
+
+def test_load_csv_without_ids_numbers_rows(tmp_path):
+    path = tmp_path / "p.csv"
+    pd.DataFrame({"prompt": ["one", "two", "three"], "other": [1, 2, 3]}).to_csv(path, index=False)
+    assert load_prompts(str(path)) == [{"id": "0", "prompt": "one"}, {"id": "1", "prompt": "two"}, {"id": "2", "prompt": "three"}]
+
+
+def test_load_parquet_with_a_custom_column(tmp_path):
+    path = tmp_path / "p.parquet"
+    pd.DataFrame({"question": ["why?", "how?"], "prompt": ["ignored", "ignored"]}).to_parquet(path, index=False)
+    assert [p["prompt"] for p in load_prompts(str(path), column="question")] == ["why?", "how?"]
+
+
+def test_load_json_array(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([{"prompt": "x"}, {"prompt": "y"}]))
+    assert [p["prompt"] for p in load_prompts(str(path))] == ["x", "y"]
+
+
+def test_messages_column_takes_the_last_user_turn(tmp_path):
+    chats = [
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "first question"}],
+        [{"role": "user", "content": "old"}, {"role": "assistant", "content": "answer"}, {"role": "user", "content": "follow-up"}],
+    ]
+    for path in (tmp_path / "c.jsonl", tmp_path / "c.parquet"):
+        frame = pd.DataFrame({"messages": chats})
+        if path.suffix == ".jsonl":
+            frame.to_json(path, orient="records", lines=True)
+        else:
+            frame.to_parquet(path, index=False)
+        prompts = load_prompts(str(path), messages_column="messages")
+        assert [p["prompt"] for p in prompts] == ["first question", "follow-up"], path.suffix
+
+
+def test_messages_without_a_user_turn_name_the_row():
+    records = [{"messages": [{"role": "user", "content": "ok"}]}, {"messages": [{"role": "assistant", "content": "hi"}]}]
+    with pytest.raises(PromptError, match="row 1: no user turn"):
+        rows_to_prompts(records, "prompt", "messages", "chats.jsonl")
+    with pytest.raises(PromptError, match="row 0: the messages column must hold a non-empty list"):
+        rows_to_prompts([{"messages": []}], "prompt", "messages", "chats.jsonl")
+
+
+# ---------------------------------------------------------------- errors
+
+def test_missing_column_lists_columns_and_names_the_option(tmp_path):
+    path = tmp_path / "p.csv"
+    pd.DataFrame({"question": ["q"], "answer": ["a"]}).to_csv(path, index=False)
+    with pytest.raises(PromptError) as err:
+        load_prompts(str(path))
+    msg = str(err.value)
+    assert "no column 'prompt'" in msg and "question, answer" in msg and "prompts.column" in msg
+    with pytest.raises(PromptError, match=r"no column 'chat'.*prompts\.messages_column"):
+        load_prompts(str(path), messages_column="chat")
+
+
+def test_empty_prompts_are_counted_with_their_rows(tmp_path):
+    path = tmp_path / "p.jsonl"
+    pd.DataFrame({"prompt": ["fine", "", "   ", "also fine", None]}).to_json(path, orient="records", lines=True)
+    with pytest.raises(PromptError, match=r"3 empty prompt\(s\) in column 'prompt' at rows 1, 2, 4; remove them"):
+        load_prompts(str(path))
+
+
+def test_many_empty_prompts_show_the_first_ten_rows():
+    records = [{"prompt": ""} for _ in range(25)]
+    with pytest.raises(PromptError, match=r"25 empty prompt\(s\) .* at rows 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 \.\.\."):
+        rows_to_prompts(records, "prompt", None, "src")
+
+
+def test_no_rows_is_an_error():
+    with pytest.raises(PromptError, match="src: no rows"):
+        rows_to_prompts([], "prompt", None, "src")
+
+
+def test_missing_file_is_an_error(tmp_path):
+    for suffix in (".jsonl", ".csv", ".parquet", ".json"):
+        with pytest.raises(PromptError, match="prompt file not found"):
+            load_prompts(str(tmp_path / f"missing{suffix}"))
+
+
+def test_unsupported_file_type_is_an_error(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("one prompt per line\n")
+    with pytest.raises(PromptError, match=r"unsupported prompt file type \(use .jsonl, .json, .csv or .parquet\)"):
+        load_prompts(str(path))
+
+
+def test_unreadable_file_is_an_error(tmp_path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"definitely not parquet")
+    with pytest.raises(PromptError, match="cannot read .* as parquet"):
+        load_prompts(str(path))
+
+
+# ---------------------------------------------------------------- draws
+
+def pool(n: int) -> list[dict[str, str]]:
+    return [{"id": str(i), "prompt": f"prompt {i}"} for i in range(n)]
+
+
+def test_draws_are_deterministic_per_seed_and_round():
+    prompts = pool(300)
+    for seed in range(5):
+        for k in range(1, 6):
+            assert draw_prompts(prompts, 24, seed, k) == draw_prompts(list(prompts), 24, seed, k)
+
+
+def test_draws_differ_across_rounds_and_seeds():
+    prompts = pool(300)
+    by_round = [tuple(p["id"] for p in draw_prompts(prompts, 24, 0, k)) for k in range(1, 11)]
+    assert len(set(by_round)) == 10
+    assert draw_prompts(prompts, 24, 0, 1) != draw_prompts(prompts, 24, 1, 1)
+
+
+def test_draws_never_exceed_the_pool_and_never_repeat():
+    rng = random.Random(0)
+    for _ in range(100):
+        size, n = rng.randint(1, 40), rng.randint(1, 60)
+        prompts = pool(size)
+        drawn = draw_prompts(prompts, n, rng.randint(0, 9), rng.randint(1, 9))
+        assert len(drawn) == min(n, size)
+        assert len({p["id"] for p in drawn}) == len(drawn)
+        assert all(p in prompts for p in drawn)

@@ -1,0 +1,225 @@
+"""Fast tier: the run directory (selfplay/rundir.py): atomic stage publishing, the run lock, resume checks.
+
+All files live under tmp_path. The lock test starts one tiny subprocess (plain Python, no model) to play the second
+process, since the lock is meant to refuse *another* process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pandas as pd
+import pytest
+
+from selfplay.config import load_config
+from selfplay.rundir import MANIFEST, RunDir, RunDirError, locked, open_run, read_json, sha256_file, write_json_atomic
+
+
+def leftovers(root) -> list[str]:
+    return sorted(p.name for p in root.rglob("*") if ".tmp-" in p.name)
+
+
+def tree(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------- stage_output
+
+def test_stage_output_publishes_files_and_a_manifest_last(tmp_path):
+    run = RunDir(tmp_path / "run")
+    with run.stage_output(1, "sample", {"policy": "p0"}) as (out, manifest):
+        assert out.name.startswith("sample.tmp-") and out.is_dir()
+        pd.DataFrame({"x": [1, 2, 3]}).to_parquet(out / "samples.parquet")
+        (out / "stats.json").write_text(json.dumps({"a": 1}))
+        (out / "notes.txt").write_text("not hashed")
+        (out / "sub").mkdir()
+        (out / "sub" / "inner.json").write_text("{}")
+        manifest["metrics"] = {"completions": 3}
+        assert not (out / MANIFEST).exists()
+        assert not run.is_done(1, "sample") and not run.stage_dir(1, "sample").exists()
+    final = run.stage_dir(1, "sample")
+    assert run.is_done(1, "sample")
+    assert sorted(p.name for p in final.iterdir()) == sorted([MANIFEST, "notes.txt", "samples.parquet", "stats.json", "sub"])
+    m = run.manifest(1, "sample")
+    assert (m["stage"], m["round"], m["policy"], m["metrics"]) == ("sample", 1, "p0", {"completions": 3})
+    assert m["finished_at"] >= m["started_at"]
+    assert set(m["files"]) == {"samples.parquet", "stats.json", "sub/inner.json"}
+    for name, digest in m["files"].items():
+        assert digest == hashlib.sha256((final / name).read_bytes()).hexdigest() == sha256_file(final / name)
+    assert leftovers(tmp_path) == []
+
+
+def test_an_error_inside_the_block_publishes_nothing(tmp_path):
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(KeyError, match="boom"):
+        with run.stage_output(2, "judge") as (out, manifest):
+            (out / "judgments.parquet").write_bytes(b"partial")
+            raise KeyError("boom")
+    assert not run.is_done(2, "judge")
+    assert not run.stage_dir(2, "judge").exists()
+    assert leftovers(tmp_path) == []
+    with run.stage_output(2, "judge") as (out, _):  # and the stage can be attempted again
+        (out / "judgments.parquet").write_bytes(b"complete")
+    assert (run.stage_dir(2, "judge") / "judgments.parquet").read_bytes() == b"complete"
+
+
+def test_a_completed_stage_refuses_to_be_overwritten(tmp_path):
+    run = RunDir(tmp_path / "run")
+    with run.stage_output(1, "filter") as (out, manifest):
+        (out / "pairs.json").write_text('{"kept": 3}')
+    before = tree(run.stage_dir(1, "filter"))
+    with pytest.raises(RunDirError, match="complete; refusing to overwrite"):
+        with run.stage_output(1, "filter") as (out, manifest):
+            (out / "pairs.json").write_text('{"kept": 0}')
+    assert tree(run.stage_dir(1, "filter")) == before
+    assert leftovers(tmp_path) == []
+
+
+def test_a_stale_tmp_dir_is_cleared_by_the_next_attempt(tmp_path):
+    run = RunDir(tmp_path / "run")
+    stale = run.round_dir(1) / "train.tmp-999999"
+    stale.mkdir(parents=True)
+    (stale / "half-written.safetensors").write_bytes(b"x" * 100)
+    other = run.round_dir(1) / "sample.tmp-999999"  # another stage's leftovers are not this attempt's business
+    other.mkdir()
+    with run.stage_output(1, "train") as (out, _):
+        assert not stale.exists()
+        (out / "metrics.json").write_text("{}")
+    assert not stale.exists() and other.exists()
+    assert run.is_done(1, "train")
+    assert sorted(p.name for p in run.stage_dir(1, "train").iterdir()) == sorted([MANIFEST, "metrics.json"])
+
+
+def test_a_stage_dir_without_manifest_is_replaced(tmp_path):
+    run = RunDir(tmp_path / "run")
+    partial = run.stage_dir(3, "evaluate")
+    partial.mkdir(parents=True)
+    (partial / "eval.parquet").write_bytes(b"garbage")
+    with run.stage_output(3, "evaluate") as (out, _):
+        (out / "eval.json").write_text("[]")
+    assert sorted(p.name for p in partial.iterdir()) == sorted([MANIFEST, "eval.json"])
+
+
+def test_unknown_stage_is_rejected(tmp_path):
+    with pytest.raises(AssertionError):
+        RunDir(tmp_path).stage_dir(1, "preprocess")
+
+
+def test_checkpoint_is_the_train_stage_checkpoint(tmp_path):
+    run = RunDir(tmp_path)
+    assert run.checkpoint(4) == tmp_path / "round_4" / "train" / "checkpoint"
+
+
+# ---------------------------------------------------------------- rounds
+
+def test_completed_rounds_are_those_with_a_round_manifest(tmp_path):
+    run = RunDir(tmp_path / "run")
+    assert run.completed_rounds() == []
+    run.round_dir(1).mkdir(parents=True)
+    run.finish_round(1, {"kept": 5})
+    run.round_dir(10).mkdir()
+    run.finish_round(10, {"kept": 7})
+    run.round_dir(2).mkdir()  # started, not finished
+    with run.stage_output(2, "sample") as (out, _):
+        (out / "s.json").write_text("{}")
+    (run.root / "round_x").mkdir()
+    (run.root / "round_x" / MANIFEST).write_text("{}")
+    assert run.completed_rounds() == [1, 10]
+    assert run.round_done(1) and not run.round_done(2)
+    assert run.round_summary(10)["kept"] == 7 and run.round_summary(10)["round"] == 10
+
+
+def test_write_json_atomic_round_trips_and_leaves_no_temp(tmp_path):
+    data = {"b": [1, 2], "a": {"nested": True}, "path": tmp_path}
+    write_json_atomic(tmp_path / "x.json", data)
+    assert read_json(tmp_path / "x.json") == {"a": {"nested": True}, "b": [1, 2], "path": str(tmp_path)}
+    assert os.listdir(tmp_path) == ["x.json"]
+
+
+# ---------------------------------------------------------------- the lock
+
+LOCK_SCRIPT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from selfplay.rundir import RunDirError, locked
+    try:
+        with locked(Path(sys.argv[1])):
+            print("ACQUIRED")
+    except RunDirError as exc:
+        print(exc)
+        sys.exit(3)
+""")
+
+
+def try_lock_in_subprocess(root) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", LOCK_SCRIPT, str(root)], capture_output=True, text=True, timeout=60)
+
+
+def test_a_second_process_is_refused_the_lock_naming_the_holder(tmp_path):
+    root = tmp_path / "run"
+    with locked(root):
+        assert (root / ".lock").read_text() == str(os.getpid())
+        refused = try_lock_in_subprocess(root)
+        assert refused.returncode == 3, refused.stderr
+        assert f"pid {os.getpid()}" in refused.stdout
+        assert "in use by another process" in refused.stdout and "--set name=" in refused.stdout
+    released = try_lock_in_subprocess(root)
+    assert released.returncode == 0, released.stderr
+    assert released.stdout.strip() == "ACQUIRED"
+
+
+def test_the_lock_is_released_when_the_block_raises(tmp_path):
+    root = tmp_path / "run"
+    with pytest.raises(RuntimeError):
+        with locked(root):
+            raise RuntimeError("stage failed")
+    with locked(root):  # re-acquirable at once
+        pass
+
+
+# ---------------------------------------------------------------- open_run
+
+def config(tmp_path, *overrides: str):
+    return load_config(None, [f"output_dir={tmp_path}", "name=r1", *overrides])
+
+
+def open_locked(cfg, base_model: str) -> RunDir:
+    """open_run as the flow calls it: while holding the run's lock (which also creates the directory)."""
+    with locked(cfg.run_dir):
+        return open_run(cfg, base_model)
+
+
+def test_open_run_writes_run_json_once(tmp_path):
+    cfg = config(tmp_path)
+    run = open_locked(cfg, "/models/base")
+    record = run.root / "run.json"
+    saved = read_json(record)
+    assert run.root == tmp_path / "r1"
+    assert saved["base_model"] == "/models/base"
+    assert saved["config"] == cfg.model_dump(mode="json")
+    first = record.read_bytes()
+    open_locked(config(tmp_path), "/models/base")  # an identical resume leaves the record as it was
+    assert record.read_bytes() == first
+
+
+def test_resume_with_a_result_changing_difference_is_refused(tmp_path):
+    open_locked(config(tmp_path), "/models/base")
+    with pytest.raises(RunDirError) as err:
+        open_locked(config(tmp_path, "sample.temperature=0.5"), "/models/base")
+    assert "sample.temperature: 0.8 -> 0.5" in str(err.value)
+    assert "--set name=" in str(err.value)
+    with pytest.raises(RunDirError, match="base model: /models/base -> /models/other"):
+        open_locked(config(tmp_path), "/models/other")
+
+
+def test_resume_changing_only_rounds_is_accepted_and_recorded(tmp_path):
+    run = open_locked(config(tmp_path, "rounds=2"), "/models/base")
+    open_locked(config(tmp_path, "rounds=5", "train.min_pairs=1"), "/models/base")
+    saved = read_json(run.root / "run.json")
+    assert saved["config"]["rounds"] == 5
+    assert saved["config"]["sample"] == config(tmp_path).sample.model_dump(mode="json")
