@@ -29,13 +29,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from selfplay.models import ModelError
     from selfplay.preflight import preflight
     from selfplay.prompts import PromptError
-    from selfplay.rundir import RunDirError, locked
+    from selfplay.rundir import RunDirError, locked, open_run
 
     try:
         cfg = load_config(args.config, args.set or [])
-        preflight(cfg)
-        with locked(cfg.run_dir):  # fail now, not after the server starts, if another process holds the run
-            pass
+        base = preflight(cfg)
+        # Fail now, not after the server starts, if another process holds the run or a resume would mix configs.
+        with locked(cfg.run_dir):
+            open_run(cfg, str(base))
     except (ConfigError, ModelError, PromptError, RunDirError) as exc:
         print(f"selfplay: {exc}", file=sys.stderr)
         return 2

@@ -172,3 +172,14 @@ def weights_digest(model) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def release_memory() -> None:
+    """Collect freed models (reference cycles included) and give cached GPU memory back; call after a stage."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

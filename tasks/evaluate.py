@@ -18,7 +18,7 @@ from prefect.cache_policies import NONE
 
 from selfplay.config import RunConfig
 from selfplay.judges import make_judge
-from selfplay.models import load_causal_lm, load_tokenizer
+from selfplay.models import load_causal_lm, load_tokenizer, release_memory
 from selfplay.prompts import load_prompts
 from selfplay.rundir import RunDir
 from tasks.judge import PAIR_COLUMNS, judge_pairs
@@ -42,8 +42,11 @@ def tally(verdicts: list[str]) -> dict[str, Any]:
 def eval_responses(cfg: RunConfig, model_path: str, prompts: list[str]) -> list[dict[str, Any]]:
     e = cfg.evaluate
     model, tokenizer = load_causal_lm(model_path), load_tokenizer(model_path)
-    return generate(model, tokenizer, prompts, num_samples=1, temperature=e.temperature, top_p=1.0,
+    rows = generate(model, tokenizer, prompts, num_samples=1, temperature=e.temperature, top_p=1.0,
                     max_new_tokens=e.max_new_tokens, batch_size=cfg.sample.batch_size, seed=e.seed)
+    del model
+    release_memory()
+    return rows
 
 
 @task(name="evaluate", cache_policy=NONE)
@@ -72,6 +75,7 @@ def evaluate(cfg: RunConfig, k: int, previous: str) -> dict[str, Any]:
         table, stats = judge_pairs(backend, pairs, cfg.judge)
     finally:
         backend.close()
+        release_memory()
     table = table.rename(columns={"response_1": "response_new", "response_2": "response_previous"})
     table["outcome"] = [OUTCOME.get(v, "tie") for v in table["verdict"]]
     metrics = {

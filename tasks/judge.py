@@ -30,6 +30,7 @@ from prefect.cache_policies import NONE
 
 from selfplay.config import FilterConfig, JudgeConfig, RunConfig
 from selfplay.judges import Judge, JudgeCall, JudgeResult, make_judge
+from selfplay.models import release_memory
 from selfplay.rundir import RunDir
 from tasks.filter import screen, similarity
 
@@ -223,6 +224,7 @@ def judge(cfg: RunConfig, k: int, reference: str) -> dict[str, Any]:
         )
     finally:
         backend.close()
+        release_memory()
     stats["seconds"] = time.time() - started
     with run.stage_output(k, "judge", {"judge": cfg.judge.backend, "judge_model": cfg.judge.model, "reference": reference}) as (out, manifest):
         table.to_parquet(out / "judgments.parquet", index=False)

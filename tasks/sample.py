@@ -16,7 +16,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from selfplay.config import RunConfig
-from selfplay.models import load_causal_lm, load_tokenizer
+from selfplay.models import load_causal_lm, load_tokenizer, release_memory
 from selfplay.prompts import draw_prompts, load_prompts
 from selfplay.rundir import RunDir
 
@@ -129,6 +129,8 @@ def sample(cfg: RunConfig, k: int, policy: str) -> dict[str, Any]:
         num_samples=s.num_samples, temperature=s.temperature, top_p=s.top_p,
         max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed=s.seed + k, progress=progress,
     )
+    del model
+    release_memory()
     for row in rows:
         p = prompts[row.pop("prompt_index")]
         row.update(prompt_id=p["id"], prompt=p["prompt"])

@@ -124,7 +124,7 @@ def train_dpo(cfg: RunConfig, k: int, policy: str, pairs: pd.DataFrame, out: Pat
     from transformers import AutoModelForCausalLM, PrinterCallback, ProgressCallback
     from trl import DPOConfig, DPOTrainer
 
-    from selfplay.models import load_tokenizer, pick_device, weights_digest
+    from selfplay.models import load_tokenizer, pick_device, release_memory, weights_digest
 
     device, dtype = pick_device()
     tokenizer = load_tokenizer(Path(policy), padding_side="right")
@@ -151,6 +151,9 @@ def train_dpo(cfg: RunConfig, k: int, policy: str, pairs: pd.DataFrame, out: Pat
     merged.to(torch.float32 if device == "cpu" else dtype)
     merged.save_pretrained(out / "checkpoint")
     load_tokenizer(Path(policy)).save_pretrained(out / "checkpoint")
+    trainer.accelerator.free_memory()  # the accelerator keeps references to the model and optimizer otherwise
+    del trainer, model, merged
+    release_memory()
     (out / "log_history.json").write_text(json.dumps(history, indent=1))
     return {
         **summarize_history(history),

@@ -37,9 +37,9 @@ def start_run(recipe: Path, api_url: str) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_sigkill_during_training_then_resume(prefect_server, tiny_model, tmp_path):
-    # Many epochs so that training lasts long enough to be killed in the middle of it.
+    # Enough epochs (about 180 tiny steps) that training lasts a few seconds: long enough to be killed mid-way.
     cfg = tiny_config(tiny_model, tmp_path / "runs", name="crashy", rounds=1,
-                      train={"dpo": {"num_train_epochs": 400, "per_device_train_batch_size": 2}})
+                      train={"dpo": {"num_train_epochs": 20, "per_device_train_batch_size": 2}})
     recipe = tmp_path / "crashy.yaml"
     recipe.write_text(yaml.safe_dump(cfg))
     run = RunDir(tmp_path / "runs" / "crashy")
@@ -66,14 +66,13 @@ def test_sigkill_during_training_then_resume(prefect_server, tiny_model, tmp_pat
     before = [fingerprint(p) for p in protected]
     sample_manifest = run.manifest(1, "sample")
 
-    # Resume, with a normal amount of training this time: min_pairs is not result-changing, epochs are, so
-    # the rerun must use the same recipe; shorten training by lowering epochs is refused (checked below).
+    # A resume that changes a result-changing field is refused before anything starts.
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump({**cfg, "train": {**cfg["train"], "dpo": {**cfg["train"]["dpo"], "num_train_epochs": 1}}}))
     refused = subprocess.run([SELFPLAY, "run", "--config", str(changed)], capture_output=True, text=True,
                              env={**os.environ, "PREFECT_API_URL": prefect_server}, timeout=300)
     assert refused.returncode == 2
-    assert "train.dpo.num_train_epochs: 400 -> 1" in refused.stderr
+    assert "train.dpo.num_train_epochs: 20 -> 1" in refused.stderr
 
     resumed = start_run(recipe, prefect_server)
     out, _ = resumed.communicate(timeout=900)
