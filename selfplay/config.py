@@ -17,10 +17,10 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -59,15 +59,44 @@ class SampleConfig(Section):
     seed: int = Field(0, description="Base seed; each round adds its round number.")
 
 
+class EndpointConfig(Section):
+    """An OpenAI-compatible HTTP endpoint (OpenAI, `vllm serve`, SGLang, TGI, llama.cpp, ...)."""
+
+    base_url: str = Field(..., description="API base URL, e.g. https://api.openai.com/v1 or http://localhost:8000/v1.")
+    model: str = Field(..., description="Model name as the endpoint knows it.")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="Environment variable holding the API key (the key itself is never configured).")
+    api_key_secret: str | None = Field(None, description="Name of a Prefect Secret block holding the API key; wins over api_key_env.")
+    timeout: float = Field(60.0, gt=0, description="Seconds per request before it counts as timed out (and is retried).")
+    max_concurrency: int = Field(16, ge=1, description="Requests in flight at most.")
+    max_retries: int = Field(6, ge=0, description="Retries of 429, 5xx, timeouts, connection errors and malformed replies.")
+    price_input_per_mtok: float = Field(0.0, ge=0, description="Estimated cost per million prompt tokens (for accounting only).")
+    price_output_per_mtok: float = Field(0.0, ge=0, description="Estimated cost per million completion tokens.")
+
+
 class JudgeConfig(Section):
-    backend: Literal["local"] = Field("local", description="Judge backend: 'local' runs a transformers model in-process.")
-    model: str = Field("reference", description="'reference' (the round's reference: the model judges itself) or a model spec as in policy.model.")
-    pairing: Literal["all_pairs", "random_pair"] = Field("all_pairs", description="Which pairs of a prompt's K completions are judged.")
+    backend: Literal["local", "openai"] = Field("local", description="'local': a transformers model in-process; 'openai': any OpenAI-compatible endpoint.")
+    model: str = Field("reference", description="local backend: 'reference' (the round's reference: the model judges itself) or a model spec as in policy.model.")
+    endpoint: EndpointConfig | None = Field(None, description="openai backend: the endpoint to ask.")
+    mode: Literal["auto", "logprobs", "choice", "text"] = Field(
+        "auto", description="How the verdict is read: label logprobs, a structured A/B/tie choice, or a [[A]]/[[B]]/[[tie]] marker in text. 'auto' falls back in that order.")
+    pairing: Literal["all_pairs", "random_pair", "tournament"] = Field(
+        "all_pairs", description="Pairs judged among a prompt's K completions; 'tournament' judges all and trains on best vs worst.")
+    scoring: Literal["copeland", "bradley_terry"] = Field("copeland", description="Tournament scoring.")
+    max_calls_per_prompt: int | None = Field(None, ge=2, description="Cap on judge calls per prompt (2 per pair); pairs beyond it are not judged.")
     margin: float = Field(0.1, ge=0, le=1, description="Keep a pair only when |2p-1| >= margin, p the swap-averaged preference.")
-    template: str | None = Field(None, description="Judge prompt template file; the shipped default when unset.")
+    template: str | None = Field(None, description="Judge prompt template file ({prompt}, {response_a}, {response_b}, {rubric}); the shipped default when unset.")
+    rubric: str | None = Field(None, description="Rubric file filled into {rubric}; the shipped default when unset.")
     system_prompt: str = Field("You are a careful, impartial judge of AI assistant responses.", description="Judge system prompt.")
-    batch_size: int = Field(8, ge=1, description="Judge prompts per forward pass.")
-    max_length: int = Field(1024, ge=64, description="Judge prompt token limit; longer prompts truncate the responses.")
+    batch_size: int = Field(8, ge=1, description="local backend: judge prompts per forward pass.")
+    max_length: int = Field(1024, ge=64, description="local backend: judge prompt token limit.")
+    max_error_rate: float = Field(0.05, ge=0, le=1, description="The judge stage fails when more than this fraction of pairs end in judge_error.")
+    cache: bool = Field(True, description="Cache each call's judgment on disk ($SELFPLAY_CACHE/judge-cache.sqlite), so reruns pay nothing twice.")
+
+    @model_validator(mode="after")
+    def _endpoint_for_openai(self) -> "JudgeConfig":
+        if self.backend == "openai" and self.endpoint is None:
+            raise ValueError("judge.backend 'openai' needs judge.endpoint (base_url, model)")
+        return self
 
 
 class FilterConfig(Section):
@@ -166,9 +195,13 @@ def _section_for(loc: tuple) -> type[BaseModel] | None:
     model: type[BaseModel] = RunConfig
     for part in loc:
         field = model.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        if field is None:
             return None
-        model = field.annotation
+        # Unwrap `Section | None` to the section.
+        sub = next((t for t in (field.annotation, *get_args(field.annotation)) if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if sub is None:
+            return None
+        model = sub
     return model
 
 
@@ -180,19 +213,27 @@ def build_config(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"invalid configuration:\n{lines}") from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML recipe (or defaults when `path` is None) and apply `--set` overrides."""
+def load_config(paths: str | Path | list[str | Path] | None, overrides: list[str] = ()) -> RunConfig:
+    """Read YAML recipes (later ones merged over earlier ones; defaults when none) and apply `--set` overrides.
+
+    A recipe may be a whole run or an overlay of a few sections, e.g. a judge:
+    `load_config(["deployments/recipes/cpu-demo.yaml", "deployments/recipes/judges/vllm.yaml"])`.
+    """
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
     data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
+    for path in map(Path, paths):
         if not path.is_file():
             raise ConfigError(f"recipe not found: {path} (see deployments/recipes/ for examples)")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            layer = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
+        if not isinstance(layer, dict):
+            raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(layer).__name__}")
+        data = deep_merge(data, layer)
     return build_config(deep_merge(data, parse_overrides(list(overrides))))
 
 

@@ -15,7 +15,7 @@ def preflight(cfg: RunConfig) -> Path:
     from trl import DPOConfig
 
     from selfplay.models import pick_device
-    from tasks.judge import load_template
+    from tasks.judge import load_rubric, load_template
     from tasks.train import dpo_arguments
 
     check_passthrough(cfg.train)
@@ -34,12 +34,20 @@ def preflight(cfg: RunConfig) -> Path:
         raise ConfigError(f"prompts.eval {p.eval!r} has {len(held_out)} prompts, fewer than prompts.eval_size={p.eval_size}")
     try:
         load_template(cfg.judge.template)
+        load_rubric(cfg.judge.rubric)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     base = resolve_model(cfg.policy.model)
     load_tokenizer(base)  # a chat template is required
-    judge_model = base if cfg.judge.model == "reference" else resolve_model(cfg.judge.model)
-    if cfg.judge.backend == "local":
+    if cfg.judge.backend == "openai":
+        from selfplay.judges.openai import EndpointError, check_endpoint, resolve_api_key
+
+        try:
+            check_endpoint(cfg.judge.endpoint, resolve_api_key(cfg.judge.endpoint))
+        except EndpointError as exc:
+            raise ConfigError(str(exc)) from None
+    else:
+        judge_model = base if cfg.judge.model == "reference" else resolve_model(cfg.judge.model)
         from selfplay.judges.local import label_token_ids
 
         label_token_ids(load_tokenizer(judge_model))

@@ -2,7 +2,7 @@
 
     runs/<run>/run.json                      the run's config and base model, written once
     runs/<run>/.lock                         held (flock) by the one process working on the run
-    runs/<run>/round_<k>/<stage>/...         a stage's outputs (parquet tables, checkpoint, metrics JSON)
+    runs/<run>/round_<k>/<stage>/...         a stage's outputs (parquet tables, checkpoint, metrics.json)
     runs/<run>/round_<k>/<stage>/manifest.json   written last: its existence means the stage completed
     runs/<run>/round_<k>/manifest.json       written when the whole round completed
 
@@ -101,6 +101,8 @@ class RunDir:
         manifest: dict[str, Any] = {"stage": stage, "round": k, "started_at": time.time(), **(info or {})}
         try:
             yield tmp, manifest
+            if "metrics" in manifest:
+                write_json_atomic(tmp / "metrics.json", manifest["metrics"])
             manifest["finished_at"] = time.time()
             manifest["files"] = {
                 str(p.relative_to(tmp)): sha256_file(p)

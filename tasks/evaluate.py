@@ -72,7 +72,7 @@ def evaluate(cfg: RunConfig, k: int, previous: str) -> dict[str, Any]:
     )
     backend = make_judge(cfg.judge, previous)
     try:
-        table, stats = judge_pairs(backend, pairs, cfg.judge)
+        table, _, stats = judge_pairs(backend, pairs, cfg.judge)
     finally:
         backend.close()
         release_memory()

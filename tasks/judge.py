@@ -36,7 +36,7 @@ from tasks.filter import screen, similarity
 
 PAIR_COLUMNS = ["prompt_id", "prompt", "i", "j", "response_1", "response_2", "truncated_1", "truncated_2", "similarity", "screened"]
 COLUMNS = PAIR_COLUMNS + ["p_a_order1", "p_a_order2", "p_first", "margin", "verdict", "consistent", "mode", "error"]
-VERDICTS = ("first", "second", "tie", "inconsistent", "judge_error", "not_judged")
+VERDICTS = ("first", "second", "tie", "inconsistent", "invalid", "judge_error", "not_judged")
 PLACEHOLDERS = ("prompt", "response_a", "response_b", "rubric")
 FENCE_TAGS = ("request", "response_A", "response_B")
 
@@ -47,8 +47,17 @@ def default_template() -> str:
     return files("selfplay").joinpath("data/templates/judge.txt").read_text()
 
 
+def load_rubric(path: str | None) -> str:
+    if path is None:
+        return files("selfplay").joinpath("data/templates/rubric.txt").read_text().strip()
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"judge.rubric: file not found: {p}")
+    return p.read_text().strip()
+
+
 def default_rubric() -> str:
-    return files("selfplay").joinpath("data/templates/rubric.txt").read_text().strip()
+    return load_rubric(None)
 
 
 def load_template(path: str | None) -> str:
@@ -80,26 +89,40 @@ def render_judge_prompt(template: str, prompt: str, response_a: str, response_b:
     return re.sub(r"\{(" + "|".join(PLACEHOLDERS) + r")\}", lambda m: values[m.group(1)], template)
 
 
-def combine_orders(p1: float | None, p2: float | None, margin: float) -> dict[str, Any]:
-    """Combine the two orders of one pair (probability modes) into a verdict about (r1, r2).
+def combine_orders(order1: JudgeResult | float | None, order2: JudgeResult | float | None, margin: float) -> dict[str, Any]:
+    """Combine the two orders of one pair into a verdict about (r1, r2): the one rule for every mode.
 
-    p1 = P(position A wins) with r1 in A; p2 = the same with r2 in A. The orders are averaged and the margin
-    |2p - 1| decides between a winner and a tie. `consistent` records whether each order on its own picked the
-    same response (the position-consistency statistic); it does not veto an averaged verdict.
+    order1 is the judge's answer with r1 in position A, order2 with r2 in position A (a bare float is a
+    `logprobs` answer: P(A wins)).
+      - probability modes (both orders `logprobs`): average, p = (p1 + 1 - p2) / 2, then the margin |2p - 1|
+        decides between a winner and a tie; a judge that always says A lands on exactly 0.5, a tie;
+      - discrete modes (`choice`, `text`, or mixed): the two verdicts must name the same response (or both say
+        tie), otherwise the pair is `inconsistent` (the MT-Bench rule); an unreadable answer makes it `invalid`.
+    `consistent` records whether each order on its own picked the same response (the position-consistency
+    statistic); in probability modes it does not veto the averaged verdict.
 
     >>> combine_orders(1.0, 1.0, 0.1)["verdict"]      # always "A": pure position bias, cancelled to a tie
     'tie'
     >>> combine_orders(0.9, 0.2, 0.1)["verdict"]      # both orders prefer r1
     'first'
-    >>> r = combine_orders(0.9, 0.6, 0.1); r["verdict"], r["consistent"]   # biased towards A, still prefers r1
-    ('first', False)
+    >>> A = JudgeResult(1.0, "choice", label="A")
+    >>> combine_orders(A, A, 0.1)["verdict"]          # discrete: "A" both times names r1, then r2
+    'inconsistent'
     """
-    if p1 is None or p2 is None:
+    r1, r2 = (JudgeResult(o, "logprobs") if not isinstance(o, JudgeResult) else o for o in (order1, order2))
+    if r1.error or r2.error or r1.p_a is None or r2.p_a is None:
         return {"p_first": None, "margin": None, "verdict": "judge_error", "consistent": None}
-    p = (p1 + (1.0 - p2)) / 2.0
+    p = (r1.p_a + (1.0 - r2.p_a)) / 2.0
     m = abs(2.0 * p - 1.0)
-    verdict = "tie" if m < margin or p == 0.5 else ("first" if p > 0.5 else "second")
-    return {"p_first": p, "margin": m, "verdict": verdict, "consistent": (p1 > 0.5) == (p2 < 0.5)}
+    if r1.label is None and r2.label is None:
+        verdict = "tie" if m < margin or p == 0.5 else ("first" if p > 0.5 else "second")
+        return {"p_first": p, "margin": m, "verdict": verdict, "consistent": (r1.p_a > 0.5) == (r2.p_a < 0.5)}
+    l1, l2 = (r.label or ("A" if r.p_a > 0.5 else "B" if r.p_a < 0.5 else "tie") for r in (r1, r2))
+    if "invalid" in (l1, l2):
+        return {"p_first": None, "margin": None, "verdict": "invalid", "consistent": None}
+    v1 = {"A": "first", "B": "second", "tie": "tie"}[l1]
+    v2 = {"A": "second", "B": "first", "tie": "tie"}[l2]
+    return {"p_first": p, "margin": m, "verdict": v1 if v1 == v2 else "inconsistent", "consistent": v1 == v2}
 
 
 def candidate_pairs(n_samples: int, pairing: str, rng: random.Random) -> list[tuple[int, int]]:
@@ -117,20 +140,30 @@ def candidate_pairs(n_samples: int, pairing: str, rng: random.Random) -> list[tu
     raise ValueError(f"unknown pairing {pairing!r}")
 
 
-def build_pairs(samples: pd.DataFrame, pairing: str, seed: int, filt: FilterConfig) -> pd.DataFrame:
-    """One row per candidate pair of completions of the same prompt, screened with the filter's pre-judge checks."""
+def build_pairs(samples: pd.DataFrame, pairing: str, seed: int, filt: FilterConfig, max_calls_per_prompt: int | None = None) -> pd.DataFrame:
+    """One row per candidate pair of completions of the same prompt, screened with the filter's pre-judge checks.
+
+    `tournament` pairs like `all_pairs`. With `max_calls_per_prompt`, a seeded choice of the pairs beyond the cap
+    (two calls per pair) is screened out as `over_budget`.
+    """
     rng = random.Random(seed)
     rows = []
     for prompt_id, group in samples.groupby("prompt_id", sort=False):
         g = group.sort_values("sample_idx").to_dict("records")
-        for a, b in candidate_pairs(len(g), pairing, rng):
+        prompt_rows = []
+        for a, b in candidate_pairs(len(g), "all_pairs" if pairing == "tournament" else pairing, rng):
             r1, r2 = g[a]["response"], g[b]["response"]
             t1, t2 = bool(g[a]["truncated"]), bool(g[b]["truncated"])
-            rows.append({
+            prompt_rows.append({
                 "prompt_id": prompt_id, "prompt": g[a]["prompt"], "i": g[a]["sample_idx"], "j": g[b]["sample_idx"],
                 "response_1": r1, "response_2": r2, "truncated_1": t1, "truncated_2": t2,
                 "similarity": similarity(r1, r2), "screened": screen(r1, r2, t1, t2, filt),
             })
+        if max_calls_per_prompt is not None:
+            open_rows = [r for r in prompt_rows if r["screened"] is None]
+            for r in rng.sample(open_rows, max(0, len(open_rows) - max_calls_per_prompt // 2)):
+                r["screened"] = "over_budget"
+        rows.extend(prompt_rows)
     return pd.DataFrame(rows, columns=PAIR_COLUMNS)
 
 
@@ -155,40 +188,80 @@ def judgments_table(pairs: pd.DataFrame, results: list[JudgeResult], margin: flo
         r1, r2 = results[2 * n], results[2 * n + 1]
         n += 1
         errors = "; ".join(e for e in (r1.error, r2.error) if e) or None
-        rows.append({**pair, "p_a_order1": r1.p_a, "p_a_order2": r2.p_a, **combine_orders(r1.p_a, r2.p_a, margin), "mode": r1.mode, "error": errors})
+        mode = r1.mode if r1.mode == r2.mode else f"{r1.mode}+{r2.mode}"
+        rows.append({**pair, "p_a_order1": r1.p_a, "p_a_order2": r2.p_a, **combine_orders(r1, r2, margin), "mode": mode, "error": errors})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+CALL_COLUMNS = ["prompt_id", "i", "j", "order", "mode", "p_a", "label", "error", "tokens_in", "tokens_out", "latency_s", "cost", "cached"]
+
+
+def calls_table(pairs: pd.DataFrame, results: list[JudgeResult]) -> pd.DataFrame:
+    """One row per judge call (two per judged pair): what it cost and what it said."""
+    judged = pairs[pairs["screened"].isna()].to_dict("records")
+    rows = []
+    for n, r in enumerate(results):
+        pair = judged[n // 2]
+        rows.append({"prompt_id": pair["prompt_id"], "i": pair["i"], "j": pair["j"], "order": 1 + n % 2, "mode": r.mode,
+                     "p_a": r.p_a, "label": r.label, "error": r.error, "tokens_in": r.tokens_in, "tokens_out": r.tokens_out,
+                     "latency_s": r.latency_s, "cost": r.cost, "cached": r.cached})
+    return pd.DataFrame(rows, columns=CALL_COLUMNS)
+
+
 def judge_stats(table: pd.DataFrame, results: list[JudgeResult]) -> dict[str, Any]:
-    """Per-round judge statistics over the judged pairs: consistency, position bias, tie / error rates, tokens."""
+    """Per-round judge statistics over the judged pairs: position consistency and bias, tie / invalid / error
+    rates, modes, tokens, latency, cache hits and estimated cost."""
     judged = table[table["verdict"] != "not_judged"]
     n = len(judged)
-    ok = judged[judged["verdict"] != "judge_error"]
-    p_as = [r.p_a for r in results if r.p_a is not None]
+    answered = judged[~judged["verdict"].isin(["judge_error", "invalid"])]
+    firsts = [r.p_a > 0.5 if r.label is None else r.label == "A" for r in results if r.p_a is not None and r.label != "invalid"]
     counts = table["verdict"].value_counts().to_dict()
+    live = [r for r in results if not r.cached and r.error is None]
     return {
         "pairs": len(table),
         "judged": n,
         "calls": len(results),
-        "position_consistency": float(ok["consistent"].astype(bool).mean()) if len(ok) else None,
-        "first_position_win_rate": float(sum(p > 0.5 for p in p_as) / len(p_as)) if p_as else None,
-        "mean_margin": float(ok["margin"].mean()) if len(ok) else None,
+        "position_consistency": float(answered["consistent"].astype(bool).mean()) if len(answered) else None,
+        "first_position_win_rate": float(sum(firsts) / len(firsts)) if firsts else None,
+        "mean_margin": float(answered["margin"].mean()) if len(answered) else None,
         "verdicts": {v: int(counts.get(v, 0)) for v in VERDICTS},
         "tie_rate": counts.get("tie", 0) / n if n else None,
+        "invalid_rate": counts.get("invalid", 0) / n if n else None,
         "error_rate": counts.get("judge_error", 0) / n if n else None,
+        "modes": {m: sum(r.mode == m for r in results) for m in sorted({r.mode for r in results})},
+        "cache_hits": sum(r.cached for r in results),
         "tokens_in": int(sum(r.tokens_in for r in results)),
         "tokens_out": int(sum(r.tokens_out for r in results)),
+        "mean_latency_s": float(sum(r.latency_s for r in live) / len(live)) if live else None,
+        "cost": float(sum(r.cost for r in results)),
     }
+
+
+class JudgeFailed(RuntimeError):
+    """Too many pairs ended in judge_error: the stage fails, with a summary of what went wrong."""
+
+
+def check_error_rate(table: pd.DataFrame, max_error_rate: float, k: int) -> None:
+    judged = table[table["verdict"] != "not_judged"]
+    errors = judged[judged["verdict"] == "judge_error"]
+    if not len(judged) or len(errors) / len(judged) <= max_error_rate:
+        return
+    kinds = errors["error"].fillna("unknown").str.split(":").str[0].value_counts().to_dict()
+    raise JudgeFailed(
+        f"round {k}: {len(errors)} of {len(judged)} judged pairs ({len(errors) / len(judged):.0%}) ended in judge_error, "
+        f"above judge.max_error_rate={max_error_rate}. Errors by kind: {kinds}. First: {errors['error'].iloc[0]}. "
+        f"Successful calls are cached; fix the endpoint and rerun to resume."
+    )
 
 
 def judge_pairs(
     judge: Judge, pairs: pd.DataFrame, cfg: JudgeConfig, progress: Callable[[int, int], None] | None = None, chunk: int = 64
-) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Ask `judge` both orders of every unscreened pair; return the judgments table and its statistics.
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """Ask `judge` both orders of every unscreened pair; return the judgments table, the calls table and statistics.
 
     Calls go to the backend `chunk` at a time, with `progress(done, total)` after each chunk.
     """
-    template, rubric = load_template(cfg.template), default_rubric()
+    template, rubric = load_template(cfg.template), load_rubric(cfg.rubric)
     calls = swap_calls(pairs[pairs["screened"].isna()], template, rubric, cfg.system_prompt)
     results: list[JudgeResult] = []
     for start in range(0, len(calls), chunk):
@@ -196,7 +269,7 @@ def judge_pairs(
         if progress:
             progress(len(results), len(calls))
     table = judgments_table(pairs, results, cfg.margin)
-    return table, judge_stats(table, results)
+    return table, calls_table(pairs, results), judge_stats(table, results)
 
 
 # ---------------------------------------------------------------- task
@@ -210,7 +283,7 @@ def judge(cfg: RunConfig, k: int, reference: str) -> dict[str, Any]:
         log.info("round %d: judge already complete, reusing %s", k, run.stage_dir(k, "judge"))
         return run.manifest(k, "judge")
     samples = pd.read_parquet(run.stage_dir(k, "sample") / "samples.parquet")
-    pairs = build_pairs(samples, cfg.judge.pairing, cfg.seed + k, cfg.filter)
+    pairs = build_pairs(samples, cfg.judge.pairing, cfg.seed + k, cfg.filter, cfg.judge.max_calls_per_prompt)
     started = time.time()
     log.info(
         "round %d: judging %d of %d candidate pairs x 2 orders with the %s judge (screened out: %s)",
@@ -218,7 +291,7 @@ def judge(cfg: RunConfig, k: int, reference: str) -> dict[str, Any]:
     )
     backend = make_judge(cfg.judge, reference)
     try:
-        table, stats = judge_pairs(
+        table, calls, stats = judge_pairs(
             backend, pairs, cfg.judge,
             progress=lambda done, total: log.info("round %d: judge calls %d/%d (%.0f s)", k, done, total, time.time() - started),
         )
@@ -226,7 +299,10 @@ def judge(cfg: RunConfig, k: int, reference: str) -> dict[str, Any]:
         backend.close()
         release_memory()
     stats["seconds"] = time.time() - started
-    with run.stage_output(k, "judge", {"judge": cfg.judge.backend, "judge_model": cfg.judge.model, "reference": reference}) as (out, manifest):
+    check_error_rate(table, cfg.judge.max_error_rate, k)
+    judge_model = cfg.judge.endpoint.model if cfg.judge.backend == "openai" else cfg.judge.model
+    with run.stage_output(k, "judge", {"judge": cfg.judge.backend, "judge_model": judge_model, "reference": reference}) as (out, manifest):
+        calls.to_parquet(out / "calls.parquet", index=False)
         table.to_parquet(out / "judgments.parquet", index=False)
         manifest["metrics"] = stats
     log.info(

@@ -326,7 +326,7 @@ def test_load_template_checks_placeholders(tmp_path):
 def test_always_A_backend_ties_and_drops_every_pair():
     pairs = distinct_pairs(2)
     judge = ConstantJudge(1.0)
-    table, stats = judge_pairs(judge, pairs, JudgeConfig())
+    table, _, stats = judge_pairs(judge, pairs, JudgeConfig())
     assert len(judge.calls) == 2 * len(pairs) == 24
     assert list(table.columns) == COLUMNS
     assert (table["verdict"] == "tie").all()
@@ -344,7 +344,7 @@ def test_always_A_backend_ties_and_drops_every_pair():
 def test_any_constant_backend_ties_every_pair():
     pairs = distinct_pairs(1)
     for p in (0.0, 0.2, 0.5, 0.73, 0.999):
-        table, _ = judge_pairs(ConstantJudge(p), pairs, JudgeConfig(margin=0.05))
+        table, _, _ = judge_pairs(ConstantJudge(p), pairs, JudgeConfig(margin=0.05))
         assert set(table["verdict"]) == {"tie"}, p
 
 
@@ -354,7 +354,7 @@ def test_keyword_backend_chooses_the_response_with_the_keyword():
         "p1": ["Short reply with EVIDENCE here.", "Another long and different reply."],
     })
     pairs = build_pairs(samples, "all_pairs", 0, FilterConfig())
-    table, stats = judge_pairs(KeywordJudge("EVIDENCE"), pairs, JudgeConfig(margin=0.1))
+    table, _, stats = judge_pairs(KeywordJudge("EVIDENCE"), pairs, JudgeConfig(margin=0.1))
     selected = select_pairs(table)
     for row in selected.itertuples():
         has1, has2 = "EVIDENCE" in row.response_1, "EVIDENCE" in row.response_2
@@ -372,7 +372,7 @@ def test_keyword_backend_chooses_the_response_with_the_keyword():
 def test_judge_errors_become_judge_error_verdicts_and_are_counted():
     samples = samples_frame({"p0": ["fine answer one", "BOOM goes this one", "a third, rather different reply"]})
     pairs = build_pairs(samples, "all_pairs", 0, FilterConfig())
-    table, stats = judge_pairs(FailingJudge("BOOM"), pairs, JudgeConfig())
+    table, _, stats = judge_pairs(FailingJudge("BOOM"), pairs, JudgeConfig())
     errored = table[table["verdict"] == "judge_error"]
     # every pair with the BOOM response has it in position A in one of its two orders
     assert set(zip(errored["i"], errored["j"])) == {(0, 1), (1, 2)}
@@ -389,7 +389,7 @@ def test_screened_pairs_are_never_sent_to_the_judge():
     samples = samples_frame({"p0": ["", "a real answer", ("cut off mid", True), "another real answer, different"]})
     pairs = build_pairs(samples, "all_pairs", 0, FilterConfig())
     judge = ConstantJudge(0.8)
-    table, stats = judge_pairs(judge, pairs, JudgeConfig())
+    table, _, stats = judge_pairs(judge, pairs, JudgeConfig())
     unscreened = int(pairs["screened"].isna().sum())
     assert unscreened == 1 and len(judge.calls) == 2
     not_judged = table[table["verdict"] == "not_judged"]

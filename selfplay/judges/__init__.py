@@ -22,13 +22,16 @@ class JudgeCall:
 
 @dataclass
 class JudgeResult:
-    p_a: float | None  # probability that position A is better; None on error
-    mode: str  # how the verdict was read: "logprobs" (label probabilities), later "choice" / "text"
+    p_a: float | None  # probability that position A is better (1 / 0 / 0.5 for discrete labels); None on error
+    mode: str  # how the verdict was read: "logprobs" (label probabilities), "choice" or "text" (discrete labels)
+    label: str | None = None  # discrete modes: "A", "B", "tie" or "invalid"; None for logprobs
     error: str | None = None
-    label_mass: float | None = None  # probability mass on the A/B labels before renormalising
+    label_mass: float | None = None  # logprobs: probability mass on the A/B labels before renormalising
     tokens_in: int = 0
     tokens_out: int = 0
     latency_s: float = 0.0
+    cost: float = 0.0
+    cached: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -44,8 +47,14 @@ class Judge(Protocol):
 
 def make_judge(cfg, reference: str) -> Judge:
     """Build the configured judge. `judge.model == "reference"` judges with the round's reference checkpoint."""
-    from selfplay.models import resolve_model
+    from selfplay.models import cache_root, resolve_model
 
+    if cfg.backend == "openai":
+        from selfplay.judges.cache import JudgeCache
+        from selfplay.judges.openai import OpenAIJudge
+
+        cache = JudgeCache(cache_root() / "judge-cache.sqlite") if cfg.cache else None
+        return OpenAIJudge(cfg.endpoint, mode=cfg.mode, cache=cache)
     if cfg.backend == "local":
         from selfplay.judges.local import LocalJudge
 

@@ -1,0 +1,41 @@
+"""An on-disk cache of judge calls: reruns and resumes pay for nothing twice.
+
+One SQLite file ($SELFPLAY_CACHE/judge-cache.sqlite) shared by all runs. The key hashes exactly what decides a
+call's answer: the endpoint's model, the verdict mode, the system prompt and the rendered user message (which holds
+the template, the rubric, the prompt, both responses and their order). Only successful calls are stored.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+from selfplay.config import fingerprint
+
+
+def call_key(model: str, mode: str, system: str, user: str) -> str:
+    return fingerprint({"model": model, "mode": mode, "system": system, "user": user})
+
+
+class JudgeCache:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, result TEXT NOT NULL)")
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT result FROM calls WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put(self, key: str, result: dict[str, Any]) -> None:
+        with self._lock, self._db:
+            self._db.execute("INSERT OR REPLACE INTO calls (key, result) VALUES (?, ?)", (key, json.dumps(result)))
+
+    def close(self) -> None:
+        self._db.close()

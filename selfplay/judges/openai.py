@@ -1,0 +1,260 @@
+"""The judge over any OpenAI-compatible endpoint (OpenAI, `vllm serve`, SGLang, TGI, llama.cpp server, ...).
+
+Async `openai` client, at most `max_concurrency` requests in flight; both orders of a pair go out concurrently.
+429, 5xx, timeouts, connection errors and malformed replies are retried with exponential backoff and full jitter,
+waiting at least what `Retry-After` asks. A call still failing after that becomes a result with `error` set (the
+judge stage records it as `judge_error`): never a dropped pair, never a label.
+
+Verdict modes, in the order `mode: auto` tries them (see `verdicts.py`): `logprobs`, `choice`, `text`. When the
+endpoint does not give what a mode needs (no logprobs; a 400 for the structured-output request), the judge moves
+to the next mode for this and every later call; when one reply has no label in its logprobs or breaks the schema,
+only that call tries the next mode. Each result records the mode that produced it.
+
+The API key is read once (environment variable or Prefect Secret block), handed to the client, and never logged
+or stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import os
+import random
+import threading
+import time
+from typing import Any
+
+import openai
+
+from selfplay.config import EndpointConfig
+from selfplay.judges import JudgeCall, JudgeResult
+from selfplay.judges.cache import JudgeCache, call_key
+from selfplay.judges.verdicts import (
+    CHOICE_SCHEMA, MODE_INSTRUCTIONS, MODES, P_OF_LABEL, label_probabilities, parse_choice, parse_text_verdict,
+)
+
+RETRYABLE = (
+    openai.RateLimitError,
+    openai.InternalServerError,
+    openai.APITimeoutError,
+    openai.APIConnectionError,
+    openai.APIResponseValidationError,
+    json.JSONDecodeError,
+)
+TOP_LOGPROBS = 20  # OpenAI's maximum; enough to hold every variant of both labels
+BACKOFF_BASE_S, BACKOFF_CAP_S = 0.5, 30.0
+
+
+class EndpointError(RuntimeError):
+    """The endpoint cannot be used at all (unreachable, key rejected): said before any judging starts."""
+
+
+class _ModeUnsupported(Exception):
+    """The endpoint does not give what this mode needs: use the next mode from now on."""
+
+
+class _NoVerdictInReply(Exception):
+    """This one reply carries no usable verdict in this mode: try the next mode for this call only."""
+
+
+def resolve_api_key(endpoint: EndpointConfig) -> str:
+    """The API key from a Prefect Secret block or an environment variable; 'EMPTY' for local servers without one."""
+    if endpoint.api_key_secret:
+        from prefect.blocks.system import Secret
+
+        try:
+            return Secret.load(endpoint.api_key_secret).get()
+        except ValueError as exc:
+            raise EndpointError(f"judge.endpoint.api_key_secret: cannot load Prefect Secret block {endpoint.api_key_secret!r}: {exc}") from None
+    if endpoint.api_key_env and os.environ.get(endpoint.api_key_env):
+        return os.environ[endpoint.api_key_env]
+    if "api.openai.com" in endpoint.base_url:
+        raise EndpointError(f"no API key for {endpoint.base_url}: set the environment variable {endpoint.api_key_env or 'OPENAI_API_KEY'} or judge.endpoint.api_key_secret")
+    return "EMPTY"  # vLLM and most local servers accept any key
+
+
+def check_endpoint(endpoint: EndpointConfig, api_key: str) -> None:
+    """Fail fast, with what to fix, when the endpoint is unreachable or refuses the key."""
+    import httpx
+
+    url = endpoint.base_url.rstrip("/") + "/models"
+    try:
+        reply = httpx.get(url, headers={"Authorization": f"Bearer {api_key}"}, timeout=min(endpoint.timeout, 10.0))
+    except httpx.HTTPError as exc:
+        raise EndpointError(
+            f"judge endpoint {endpoint.base_url} is unreachable ({exc.__class__.__name__}: {exc}); start the server or "
+            f"fix judge.endpoint.base_url"
+        ) from None
+    if reply.status_code in (401, 403):
+        source = f"Prefect Secret {endpoint.api_key_secret!r}" if endpoint.api_key_secret else f"${endpoint.api_key_env}"
+        raise EndpointError(f"judge endpoint {endpoint.base_url} rejected the API key ({reply.status_code}); check {source}")
+
+
+def retry_after_seconds(exc: Exception) -> float | None:
+    """Seconds the server asked us to wait (Retry-After / retry-after-ms), if it said."""
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None) or {}
+    if headers.get("retry-after-ms"):
+        try:
+            return float(headers["retry-after-ms"]) / 1000.0
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time()) if when else None
+
+
+def backoff_seconds(attempt: int, retry_after: float | None, rng: random.Random) -> float:
+    """Full-jitter exponential backoff, never shorter than the server's Retry-After."""
+    delay = rng.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
+    return max(delay, retry_after) if retry_after is not None else delay
+
+
+def _describe(exc: Exception) -> str:
+    status = getattr(exc, "status_code", None)
+    return f"{exc.__class__.__name__}{f' {status}' if status else ''}: {str(exc)[:200]}"
+
+
+class OpenAIJudge:
+    name = "openai"
+
+    def __init__(self, endpoint: EndpointConfig, mode: str = "auto", cache: JudgeCache | None = None, api_key: str | None = None, seed: int = 0):
+        self.endpoint = endpoint
+        self.configured_mode = mode
+        self._modes = list(MODES) if mode == "auto" else [mode]
+        self._cache = cache
+        self._api_key = api_key if api_key is not None else resolve_api_key(endpoint)
+        self._rng = random.Random(seed)
+
+    def __repr__(self) -> str:  # no key in reprs, logs or tracebacks
+        return f"OpenAIJudge(base_url={self.endpoint.base_url!r}, model={self.endpoint.model!r}, mode={self.configured_mode!r})"
+
+    # ---------------------------------------------------------------- public
+
+    def judge(self, calls: list[JudgeCall]) -> list[JudgeResult]:
+        """All calls, concurrently up to the limit; one result per call, in order."""
+        coro = self._judge_all(calls)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(coro)
+        # Called from inside an event loop (an async flow): run ours in a thread of its own.
+        box: dict[str, Any] = {}
+        thread = threading.Thread(target=lambda: box.setdefault("out", asyncio.run(coro)))
+        thread.start()
+        thread.join()
+        return box["out"]
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+
+    # ---------------------------------------------------------------- internals
+
+    async def _judge_all(self, calls: list[JudgeCall]) -> list[JudgeResult]:
+        limit = asyncio.Semaphore(self.endpoint.max_concurrency)
+        async with openai.AsyncOpenAI(
+            base_url=self.endpoint.base_url, api_key=self._api_key, timeout=self.endpoint.timeout, max_retries=0
+        ) as client:
+            return list(await asyncio.gather(*(self._one(client, limit, call) for call in calls)))
+
+    async def _one(self, client, limit: asyncio.Semaphore, call: JudgeCall) -> JudgeResult:
+        key = call_key(self.endpoint.model, self.configured_mode, call.system, call.user)
+        if self._cache is not None and (hit := self._cache.get(key)) is not None:
+            return JudgeResult(**{**hit, "cached": True, "cost": 0.0, "latency_s": 0.0})
+        tried = []
+        for mode in list(self._modes):
+            if mode not in self._modes and tried:
+                continue  # demoted by another call meanwhile
+            try:
+                result = await self._ask(client, limit, call, mode)
+            except _ModeUnsupported as exc:
+                tried.append(f"{mode}: {exc}")
+                if mode in self._modes and len(self._modes) > 1:
+                    self._modes.remove(mode)
+                continue
+            except _NoVerdictInReply as exc:
+                tried.append(f"{mode}: {exc}")
+                continue
+            except _GaveUp as exc:
+                return JudgeResult(None, mode, error=str(exc), tokens_in=exc.tokens_in, latency_s=exc.latency)
+            if self._cache is not None:
+                self._cache.put(key, {k: v for k, v in result.__dict__.items() if k not in ("cached", "extra")})
+            return result
+        if tried and all("no verdict" in t for t in tried):
+            return JudgeResult(0.5, "text", label="invalid", error=None, extra={"tried": tried})
+        return JudgeResult(None, self._modes[-1], error="no verdict mode works with this endpoint: " + "; ".join(tried))
+
+    def _request(self, call: JudgeCall, mode: str) -> dict[str, Any]:
+        messages = [{"role": "system", "content": call.system}, {"role": "user", "content": call.user + MODE_INSTRUCTIONS[mode]}]
+        params: dict[str, Any] = {"model": self.endpoint.model, "messages": messages, "temperature": 0.0}
+        if mode == "logprobs":
+            params.update(max_tokens=1, logprobs=True, top_logprobs=TOP_LOGPROBS)
+        elif mode == "choice":
+            params.update(max_tokens=20, response_format=CHOICE_SCHEMA)
+        else:
+            params.update(max_tokens=512)
+        return params
+
+    async def _ask(self, client, limit: asyncio.Semaphore, call: JudgeCall, mode: str) -> JudgeResult:
+        last, started = None, time.perf_counter()
+        for attempt in range(self.endpoint.max_retries + 1):
+            async with limit:
+                t0 = time.perf_counter()
+                try:
+                    reply = await client.chat.completions.create(**self._request(call, mode))
+                except openai.BadRequestError as exc:
+                    if mode != "text":
+                        raise _ModeUnsupported(_describe(exc)) from None
+                    raise _GaveUp(f"endpoint refused the request: {_describe(exc)}", 0, time.perf_counter() - started) from None
+                except openai.APIStatusError as exc:
+                    if isinstance(exc, RETRYABLE):
+                        last = exc
+                    else:
+                        raise _GaveUp(_describe(exc), 0, time.perf_counter() - started) from None
+                except RETRYABLE as exc:
+                    last = exc
+                else:
+                    return self._read(reply, mode, time.perf_counter() - t0)
+            await asyncio.sleep(backoff_seconds(attempt, retry_after_seconds(last), self._rng))
+        raise _GaveUp(f"failed after {self.endpoint.max_retries + 1} attempts: {_describe(last)}", 0, time.perf_counter() - started)
+
+    def _read(self, reply, mode: str, latency: float) -> JudgeResult:
+        usage = getattr(reply, "usage", None)
+        tokens_in = int(getattr(usage, "prompt_tokens", 0) or 0)
+        tokens_out = int(getattr(usage, "completion_tokens", 0) or 0)
+        cost = (tokens_in * self.endpoint.price_input_per_mtok + tokens_out * self.endpoint.price_output_per_mtok) / 1e6
+        common = dict(tokens_in=tokens_in, tokens_out=tokens_out, latency_s=latency, cost=cost)
+        if not reply.choices:
+            raise _NoVerdictInReply("no verdict: the reply has no choices")
+        choice = reply.choices[0]
+        content = choice.message.content if choice.message else None
+        if mode == "logprobs":
+            lp = getattr(choice, "logprobs", None)
+            if lp is None or not lp.content:
+                raise _ModeUnsupported("the endpoint returned no logprobs")
+            top = [(t.token, t.logprob) for t in (lp.content[0].top_logprobs or [])] or [(lp.content[0].token, lp.content[0].logprob)]
+            mass_a, mass_b = label_probabilities(top)
+            if mass_a + mass_b <= 0:
+                raise _NoVerdictInReply(f"no verdict: no A/B label among the top logprobs (first token {lp.content[0].token!r})")
+            return JudgeResult(mass_a / (mass_a + mass_b), "logprobs", label_mass=mass_a + mass_b, **common)
+        if mode == "choice":
+            label = parse_choice(content)
+            if label is None:
+                raise _NoVerdictInReply(f"no verdict: reply is not the structured choice ({(content or '')[:60]!r})")
+            return JudgeResult(P_OF_LABEL[label], "choice", label=label, **common)
+        label = parse_text_verdict(content)
+        return JudgeResult(P_OF_LABEL.get(label, 0.5), "text", label=label, **common)
+
+
+class _GaveUp(Exception):
+    def __init__(self, message: str, tokens_in: int, latency: float):
+        super().__init__(message)
+        self.tokens_in, self.latency = tokens_in, latency
+
