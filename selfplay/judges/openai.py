@@ -57,6 +57,10 @@ class _ModeUnsupported(Exception):
 class _NoVerdictInReply(Exception):
     """This one reply carries no usable verdict in this mode: try the next mode for this call only."""
 
+    def __init__(self, message: str, spent: dict | None = None):
+        super().__init__(message)
+        self.spent = spent or {}
+
 
 def resolve_api_key(endpoint: EndpointConfig) -> str:
     """The API key from a Prefect Secret block or an environment variable; 'EMPTY' for local servers without one."""
@@ -87,7 +91,8 @@ def check_endpoint(endpoint: EndpointConfig, api_key: str) -> None:
             f"fix judge.endpoint.base_url"
         ) from None
     if reply.status_code in (401, 403):
-        source = f"Prefect Secret {endpoint.api_key_secret!r}" if endpoint.api_key_secret else f"${endpoint.api_key_env}"
+        source = (f"Prefect Secret {endpoint.api_key_secret!r}" if endpoint.api_key_secret
+                  else f"${endpoint.api_key_env}" if endpoint.api_key_env else "judge.endpoint.api_key_env / api_key_secret (none is set)")
         raise EndpointError(f"judge endpoint {endpoint.base_url} rejected the API key ({reply.status_code}); check {source}")
 
 
@@ -97,7 +102,7 @@ def retry_after_seconds(exc: Exception) -> float | None:
     headers = getattr(response, "headers", None) or {}
     if headers.get("retry-after-ms"):
         try:
-            return float(headers["retry-after-ms"]) / 1000.0
+            return max(0.0, float(headers["retry-after-ms"]) / 1000.0)
         except ValueError:
             pass
     value = headers.get("retry-after")
@@ -106,14 +111,31 @@ def retry_after_seconds(exc: Exception) -> float | None:
     try:
         return max(0.0, float(value))
     except ValueError:
+        pass
+    try:
         when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time()) if when else None
+    except (ValueError, TypeError):
+        return None  # neither seconds nor an HTTP date: ignore it, back off as usual
+    return max(0.0, when.timestamp() - time.time()) if when else None
 
 
 def backoff_seconds(attempt: int, retry_after: float | None, rng: random.Random) -> float:
     """Full-jitter exponential backoff, never shorter than the server's Retry-After."""
     delay = rng.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
     return max(delay, retry_after) if retry_after is not None else delay
+
+
+class MalformedReply(Exception):
+    """A 200 reply that is not a chat completion: retried like a malformed body."""
+
+
+# Words by which a 400 says a mode's feature is unsupported, rather than this one request being bad.
+_MODE_FEATURES = {"logprobs": ("logprob",), "choice": ("response_format", "json_schema", "schema", "structured", "guided")}
+
+
+def _about_mode(exc: Exception, mode: str) -> bool:
+    message = str(exc).lower()
+    return any(word in message for word in _MODE_FEATURES.get(mode, ()))
 
 
 def _describe(exc: Exception) -> str:
@@ -168,7 +190,7 @@ class OpenAIJudge:
         key = call_key(self.endpoint.model, self.configured_mode, call.system, call.user)
         if self._cache is not None and (hit := self._cache.get(key)) is not None:
             return JudgeResult(**{**hit, "cached": True, "cost": 0.0, "latency_s": 0.0})
-        tried = []
+        tried, spent = [], {"tokens_in": 0, "tokens_out": 0, "cost": 0.0}
         for mode in list(self._modes):
             if mode not in self._modes and tried:
                 continue  # demoted by another call meanwhile
@@ -181,14 +203,20 @@ class OpenAIJudge:
                 continue
             except _NoVerdictInReply as exc:
                 tried.append(f"{mode}: {exc}")
+                for field, value in exc.spent.items():  # that reply was paid for too
+                    spent[field] += value
                 continue
             except _GaveUp as exc:
                 return JudgeResult(None, mode, error=str(exc), tokens_in=exc.tokens_in, latency_s=exc.latency)
+            result.tokens_in += spent["tokens_in"]
+            result.tokens_out += spent["tokens_out"]
+            result.cost += spent["cost"]
             if self._cache is not None:
                 self._cache.put(key, {k: v for k, v in result.__dict__.items() if k not in ("cached", "extra")})
             return result
         if tried and all("no verdict" in t for t in tried):
-            return JudgeResult(0.5, "text", label="invalid", error=None, extra={"tried": tried})
+            last_mode = tried[-1].split(":", 1)[0]
+            return JudgeResult(0.5, last_mode, label="invalid", extra={"tried": tried}, **spent)
         return JudgeResult(None, self._modes[-1], error="no verdict mode works with this endpoint: " + "; ".join(tried))
 
     def _request(self, call: JudgeCall, mode: str) -> dict[str, Any]:
@@ -210,9 +238,9 @@ class OpenAIJudge:
                 try:
                     reply = await client.chat.completions.create(**self._request(call, mode))
                 except openai.BadRequestError as exc:
-                    if mode != "text":
+                    if _about_mode(exc, mode):
                         raise _ModeUnsupported(_describe(exc)) from None
-                    raise _GaveUp(f"endpoint refused the request: {_describe(exc)}", 0, time.perf_counter() - started) from None
+                    raise _GaveUp(f"{_describe(exc)} (the endpoint refused this request)", 0, time.perf_counter() - started) from None
                 except openai.APIStatusError as exc:
                     if isinstance(exc, RETRYABLE):
                         last = exc
@@ -221,18 +249,20 @@ class OpenAIJudge:
                 except RETRYABLE as exc:
                     last = exc
                 else:
-                    return self._read(reply, mode, time.perf_counter() - t0)
-            await asyncio.sleep(backoff_seconds(attempt, retry_after_seconds(last), self._rng))
-        raise _GaveUp(f"failed after {self.endpoint.max_retries + 1} attempts: {_describe(last)}", 0, time.perf_counter() - started)
+                    if getattr(reply, "choices", None):
+                        return self._read(reply, mode, time.perf_counter() - t0)
+                    last = MalformedReply(f"a 200 reply without choices: {str(reply)[:120]}")
+            if attempt < self.endpoint.max_retries:
+                await asyncio.sleep(backoff_seconds(attempt, retry_after_seconds(last), self._rng))
+        raise _GaveUp(f"{_describe(last)} (gave up after {self.endpoint.max_retries + 1} attempts)", 0, time.perf_counter() - started)
 
     def _read(self, reply, mode: str, latency: float) -> JudgeResult:
         usage = getattr(reply, "usage", None)
         tokens_in = int(getattr(usage, "prompt_tokens", 0) or 0)
         tokens_out = int(getattr(usage, "completion_tokens", 0) or 0)
         cost = (tokens_in * self.endpoint.price_input_per_mtok + tokens_out * self.endpoint.price_output_per_mtok) / 1e6
-        common = dict(tokens_in=tokens_in, tokens_out=tokens_out, latency_s=latency, cost=cost)
-        if not reply.choices:
-            raise _NoVerdictInReply("no verdict: the reply has no choices")
+        spent = dict(tokens_in=tokens_in, tokens_out=tokens_out, cost=cost)
+        common = dict(spent, latency_s=latency)
         choice = reply.choices[0]
         content = choice.message.content if choice.message else None
         if mode == "logprobs":
@@ -242,12 +272,12 @@ class OpenAIJudge:
             top = [(t.token, t.logprob) for t in (lp.content[0].top_logprobs or [])] or [(lp.content[0].token, lp.content[0].logprob)]
             mass_a, mass_b = label_probabilities(top)
             if mass_a + mass_b <= 0:
-                raise _NoVerdictInReply(f"no verdict: no A/B label among the top logprobs (first token {lp.content[0].token!r})")
+                raise _NoVerdictInReply(f"no verdict: no A/B label among the top logprobs (first token {lp.content[0].token!r})", spent)
             return JudgeResult(mass_a / (mass_a + mass_b), "logprobs", label_mass=mass_a + mass_b, **common)
         if mode == "choice":
             label = parse_choice(content)
             if label is None:
-                raise _NoVerdictInReply(f"no verdict: reply is not the structured choice ({(content or '')[:60]!r})")
+                raise _NoVerdictInReply(f"no verdict: reply is not the structured choice ({(content or '')[:60]!r})", spent)
             return JudgeResult(P_OF_LABEL[label], "choice", label=label, **common)
         label = parse_text_verdict(content)
         return JudgeResult(P_OF_LABEL.get(label, 0.5), "text", label=label, **common)
