@@ -1,17 +1,20 @@
-"""One self-play round: sample -> judge -> filter -> train -> evaluate, then a summary artifact.
+"""One self-play round: sample -> judge -> filter -> train -> evaluate, then the round's artifacts.
 
-Each stage skips itself when its manifest exists, so a rerun resumes at the first incomplete stage.
+Each stage skips itself when its manifest exists, so a rerun or a retried flow run resumes at the first
+incomplete stage.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import pandas as pd
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
 
 from selfplay.config import RunConfig
-from selfplay.report import artifact_key, round_summary
+from selfplay.orchestration import publish_round
+from selfplay.report import curves_png, pairs_rows, round_report, round_summary
 from selfplay.rundir import RunDir
 from tasks.evaluate import evaluate
 from tasks.filter import filter_pairs
@@ -29,12 +32,13 @@ def dpo_round(config: RunConfig, k: int, policy: str) -> dict[str, Any]:
     filter_pairs(config, k)
     train(config, k, policy)
     evaluate(config, k, policy)
+
     summary = round_summary(run, k)
-    create_table_artifact(
-        key=artifact_key(config.name, "round-summary"),
-        table=[summary],
-        description=f"Round {k} of run {config.name}: pairs, judge consistency, DPO metrics, win rate vs previous.",
-    )
+    metrics = {stage: run.manifest(k, stage)["metrics"] for stage in ("judge", "train", "evaluate")}
+    history = json.loads((run.stage_dir(k, "train") / "log_history.json").read_text())
+    report = round_report(config.name, summary, metrics["judge"], metrics["train"], metrics["evaluate"], curves_png(history))
+    pairs = pd.read_parquet(run.stage_dir(k, "filter") / "pairs.parquet")
+    publish_round(config.name, k, summary, pairs_rows(pairs), report, run.checkpoint(k))
     run.finish_round(k, summary)
     get_run_logger().info("round %d complete: %s", k, summary)
     return summary

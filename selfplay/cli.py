@@ -31,6 +31,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from selfplay.prompts import PromptError
     from selfplay.rundir import RunDirError, locked, open_run
 
+    if not args.config:
+        print("selfplay: --config is required (e.g. deployments/recipes/cpu-demo.yaml)", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config, args.set or [])
         base = preflight(cfg)
@@ -50,7 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     transformers.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
     try:
-        summaries = self_play(cfg)
+        summaries = self_play(recipe=args.config[0], overlays=args.config[1:], overrides=args.set or [])
     except (NotEnoughPairs, RunDirError, ConfigError, ModelError, PromptError) as exc:
         print(f"\nselfplay: {exc}\nFinished work is kept in {cfg.run_dir.resolve()}; rerun the same command to resume.", file=sys.stderr)
         return 1

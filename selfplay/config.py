@@ -213,8 +213,9 @@ def build_config(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"invalid configuration:\n{lines}") from None
 
 
-def load_config(paths: str | Path | list[str | Path] | None, overrides: list[str] = ()) -> RunConfig:
-    """Read YAML recipes (later ones merged over earlier ones; defaults when none) and apply `--set` overrides.
+def load_config(paths: str | Path | list[str | Path] | None, overrides: list[str] = (), updates: dict[str, Any] | None = None) -> RunConfig:
+    """Read YAML recipes (later ones merged over earlier ones; defaults when none), then apply `--set` overrides,
+    then `updates` (a nested dict, as the flow's typed parameters give).
 
     A recipe may be a whole run or an overlay of a few sections, e.g. a judge:
     `load_config(["deployments/recipes/cpu-demo.yaml", "deployments/recipes/judges/vllm.yaml"])`.
@@ -234,7 +235,7 @@ def load_config(paths: str | Path | list[str | Path] | None, overrides: list[str
         if not isinstance(layer, dict):
             raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(layer).__name__}")
         data = deep_merge(data, layer)
-    return build_config(deep_merge(data, parse_overrides(list(overrides))))
+    return build_config(deep_merge(deep_merge(data, parse_overrides(list(overrides))), updates or {}))
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,11 +1,19 @@
-"""Round summaries, read from the stages' manifests, and their rendering as a table."""
+"""Round summaries, read from the stages' manifests, and their renderings: the end-of-run table, the round's
+markdown report with its training curves, the judged-pairs table, and the lineage table."""
 
 from __future__ import annotations
 
+import base64
+import io
 import re
+from pathlib import Path
 from typing import Any
 
-from selfplay.rundir import RunDir
+import pandas as pd
+
+from selfplay.rundir import MANIFEST, RunDir, read_json
+
+PAIR_FIELDS = ("prompt", "response_1", "response_2", "p_a_order1", "p_a_order2", "verdict", "similarity", "kept", "drop_reason", "chosen", "rejected")
 
 # (summary key, column title, format) for the end-of-run table.
 TABLE_COLUMNS = (
@@ -64,3 +72,82 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _cell(value: Any, width: int = 300) -> Any:
+    if isinstance(value, str):
+        return value if len(value) <= width else value[: width - 1] + "…"
+    if isinstance(value, float):
+        return None if pd.isna(value) else round(value, 4)
+    return None if value is None or (not isinstance(value, (list, dict)) and pd.isna(value)) else value
+
+
+def pairs_rows(pairs: pd.DataFrame, cap: int = 100) -> list[dict[str, Any]]:
+    """The judged pairs (judged ones first, kept ones first among them), capped, long texts shortened."""
+    order = pairs.assign(_judged=pairs["verdict"] != "not_judged").sort_values(["_judged", "kept"], ascending=False, kind="stable")
+    return [{f: _cell(row.get(f)) for f in PAIR_FIELDS} for row in order.head(cap).to_dict("records")]
+
+
+def curves_png(history: list[dict[str, Any]]) -> bytes:
+    """Training curves per step (loss, chosen/rejected rewards, margins, accuracy, grad norm) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h for h in history if "loss" in h and "rewards/chosen" in h]
+    x = [h["step"] for h in steps]
+    panels = [("loss", ["loss"]), ("rewards", ["rewards/chosen", "rewards/rejected"]), ("margin", ["rewards/margins"]),
+              ("accuracy", ["rewards/accuracies"]), ("grad norm", ["grad_norm"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 2.8), dpi=80)
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            ax.plot(x, [h.get(key, float("nan")) for h in steps], marker="o", label=key.split("/")[-1])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def round_report(run_name: str, summary: dict[str, Any], judge: dict[str, Any], train: dict[str, Any], evaluate: dict[str, Any], png: bytes) -> str:
+    """The round's markdown report; the curves are an inline data-URI PNG, so it renders wherever the text goes."""
+    k = summary["round"]
+    judge_rows = [("pairs judged", judge["judged"]), ("position consistency", judge["position_consistency"]),
+                  ("first-position win rate (bias)", judge["first_position_win_rate"]), ("tie rate", judge["tie_rate"]),
+                  ("invalid rate", judge.get("invalid_rate")), ("error rate", judge["error_rate"]),
+                  ("cache hits", judge.get("cache_hits")), ("cost", judge.get("cost"))]
+    train_rows = [("steps", train.get("steps")), ("initial loss (ln 2 = 0.6931)", train.get("initial_loss")),
+                  ("final loss", train.get("final_loss")), ("reward accuracy", train.get("reward_accuracy")),
+                  ("reward margin", train.get("reward_margin"))]
+    table = lambda rows: "| | |\n|---|---|\n" + "\n".join(f"| {a} | {_fmt(b)} |" for a, b in rows)  # noqa: E731
+    return "\n".join([
+        f"# {run_name}: round {k}",
+        f"Kept **{summary['kept']}** of {summary['candidate_pairs']} candidate pairs; win rate against the previous "
+        f"checkpoint **{_fmt(evaluate['win_rate'])}** ({evaluate['wins']} wins, {evaluate['ties']} ties, {evaluate['losses']} losses).",
+        "## Judge", table(judge_rows),
+        "## Training", table(train_rows),
+        f"![training curves](data:image/png;base64,{base64.b64encode(png).decode()})",
+        "## Evaluation", table([("wins / ties / losses", f"{evaluate['wins']} / {evaluate['ties']} / {evaluate['losses']}"),
+                               ("win rate (ties count half)", evaluate["win_rate"])]),
+        f"Checkpoint: `{summary['checkpoint']}`",
+    ])
+
+
+def lineage_rows(output_dir: Path) -> list[dict[str, Any]]:
+    """One row per completed round of every run under `output_dir`, in time order."""
+    rows = []
+    for manifest in Path(output_dir).glob(f"*/round_*/{MANIFEST}"):
+        s = read_json(manifest)
+        rows.append({"run": manifest.parent.parent.name, "round": s.get("round"), "kept": s.get("kept"),
+                     "dpo_loss": _cell(s.get("dpo_loss")), "win_rate": _cell(s.get("win_rate")),
+                     "wins_ties_losses": s.get("wins_ties_losses"), "finished_at": s.get("finished_at")})
+    return sorted(rows, key=lambda r: r["finished_at"] or 0)

@@ -9,6 +9,7 @@ Output `round_<k>/evaluate/eval.parquet` (one row per prompt) and the counts in 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -19,6 +20,7 @@ from prefect.cache_policies import NONE
 from selfplay.config import RunConfig
 from selfplay.judges import make_judge
 from selfplay.models import load_causal_lm, load_tokenizer, release_memory
+from selfplay.orchestration import gpu_slot
 from selfplay.prompts import load_prompts
 from selfplay.rundir import RunDir
 from tasks.judge import PAIR_COLUMNS, judge_pairs
@@ -60,8 +62,9 @@ def evaluate(cfg: RunConfig, k: int, previous: str) -> dict[str, Any]:
     started = time.time()
     held_out = load_prompts(cfg.prompts.eval, cfg.prompts.column, cfg.prompts.messages_column, cfg.prompts.split)[: cfg.prompts.eval_size]
     texts = [p["prompt"] for p in held_out]
-    new = eval_responses(cfg, str(run.checkpoint(k)), texts)
-    old = eval_responses(cfg, previous, texts)
+    with gpu_slot():
+        new = eval_responses(cfg, str(run.checkpoint(k)), texts)
+        old = eval_responses(cfg, previous, texts)
     pairs = pd.DataFrame(
         [
             {"prompt_id": p["id"], "prompt": p["prompt"], "i": 0, "j": 0, "response_1": a["response"], "response_2": b["response"],
@@ -70,12 +73,13 @@ def evaluate(cfg: RunConfig, k: int, previous: str) -> dict[str, Any]:
         ],
         columns=PAIR_COLUMNS,
     )
-    backend = make_judge(cfg.judge, previous)
-    try:
-        table, _, stats = judge_pairs(backend, pairs, cfg.judge)
-    finally:
-        backend.close()
-        release_memory()
+    with gpu_slot() if cfg.judge.backend == "local" else contextlib.nullcontext():
+        backend = make_judge(cfg.judge, previous)
+        try:
+            table, _, stats = judge_pairs(backend, pairs, cfg.judge)
+        finally:
+            backend.close()
+            release_memory()
     table = table.rename(columns={"response_1": "response_new", "response_2": "response_previous"})
     table["outcome"] = [OUTCOME.get(v, "tie") for v in table["verdict"]]
     metrics = {

@@ -15,6 +15,7 @@ Output `round_<k>/judge/judgments.parquet`, one row per pair.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import re
@@ -31,6 +32,7 @@ from prefect.cache_policies import NONE
 from selfplay.config import FilterConfig, JudgeConfig, RunConfig
 from selfplay.judges import Judge, JudgeCall, JudgeResult, make_judge
 from selfplay.models import release_memory
+from selfplay.orchestration import Progress, gpu_slot
 from selfplay.rundir import RunDir
 from tasks.filter import screen, similarity
 
@@ -289,15 +291,20 @@ def judge(cfg: RunConfig, k: int, reference: str) -> dict[str, Any]:
         "round %d: judging %d of %d candidate pairs x 2 orders with the %s judge (screened out: %s)",
         k, int(pairs["screened"].isna().sum()), len(pairs), cfg.judge.backend, pairs["screened"].value_counts().to_dict(),
     )
-    backend = make_judge(cfg.judge, reference)
-    try:
-        table, calls, stats = judge_pairs(
-            backend, pairs, cfg.judge,
-            progress=lambda done, total: log.info("round %d: judge calls %d/%d (%.0f s)", k, done, total, time.time() - started),
-        )
-    finally:
-        backend.close()
-        release_memory()
+    bar = Progress(f"{cfg.name} round {k}: judging {int(pairs['screened'].isna().sum())} pairs x 2 orders")
+
+    def progress(done: int, total: int) -> None:
+        bar.update(done, total)
+        log.info("round %d: judge calls %d/%d (%.0f s)", k, done, total, time.time() - started)
+
+    # A local judge is a model on the GPU; an endpoint judge is not.
+    with gpu_slot() if cfg.judge.backend == "local" else contextlib.nullcontext():
+        backend = make_judge(cfg.judge, reference)
+        try:
+            table, calls, stats = judge_pairs(backend, pairs, cfg.judge, progress=progress)
+        finally:
+            backend.close()
+            release_memory()
     stats["seconds"] = time.time() - started
     check_error_rate(table, cfg.judge.max_error_rate, k)
     judge_model = cfg.judge.endpoint.model if cfg.judge.backend == "openai" else cfg.judge.model

@@ -17,6 +17,7 @@ from prefect.cache_policies import NONE
 
 from selfplay.config import RunConfig
 from selfplay.models import load_causal_lm, load_tokenizer, release_memory
+from selfplay.orchestration import Progress, gpu_slot
 from selfplay.prompts import draw_prompts, load_prompts
 from selfplay.rundir import RunDir
 
@@ -118,19 +119,22 @@ def sample(cfg: RunConfig, k: int, policy: str) -> dict[str, Any]:
         return run.manifest(k, "sample")
     prompts = round_prompts(cfg, k)
     s = cfg.sample
-    model, tokenizer = load_causal_lm(policy), load_tokenizer(policy)
     started = time.time()
+    bar = Progress(f"{cfg.name} round {k}: sampling {len(prompts)} prompts x {s.num_samples}")
 
     def progress(done: int, total: int) -> None:
+        bar.update(done, total)
         log.info("round %d: sampled %d/%d prompts x %d (%.0f s)", k, done, total, s.num_samples, time.time() - started)
 
-    rows = generate(
-        model, tokenizer, [p["prompt"] for p in prompts],
-        num_samples=s.num_samples, temperature=s.temperature, top_p=s.top_p,
-        max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed=s.seed + k, progress=progress,
-    )
-    del model
-    release_memory()
+    with gpu_slot():
+        model, tokenizer = load_causal_lm(policy), load_tokenizer(policy)
+        rows = generate(
+            model, tokenizer, [p["prompt"] for p in prompts],
+            num_samples=s.num_samples, temperature=s.temperature, top_p=s.top_p,
+            max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed=s.seed + k, progress=progress,
+        )
+        del model
+        release_memory()
     for row in rows:
         p = prompts[row.pop("prompt_index")]
         row.update(prompt_id=p["id"], prompt=p["prompt"])

@@ -23,6 +23,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from selfplay.config import RunConfig
+from selfplay.orchestration import Progress, gpu_slot
 from selfplay.rundir import RunDir
 
 # Defaults for a short CPU-friendly round; any of them can be overridden by train.dpo.
@@ -103,12 +104,14 @@ def summarize_history(history: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def log_callback(log, k: int):
+def log_callback(log, k: int, progress=None):
     """A TrainerCallback that sends TRL's per-step logs to our logger instead of stdout."""
     from transformers import TrainerCallback
 
     class _LogToPrefect(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if progress is not None:
+                progress.update(state.global_step, state.max_steps)
             if logs:
                 shown = {key: round(v, 4) if isinstance(v, float) else v for key, v in logs.items() if key in CURVE_KEYS}
                 log.info("round %d: train step %d/%d %s", k, state.global_step, state.max_steps, shown or logs)
@@ -143,7 +146,7 @@ def train_dpo(cfg: RunConfig, k: int, policy: str, pairs: pd.DataFrame, out: Pat
         )
         for cb in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(cb)
-        trainer.add_callback(log_callback(log, k))
+        trainer.add_callback(log_callback(log, k, Progress(f"{cfg.name} round {k}: DPO training")))
         trainer.train()
         history = trainer.state.log_history
     lora_b_norm = float(sum(p.detach().float().norm() ** 2 for n, p in trainer.model.named_parameters() if "lora_B" in n) ** 0.5)
@@ -177,7 +180,7 @@ def train(cfg: RunConfig, k: int, policy: str) -> dict[str, Any]:
     pairs = pd.read_parquet(run.stage_dir(k, "filter") / "pairs.parquet")
     started = time.time()
     log.info("round %d: DPO on %d pairs from %s", k, filtered["kept"], policy)
-    with run.stage_output(k, "train", {"policy": policy, "reference": policy}) as (out, manifest):
+    with run.stage_output(k, "train", {"policy": policy, "reference": policy}) as (out, manifest), gpu_slot():
         metrics = train_dpo(cfg, k, policy, pairs, out, log)
         metrics["seconds"] = time.time() - started
         manifest["metrics"] = metrics

@@ -135,3 +135,13 @@ def tiny_config(tiny: Path, output_dir: Path, **over) -> dict:
         "evaluate": {"max_new_tokens": 12},
     }
     return deep_merge(base, over)
+
+
+def run_self_play(cfg: dict, path: Path) -> list[dict]:
+    """Write `cfg` as a recipe at `path` and run the `self-play` flow on it, as the CLI and the UI do."""
+    import yaml
+
+    from flows.self_play import self_play
+
+    path.write_text(yaml.safe_dump(cfg))
+    return self_play(recipe=str(path))

@@ -15,7 +15,7 @@ import pytest
 
 from selfplay.config import build_config
 from selfplay.rundir import RunDir
-from tests.conftest import tiny_config
+from tests.conftest import run_self_play, tiny_config
 from tests.openai_stub import Reply, ScriptedOpenAI, chat_completion
 
 KEY = "sk-test-0123456789abcdefSECRET"
@@ -39,19 +39,19 @@ def prefer_shorter(body: dict, n: int) -> Reply:
 def endpoint_run(prefect_server, tiny_model, tmp_path_factory):
     from prefect.blocks.system import Secret
 
-    from flows.self_play import self_play
-
     Secret(value=KEY).save("judge-api-key", overwrite=True)
+    tmp = tmp_path_factory.mktemp("runs")
     with ScriptedOpenAI(prefer_shorter, latency=0.01) as server:
-        cfg = build_config(tiny_config(
-            tiny_model, tmp_path_factory.mktemp("runs"), name="endpoint-judge", rounds=1,
+        raw = tiny_config(
+            tiny_model, tmp, name="endpoint-judge", rounds=1,
             judge={"backend": "openai", "mode": "auto", "margin": 0.5, "cache": False,
                    "endpoint": {"base_url": server.base_url, "model": "judge", "api_key_secret": "judge-api-key",
                                 "api_key_env": None, "max_concurrency": 4,
                                 "price_input_per_mtok": 1.0, "price_output_per_mtok": 2.0}},
             filter={"drop_truncated": False, "max_similarity": 0.99},
-        ))
-        summaries = self_play(cfg)
+        )
+        cfg = build_config(raw)
+        summaries = run_self_play(raw, tmp / "endpoint-judge.yaml")
         yield cfg, RunDir(cfg.run_dir), summaries, server
 
 

@@ -22,15 +22,15 @@ from selfplay.rundir import RunDir
 from tasks import evaluate as evaluate_stage
 from tasks import judge as judge_stage
 from tasks import sample as sample_stage
-from tests.conftest import tiny_config
+from tests.conftest import run_self_play, tiny_config
 
 
 @pytest.fixture(scope="module")
 def tiny_run(prefect_server, tiny_model, tmp_path_factory):
-    from flows.self_play import self_play
-
-    cfg = build_config(tiny_config(tiny_model, tmp_path_factory.mktemp("runs")))
-    summaries = self_play(cfg)
+    tmp = tmp_path_factory.mktemp("runs")
+    raw = tiny_config(tiny_model, tmp)
+    cfg = build_config(raw)
+    summaries = run_self_play(raw, tmp / "tiny.yaml")
     return cfg, RunDir(cfg.run_dir), summaries
 
 
@@ -126,7 +126,8 @@ def test_prefect_server_recorded_the_runs_and_artifacts(tiny_run):
     async def query():
         async with get_client() as client:
             runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["tiny", "tiny-round-1", "tiny-round-2"])))
-            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tiny-round-summary"])))
+            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["selfplay-round-summary"])),
+                                               flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["tiny-round-1", "tiny-round-2"])))
             return runs, arts
 
     runs, arts = asyncio.run(query())
@@ -141,7 +142,7 @@ def test_rerun_resumes_without_recomputing(tiny_run):
 
     cfg, run, summaries = tiny_run
     before = {(k, s): run.manifest(k, s)["finished_at"] for k in (1, 2) for s in ("sample", "judge", "filter", "train", "evaluate")}
-    again = self_play(cfg)
+    again = self_play(recipe=str(run.root.parent / "tiny.yaml"))
     assert [s["kept"] for s in again] == [s["kept"] for s in summaries]
     after = {(k, s): run.manifest(k, s)["finished_at"] for k in (1, 2) for s in ("sample", "judge", "filter", "train", "evaluate")}
     assert after == before
