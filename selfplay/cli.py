@@ -1,8 +1,13 @@
 """The `selfplay` command.
 
     selfplay run --config deployments/recipes/cpu-demo.yaml [--set section.key=value ...]
+    selfplay server                 # Prefect server + UI on http://127.0.0.1:4200, analytics off
+    selfplay setup                  # work pool, `gpu` concurrency limit, deployments from prefect.yaml
+    selfplay serve                  # the same deployments served from this process, no worker needed
+    selfplay runs                   # lineages and runs: rounds, status, headline metrics
+    selfplay show <run>             # one run's per-round metrics
 
-Without PREFECT_API_URL the run uses Prefect's temporary local server; with it, the run reports to that server.
+Without PREFECT_API_URL a run uses Prefect's temporary local server; with it, the run reports to that server.
 Exit status: 0 done, 1 the run failed, 2 bad input (nothing expensive was started).
 """
 
@@ -11,8 +16,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import warnings
+from pathlib import Path
 
 
 def _quiet_environment() -> None:
@@ -62,6 +69,88 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+REPO = Path(__file__).resolve().parents[1]
+NIGHTLY_CRON, NIGHTLY_TIMEZONE = "0 2 * * *", "UTC"
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    """Start the Prefect server and UI (replaces this process)."""
+    prefect = shutil.which("prefect") or str(Path(sys.executable).parent / "prefect")
+    os.execv(prefect, [prefect, "server", "start", "--host", args.host, "--port", str(args.port)])
+    return 0
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    """Create the work pool and the `gpu` limit, then deploy prefect.yaml; safe to run again."""
+    import subprocess
+
+    from selfplay.orchestration import ensure_gpu_limit
+
+    prefect = shutil.which("prefect") or str(Path(sys.executable).parent / "prefect")
+    pools = subprocess.run([prefect, "work-pool", "inspect", args.pool], capture_output=True, text=True)
+    if pools.returncode != 0:
+        subprocess.run([prefect, "work-pool", "create", args.pool, "--type", "process"], check=True)
+    ensure_gpu_limit()
+    env = {**os.environ, "SELFPLAY_NIGHTLY_CRON": args.cron, "SELFPLAY_NIGHTLY_TIMEZONE": args.timezone}
+    deployed = subprocess.run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(REPO / "prefect.yaml")], cwd=REPO, env=env)
+    if deployed.returncode == 0:
+        print(f"\nDeployments self-play/manual and self-play/nightly ({args.cron}, {args.timezone}) are on pool "
+              f"{args.pool!r}. Start a worker: prefect worker start --pool {args.pool}")
+    return deployed.returncode
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve both deployments from this process (Prefect's `serve`): no work pool or worker needed."""
+    from prefect import serve
+    from prefect.schedules import Cron
+
+    from flows.self_play import self_play
+    from selfplay.orchestration import ensure_gpu_limit
+
+    os.chdir(REPO)  # recipes are paths relative to the repository
+    ensure_gpu_limit()
+    serve(
+        self_play.to_deployment(name="manual"),
+        self_play.to_deployment(name="nightly", parameters={"lineage": "nightly", "rounds": 1},
+                                schedules=[Cron(args.cron, timezone=args.timezone)]),
+    )
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from selfplay.history import flow_run_rows, run_rows
+
+    rows = run_rows(Path(args.output_dir))
+    if not rows:
+        print(f"no runs under {Path(args.output_dir).resolve()}")
+    for row in rows:
+        print(f"{row['run']:<24} {row['status']:<10} rounds {row['rounds_done']}/{row['rounds_target']}  "
+              f"last: kept {row['kept'] if row['kept'] is not None else '-'}, win rate {row['win_rate'] if row['win_rate'] is not None else '-'}  "
+              f"{row['updated']}")
+    if os.environ.get("PREFECT_API_URL"):
+        print("\nflow runs on " + os.environ["PREFECT_API_URL"] + ":")
+        for fr in flow_run_rows(limit=args.limit):
+            print(f"  {fr['name']:<24} {fr['state']:<10} {fr['start'] or '-':<20} {fr['parameters']}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from selfplay.report import format_table
+    from selfplay.rundir import RunDir
+
+    run = RunDir(Path(args.output_dir) / args.run)
+    if not (run.root / "run.json").is_file():
+        print(f"selfplay: no run {args.run!r} under {Path(args.output_dir).resolve()} (see `selfplay runs`)", file=sys.stderr)
+        return 2
+    rounds = run.completed_rounds()
+    print(f"run {args.run}: {len(rounds)} round(s) complete in {run.root.resolve()}\n")
+    print(format_table([run.round_summary(k) for k in rounds]) if rounds else "(no completed round yet)")
+    for k in rounds:
+        s = run.round_summary(k)
+        print(f"\nround {k}: drops {s['drops']}; checkpoint {s['checkpoint']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfplay", description="Workflow-orchestrated iterative (self-play) DPO.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +158,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", "-c", action="append", help="YAML recipe (deployments/recipes/*.yaml); repeat to layer an overlay such as deployments/recipes/judges/vllm.yaml over it")
     run.add_argument("--set", "-s", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe field (repeatable)")
     run.set_defaults(func=cmd_run)
+    server = sub.add_parser("server", help="start the Prefect server and UI (analytics off)")
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--port", type=int, default=4200)
+    server.set_defaults(func=cmd_server)
+    for name, func, text in (("setup", cmd_setup, "create the work pool and the gpu limit, deploy prefect.yaml"),
+                             ("serve", cmd_serve, "serve the manual and nightly deployments from this process")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--cron", default=NIGHTLY_CRON, help=f"nightly schedule (default {NIGHTLY_CRON!r})")
+        p.add_argument("--timezone", default=NIGHTLY_TIMEZONE, help="timezone of the nightly schedule (default UTC)")
+        p.add_argument("--pool", default="selfplay", help="process work pool (setup only)")
+        p.set_defaults(func=func)
+    runs = sub.add_parser("runs", help="list lineages and runs with their rounds, status and headline metrics")
+    runs.add_argument("--output-dir", default="runs")
+    runs.add_argument("--limit", type=int, default=20, help="flow runs to list from the Prefect API")
+    runs.set_defaults(func=cmd_runs)
+    show = sub.add_parser("show", help="print one run's per-round metrics")
+    show.add_argument("run")
+    show.add_argument("--output-dir", default="runs")
+    show.set_defaults(func=cmd_show)
     return parser
 
 
