@@ -92,6 +92,8 @@ class RunDir:
         if (final / MANIFEST).exists():
             raise RunDirError(f"{final} is complete; refusing to overwrite it")
         final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists() and not final.is_dir():
+            raise RunDirError(f"{final} is a file where the {stage} stage's output goes; move it away, then retry or rerun")
         for stale in final.parent.glob(f"{stage}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         if final.exists():  # a directory without a manifest cannot come from stage_output; clear it
