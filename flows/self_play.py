@@ -115,6 +115,8 @@ def self_play(
 ) -> list[dict[str, Any]]:
     """Run rounds of self-play DPO from a recipe, with the most used settings as typed overrides.
 
+    Every field left empty keeps the recipe's value.
+
     Args:
         recipe: YAML recipe, relative to the repository (deployments/recipes/*.yaml).
         overlays: More recipe files layered over it, e.g. deployments/recipes/judges/vllm.yaml.
