@@ -34,6 +34,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Terminate a process started by a fixture, killing it if it does not exit in time."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
     import httpx
 
@@ -74,11 +84,7 @@ def prefect_server(tmp_path_factory):
 
             APILogWorker.drain_all(timeout=10)  # send buffered logs before the server goes away
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         log.close()
 
 

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from selfplay.rundir import RunDir, read_json
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, stop, tiny_config
 
 BIN = Path(sys.executable).parent
 TZ = "Europe/Paris"
@@ -43,11 +43,7 @@ def deployed(prefect_server, tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     yield prefect_server
-    worker.terminate()
-    try:
-        worker.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        worker.kill()
+    stop(worker)
     log.close()
 
 
