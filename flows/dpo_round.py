@@ -16,7 +16,7 @@ from selfplay.config import RunConfig
 from selfplay.orchestration import publish_round
 from selfplay.report import curves_png, pairs_rows, round_report, round_summary
 from selfplay.rundir import RunDir
-from tasks.evaluate import evaluate
+from tasks.evaluate import evaluate, gate_decision
 from tasks.filter import filter_pairs
 from tasks.judge import judge
 from tasks.sample import sample
@@ -24,21 +24,25 @@ from tasks.train import train
 
 
 @flow(name="dpo-round", flow_run_name="{config.name}-round-{k}")
-def dpo_round(config: RunConfig, k: int, policy: str) -> dict[str, Any]:
-    """Round k from `policy` (round k-1's checkpoint, or the base model for round 1), which is also the reference."""
+def dpo_round(config: RunConfig, k: int, policy: str, base: str | None = None) -> dict[str, Any]:
+    """Round k from `policy` (the current checkpoint: the last accepted round's, or the base model), which is also
+    the reference; `base` is round 0, evaluated against too. The gate then accepts or rejects the new checkpoint."""
     run = RunDir(config.run_dir)
     sample(config, k, policy)
     judge(config, k, policy)
     filter_pairs(config, k)
     train(config, k, policy)
-    evaluate(config, k, policy)
+    evaluate(config, k, policy, base)
 
     summary = round_summary(run, k)
     metrics = {stage: run.manifest(k, stage)["metrics"] for stage in ("judge", "train", "evaluate")}
+    accepted, reason = gate_decision(metrics["evaluate"], config.gate)
+    summary.update(accepted=accepted, gate="accepted" if accepted else "rejected", gate_reason=reason)
     history = json.loads((run.stage_dir(k, "train") / "log_history.json").read_text())
     report = round_report(config.name, summary, metrics["judge"], metrics["train"], metrics["evaluate"], curves_png(history))
     pairs = pd.read_parquet(run.stage_dir(k, "filter") / "pairs.parquet")
     publish_round(config.name, k, summary, pairs_rows(pairs), report, run.checkpoint(k))
     run.finish_round(k, summary)
-    get_run_logger().info("round %d complete: %s", k, summary)
+    log = get_run_logger()
+    (log.info if accepted else log.warning)("round %d %s", k, reason)
     return summary

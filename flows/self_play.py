@@ -8,9 +8,12 @@ change most, each with a default and a description. `run_rounds` does the work f
 the run directory's lock, records (or checks, on resume) the run's config, and skips rounds whose manifest exists,
 so retrying a failed flow run resumes it.
 
+The current checkpoint is the last *accepted* round's: a round the gate rejects stays on disk, marked rejected,
+and the next round starts again from the checkpoint before it.
+
 A *lineage* is a run directory that nightly runs keep extending: `lineage="nightly"` runs in runs/nightly/,
-continues from its last completed round's checkpoint for `rounds` more rounds (round numbers continue), and
-first finishes whatever the previous run of the lineage left unfinished.
+continues from its current checkpoint for `rounds` more rounds (round numbers continue), and first finishes
+whatever the previous run of the lineage left unfinished.
 """
 
 from __future__ import annotations
@@ -77,14 +80,22 @@ def run_rounds(cfg: RunConfig) -> list[dict[str, Any]]:
     ensure_gpu_limit()
     with locked(cfg.run_dir):
         run = open_run(cfg, str(base))
-        policy, summaries = str(base), []
+        policy, summaries, rejected_in_a_row = str(base), [], 0
         for k in range(1, cfg.rounds + 1):
             if run.round_done(k):
                 log.info("round %d already complete, skipping", k)
-                summaries.append(run.round_summary(k))
+                summary = run.round_summary(k)
             else:
-                summaries.append(dpo_round(cfg, k, policy))
-            policy = str(run.checkpoint(k))
+                summary = dpo_round(cfg, k, policy, str(base))
+            summaries.append(summary)
+            if summary.get("accepted", True):
+                policy, rejected_in_a_row = str(run.checkpoint(k)), 0
+            else:  # a rejected round stays on disk; the current checkpoint does not change
+                rejected_in_a_row += 1
+            if cfg.gate.early_stop_after and rejected_in_a_row >= cfg.gate.early_stop_after:
+                log.warning("stopping early: %d rejected rounds in a row (gate.early_stop_after=%d); current checkpoint %s",
+                            rejected_in_a_row, cfg.gate.early_stop_after, policy)
+                break
         publish_lineage(Path(cfg.output_dir))
         log.info("run %s: %d rounds complete; files in %s", cfg.name, len(summaries), run.root)
         return summaries

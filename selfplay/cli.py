@@ -6,6 +6,7 @@
     selfplay serve                  # the same deployments served from this process, no worker needed
     selfplay runs                   # lineages and runs: rounds, status, headline metrics
     selfplay show <run>             # one run's per-round metrics
+    selfplay report <run>           # a standalone HTML report: rounds, curves, gate decisions, sample pairs
 
 Without PREFECT_API_URL a run uses Prefect's temporary local server; with it, the run reports to that server.
 Exit status: 0 done, 1 the run failed, 2 bad input (nothing expensive was started).
@@ -151,6 +152,18 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from selfplay.html_report import write_report
+
+    root = Path(args.output_dir) / args.run
+    if not (root / "run.json").is_file():
+        print(f"selfplay: no run {args.run!r} under {Path(args.output_dir).resolve()} (see `selfplay runs`)", file=sys.stderr)
+        return 2
+    path = write_report(root, Path(args.out) if args.out else None)
+    print(f"wrote {path.resolve()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfplay", description="Workflow-orchestrated iterative (self-play) DPO.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -177,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("run")
     show.add_argument("--output-dir", default="runs")
     show.set_defaults(func=cmd_show)
+    report = sub.add_parser("report", help="write one run's standalone HTML report (default runs/<run>/report.html)")
+    report.add_argument("run")
+    report.add_argument("--output-dir", default="runs")
+    report.add_argument("--out", help="where to write the HTML file (default <output-dir>/<run>/report.html)")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

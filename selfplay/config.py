@@ -103,10 +103,23 @@ class FilterConfig(Section):
     max_similarity: float = Field(0.9, ge=0, le=1, description="Drop pairs whose responses are at least this similar (rapidfuzz ratio, 0-1).")
     min_chars: int = Field(1, ge=0, description="Drop pairs with a response shorter than this (after stripping).")
     drop_truncated: bool = Field(True, description="Drop pairs with a response cut off by max_new_tokens.")
+    max_length_ratio: float | None = Field(None, gt=1, description="Length control: drop pairs whose longer response is more than this many times the shorter (characters).")
+    prefer_shorter_below_margin: float | None = Field(
+        None, ge=0, le=1, description="Length control: when a kept pair's margin is below this, train on the shorter response as chosen.")
+
+
+class Decay(Section):
+    """A per-round rule: value in round k = start * factor ** (k - 1)."""
+
+    start: float = Field(..., description="Value in round 1.")
+    factor: float = Field(1.0, gt=0, description="Multiplier per round.")
 
 
 class TrainConfig(Section):
     min_pairs: int = Field(16, ge=1, description="A round with fewer kept pairs stops before training.")
+    schedule: dict[str, list[float] | Decay] = Field(
+        default_factory=dict,
+        description="Per-round values of trl.DPOConfig fields, e.g. beta: [0.1, 0.2] (the last repeats) or learning_rate: {start: 5e-5, factor: 0.5}.")
     lora: dict[str, Any] = Field(
         default_factory=lambda: {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
         description="Passed to peft.LoraConfig.",
@@ -115,9 +128,17 @@ class TrainConfig(Section):
 
 
 class EvaluateConfig(Section):
+    vs_base: bool = Field(True, description="Also judge each new checkpoint against round 0 (the base model).")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature for eval generations (0 = greedy).")
     max_new_tokens: int = Field(96, ge=1, description="Generation budget for eval generations.")
     seed: int = Field(1234, description="Seed for eval generations, the same every round.")
+
+
+class GateConfig(Section):
+    enabled: bool = Field(True, description="Refuse to carry a worse checkpoint forward.")
+    min_upper_bound: float = Field(
+        0.5, ge=0, le=1, description="Reject a round when the upper end of the 95% Wilson interval of its win rate against the current checkpoint is below this.")
+    early_stop_after: int | None = Field(None, ge=1, description="Stop the run after this many rejected rounds in a row.")
 
 
 class RunConfig(Section):
@@ -132,6 +153,7 @@ class RunConfig(Section):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -260,6 +282,17 @@ def result_differences(old: RunConfig, new: RunConfig) -> list[str]:
     return diffs
 
 
+def scheduled(value: list[float] | Decay, k: int) -> float:
+    """A schedule's value in round k (1-based): a list's k-th entry (its last one past the end), or the rule's.
+
+    >>> scheduled([0.1, 0.2], 3), scheduled(Decay(start=1.0, factor=0.5), 3)
+    (0.2, 0.25)
+    """
+    if isinstance(value, Decay):
+        return value.start * value.factor ** (k - 1)
+    return value[min(k, len(value)) - 1]
+
+
 def fingerprint(data: Any) -> str:
     """Stable hash of sorted-key JSON: a cache key over exactly the fields passed in."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -276,6 +309,9 @@ def check_passthrough(cfg: TrainConfig) -> None:
             raise ConfigError(f"train.dpo.{key}: set by selfplay itself; remove it from the recipe")
         if key not in known:
             raise ConfigError(f"train.dpo.{key}: not a trl.DPOConfig field (trl {trl.__version__})")
+    for key in cfg.schedule:
+        if key not in known or key in MANAGED_DPO_FIELDS:
+            raise ConfigError(f"train.schedule.{key}: not a trl.DPOConfig field (trl {trl.__version__})")
     lora_known = {f.name for f in dataclasses.fields(peft.LoraConfig)}
     for key in cfg.lora:
         if key not in lora_known:

@@ -27,6 +27,8 @@ TABLE_COLUMNS = (
     ("reward_margin", "margin", "{:.4f}"),
     ("win_rate", "win rate vs prev", "{:.3f}"),
     ("wins_ties_losses", "W/T/L", "{}"),
+    ("win_rate_vs_base", "vs round 0", "{:.3f}"),
+    ("gate", "gate", "{}"),
 )
 
 
@@ -58,7 +60,14 @@ def round_summary(run: RunDir, k: int) -> dict[str, Any]:
         "reward_accuracy": m["train"].get("reward_accuracy"),
         "reward_margin": m["train"].get("reward_margin"),
         "win_rate": m["evaluate"]["win_rate"],
+        "win_rate_ci": [m["evaluate"].get("ci_low"), m["evaluate"].get("ci_high")],
+        "lc_win_rate": m["evaluate"].get("lc_win_rate"),
+        "win_rate_vs_base": (m["evaluate"].get("vs_base") or {}).get("win_rate"),
         "wins_ties_losses": f"{m['evaluate']['wins']}/{m['evaluate']['ties']}/{m['evaluate']['losses']}",
+        "mean_tokens": m["evaluate"].get("mean_tokens_new"),
+        "pathologies": m["evaluate"].get("pathologies"),
+        "quality_warnings": m["filter"].get("quality", {}).get("warnings", []),
+        "training_warnings": m["train"].get("warnings", []),
         "checkpoint": str(run.checkpoint(k)),
     }
 
@@ -88,8 +97,11 @@ def pairs_rows(pairs: pd.DataFrame, cap: int = 100) -> list[dict[str, Any]]:
     return [{f: _cell(row.get(f)) for f in PAIR_FIELDS} for row in order.head(cap).to_dict("records")]
 
 
-def curves_png(history: list[dict[str, Any]]) -> bytes:
-    """Training curves per step (loss, chosen/rejected rewards, margins, accuracy, grad norm) as a PNG."""
+CURVE_PANELS = (("loss", ["loss"]), ("rewards", ["rewards/chosen", "rewards/rejected"]), ("margins", ["rewards/margins"]),
+                ("accuracy", ["rewards/accuracies"]), ("grad_norm", ["grad_norm"]))
+
+
+def _plot(history: list[dict[str, Any]], panels, size: tuple[float, float]) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,13 +109,11 @@ def curves_png(history: list[dict[str, Any]]) -> bytes:
 
     steps = [h for h in history if "loss" in h and "rewards/chosen" in h]
     x = [h["step"] for h in steps]
-    panels = [("loss", ["loss"]), ("rewards", ["rewards/chosen", "rewards/rejected"]), ("margin", ["rewards/margins"]),
-              ("accuracy", ["rewards/accuracies"]), ("grad norm", ["grad_norm"])]
-    fig, axes = plt.subplots(1, len(panels), figsize=(15, 2.8), dpi=80)
-    for ax, (title, keys) in zip(axes, panels):
+    fig, axes = plt.subplots(1, len(panels), figsize=size, dpi=80, squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
         for key in keys:
             ax.plot(x, [h.get(key, float("nan")) for h in steps], marker="o", label=key.split("/")[-1])
-        ax.set_title(title)
+        ax.set_title(title.replace("_", " "))
         ax.set_xlabel("step")
         if len(keys) > 1:
             ax.legend(fontsize=8)
@@ -112,6 +122,21 @@ def curves_png(history: list[dict[str, Any]]) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def curves_png(history: list[dict[str, Any]]) -> bytes:
+    """All training curves per step (loss, chosen/rejected rewards, margins, accuracy, grad norm) in one PNG."""
+    return _plot(history, CURVE_PANELS, (15, 2.8))
+
+
+def plot_curves(history: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
+    """One 480x320 PNG per curve (loss.png, rewards.png, margins.png, accuracy.png, grad_norm.png) in out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, keys in CURVE_PANELS:
+        paths[name] = out_dir / f"{name}.png"
+        paths[name].write_bytes(_plot(history, [(name, keys)], (6, 4)))
+    return paths
 
 
 def _fmt(value: Any) -> str:
@@ -131,6 +156,7 @@ def round_report(run_name: str, summary: dict[str, Any], judge: dict[str, Any], 
     table = lambda rows: "| | |\n|---|---|\n" + "\n".join(f"| {a} | {_fmt(b)} |" for a, b in rows)  # noqa: E731
     return "\n".join([
         f"# {run_name}: round {k}",
+        f"**Gate:** {summary.get('gate_reason', 'no decision recorded')}",
         f"Kept **{summary['kept']}** of {summary['candidate_pairs']} candidate pairs; win rate against the previous "
         f"checkpoint **{_fmt(evaluate['win_rate'])}** ({evaluate['wins']} wins, {evaluate['ties']} ties, {evaluate['losses']} losses).",
         "## Judge", table(judge_rows),

@@ -4,13 +4,14 @@ Reasons, in the order they are checked:
   empty         a response shorter than `filter.min_chars` (after stripping)
   truncated     a response cut off by the sampling budget (`filter.drop_truncated`)
   too_similar   the responses' similarity (rapidfuzz ratio, 0-1) is at least `filter.max_similarity`
+  length_ratio  the longer response is more than `filter.max_length_ratio` times the shorter (length control)
   over_budget   beyond `judge.max_calls_per_prompt`, so not judged
   judge_error   the judge failed on either order (after retries)
   invalid       the judge answered, but not with a verdict (discrete modes)
   tie           the swap-averaged margin is under `judge.margin`, or a discrete judge said tie both times
   inconsistent  the two orders disagree (discrete verdict modes)
   not_selected  a tournament pair other than the prompt's best versus worst
-The first four need no judge and are screened before judging (`screen`), so no judge call is spent on them.
+The first five need no judge and are screened before judging (`screen`), so no judge call is spent on them.
 
 With `judge.pairing: tournament` every judged pair scores its two completions (Copeland: +1 a win, -1 a loss;
 or a Bradley-Terry fit to the swap-averaged preferences), and each prompt contributes one pair: its best
@@ -29,9 +30,10 @@ from prefect.cache_policies import NONE
 from rapidfuzz import fuzz
 
 from selfplay.config import FilterConfig, RunConfig
+from selfplay.quality import data_quality
 from selfplay.rundir import RunDir
 
-REASONS = ("empty", "truncated", "too_similar", "over_budget", "judge_error", "invalid", "tie", "inconsistent", "not_selected")
+REASONS = ("empty", "truncated", "too_similar", "length_ratio", "over_budget", "judge_error", "invalid", "tie", "inconsistent", "not_selected")
 
 
 def similarity(a: str, b: str) -> float:
@@ -51,6 +53,10 @@ def screen(r1: str, r2: str, truncated_1: bool, truncated_2: bool, cfg: FilterCo
         return "truncated"
     if similarity(r1, r2) >= cfg.max_similarity:
         return "too_similar"
+    if cfg.max_length_ratio is not None:
+        lengths = sorted((len(r1.strip()), len(r2.strip())))
+        if lengths[1] > cfg.max_length_ratio * max(lengths[0], 1):
+            return "length_ratio"
     return None
 
 
@@ -67,8 +73,14 @@ def drop_reason(screened: str | None, verdict: str) -> str | None:
     return verdict if verdict in REASONS else "judge_error"
 
 
-def select_pairs(judgments: pd.DataFrame, pairing: str = "all_pairs", scoring: str = "copeland") -> pd.DataFrame:
-    """Pure: add kept / drop_reason / chosen / rejected to the judgments table (best vs worst for tournaments)."""
+def select_pairs(
+    judgments: pd.DataFrame, pairing: str = "all_pairs", scoring: str = "copeland", prefer_shorter_below_margin: float | None = None
+) -> pd.DataFrame:
+    """Pure: add kept / drop_reason / chosen / rejected to the judgments table (best vs worst for tournaments).
+
+    With `prefer_shorter_below_margin`, a kept pair whose margin is below it trains on its shorter response as
+    chosen (`length_swapped` marks where that overrode the verdict): a near-tie is no reason to reward length.
+    """
     out = judgments.copy()
     out["drop_reason"] = [drop_reason(s, v) for s, v in zip(out["screened"], out["verdict"])]
     first = out["verdict"] == "first"
@@ -76,6 +88,11 @@ def select_pairs(judgments: pd.DataFrame, pairing: str = "all_pairs", scoring: s
     if pairing == "tournament":
         out = _select_tournament(out, scoring)
     out["kept"] = out["drop_reason"].isna()
+    out["length_swapped"] = False
+    if prefer_shorter_below_margin is not None:
+        swap = out["kept"] & (out["margin"] < prefer_shorter_below_margin) & (out["chosen"].str.len() > out["rejected"].str.len())
+        out.loc[swap, ["chosen", "rejected"]] = out.loc[swap, ["rejected", "chosen"]].to_numpy()
+        out["length_swapped"] = swap
     out["chosen"] = out["chosen"].where(out["kept"])
     out["rejected"] = out["rejected"].where(out["kept"])
     return out
@@ -165,9 +182,14 @@ def filter_pairs(cfg: RunConfig, k: int) -> dict[str, Any]:
     if run.is_done(k, "filter"):
         log.info("round %d: filter already complete, reusing %s", k, run.stage_dir(k, "filter"))
         return run.manifest(k, "filter")
-    pairs = select_pairs(pd.read_parquet(run.stage_dir(k, "judge") / "judgments.parquet"), cfg.judge.pairing, cfg.judge.scoring)
+    pairs = select_pairs(pd.read_parquet(run.stage_dir(k, "judge") / "judgments.parquet"), cfg.judge.pairing, cfg.judge.scoring,
+                         cfg.filter.prefer_shorter_below_margin)
+    prompts = pd.read_parquet(run.stage_dir(k, "sample") / "samples.parquet").drop_duplicates("prompt_id")["prompt"].tolist()
+    quality = data_quality(pairs, prompts)
     with run.stage_output(k, "filter") as (out, manifest):
         pairs.to_parquet(out / "pairs.parquet", index=False)
-        manifest["metrics"] = {"pairs": len(pairs), "kept": int(pairs["kept"].sum()), "drops": drop_counts(pairs)}
+        manifest["metrics"] = {"pairs": len(pairs), "kept": int(pairs["kept"].sum()), "drops": drop_counts(pairs), "quality": quality}
     log.info("round %d: kept %d of %d pairs; drops %s", k, manifest["metrics"]["kept"], len(pairs), manifest["metrics"]["drops"])
+    for warning in quality["warnings"]:
+        log.warning("round %d data quality: %s", k, warning["message"])
     return run.manifest(k, "filter")

@@ -22,7 +22,7 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from selfplay.config import RunConfig
+from selfplay.config import RunConfig, scheduled
 from selfplay.orchestration import Progress, gpu_slot
 from selfplay.rundir import RunDir
 
@@ -73,13 +73,15 @@ def dpo_records(pairs: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def dpo_arguments(cfg: RunConfig, k: int, output_dir: str, device: str, dtype_name: str) -> dict[str, Any]:
-    """DPOConfig keyword arguments: our defaults, device precision, then the recipe's train.dpo on top."""
+    """DPOConfig keyword arguments: our defaults, device precision, the recipe's train.dpo, then round k's
+    train.schedule values on top."""
     args = {**DPO_DEFAULTS, "seed": cfg.seed + k}
     if device == "cuda":
         args.update(bf16=dtype_name == "bfloat16", fp16=dtype_name == "float16")
     else:  # TRL defaults to bf16 and gradient checkpointing, which assume a GPU
         args.update(bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False)
     args.update(cfg.train.dpo)
+    args.update({key: scheduled(value, k) for key, value in cfg.train.schedule.items()})
     args["output_dir"] = output_dir
     return args
 
@@ -102,6 +104,44 @@ def summarize_history(history: list[dict[str, Any]]) -> dict[str, Any]:
         "final_reward_margin": float(last["rewards/margins"]),
         "ln2": math.log(2),
     }
+
+
+def _warning(check: str, value: float, threshold: str, message: str) -> dict[str, Any]:
+    return {"check": check, "value": round(float(value), 4), "threshold": threshold, "message": message}
+
+
+def training_diagnoses(history: list[dict[str, Any]], ln2_tolerance: float = 0.02, max_accuracy: float = 0.95, drift: float = 0.05) -> list[dict[str, Any]]:
+    """Warnings from a round's per-step training log, each saying what it means and what to try.
+
+    - the first loss must be close to ln 2: the policy starts equal to its reference, so every margin is 0;
+    - reward accuracy above `max_accuracy` over the last quarter of steps suggests overfitting;
+    - chosen and rejected rewards drifting the same way (both below -drift, or both above +drift) over the last
+      quarter means the policy moves both answers' likelihood together rather than separating them.
+    """
+    steps = [h for h in history if "loss" in h and "rewards/chosen" in h]
+    if not steps:
+        return []
+    tail = steps[-max(1, len(steps) // 4):]
+    mean = lambda key: sum(h[key] for h in tail) / len(tail)  # noqa: E731
+    out = []
+    if abs(steps[0]["loss"] - math.log(2)) > ln2_tolerance:
+        out.append(_warning("initial_loss", steps[0]["loss"], f"ln 2 ± {ln2_tolerance}",
+                            "The first DPO loss should be ln 2 (0.693) because the policy starts equal to its reference; "
+                            "another value means the reference is not the policy's starting checkpoint, or dropout is on."))
+    if mean("rewards/accuracies") > max_accuracy:
+        out.append(_warning("reward_accuracy", mean("rewards/accuracies"), f"<= {max_accuracy}",
+                            "Reward accuracy near 1 on the training pairs suggests overfitting: try fewer epochs, a lower "
+                            "learning rate, a larger beta, or more pairs per round."))
+    chosen, rejected = mean("rewards/chosen"), mean("rewards/rejected")
+    if chosen < -drift and rejected < -drift:
+        out.append(_warning("rewards_both_falling", chosen, f"chosen and rejected both < -{drift}",
+                            "Chosen and rejected rewards both fell: the policy lowers the likelihood of the chosen answers "
+                            "too. Try a lower learning rate, a larger beta, or an SFT term (loss_type: [sigmoid, sft])."))
+    elif chosen > drift and rejected > drift:
+        out.append(_warning("rewards_both_rising", chosen, f"chosen and rejected both > {drift}",
+                            "Chosen and rejected rewards both rose: the policy raises the rejected answers' likelihood too. "
+                            "Check the pairs' quality (judge margin, length bias), or raise beta."))
+    return out
 
 
 def log_callback(log, k: int, progress=None):
@@ -128,6 +168,7 @@ def train_dpo(cfg: RunConfig, k: int, policy: str, pairs: pd.DataFrame, out: Pat
     from trl import DPOConfig, DPOTrainer
 
     from selfplay.models import load_tokenizer, pick_device, release_memory, weights_digest
+    from selfplay.report import plot_curves
 
     device, dtype = pick_device()
     tokenizer = load_tokenizer(Path(policy), padding_side="right")
@@ -164,6 +205,7 @@ def train_dpo(cfg: RunConfig, k: int, policy: str, pairs: pd.DataFrame, out: Pat
         "lora_b_norm": lora_b_norm,
         "reference_digest": reference_digest,
         "device": device,
+        "warnings": training_diagnoses(history),
     }
 
 

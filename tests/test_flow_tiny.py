@@ -111,7 +111,7 @@ def test_parquet_outputs_have_expected_columns_and_counts(tiny_run):
 
         evals = pd.read_parquet(run.stage_dir(k, "evaluate") / "eval.parquet")
         assert len(evals) == cfg.prompts.eval_size
-        assert {"response_new", "response_previous", "outcome"} <= set(evals.columns)
+        assert {"response_new", "response_other", "outcome"} <= set(evals.columns)
         m = run.manifest(k, "evaluate")["metrics"]
         assert m["wins"] + m["ties"] + m["losses"] == cfg.prompts.eval_size
         assert evals["outcome"].value_counts().get("win", 0) == m["wins"]

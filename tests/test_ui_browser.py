@@ -1,0 +1,230 @@
+"""UI tier: a real headless Chromium opens a tiny round's flow run in the real Prefect UI served by the test server.
+
+It goes where a person would: the `dpo-round` flow run's page -> its Artifacts tab (the round's artifacts as cards)
+-> the round report -> the report's own page, and asserts that the report's training-curves PNG, an inline
+`data:image/png` URI, is really rendered (the <img> loaded, with the PNG's own width). Both the default (V2, React)
+UI and the V1 (Vue) UI are checked. Screenshots go to `test-output/ui/` in the repository (git-ignored) and to the
+test's tmp_path.
+
+Setup installs what is missing (Debian's chromium and chromium-driver via apt-get when root, Selenium via pip) and
+skips with the reason where it cannot; see tests/browser.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import httpx
+import pytest
+
+from selfplay.orchestration import KEYS
+from tests.browser import ensure_chromium, ensure_selenium, make_driver, screenshot, wait_for
+from tests.conftest import REPO, free_port, run_self_play, tiny_config, wait_http
+
+OUTPUT = REPO / "test-output" / "ui"
+RUN_NAME = "ui-run"
+ROUND_KEYS = [KEYS["summary"], KEYS["pairs"], KEYS["report"], KEYS["checkpoint"]]
+DATA_PNG = re.compile(r"!\[training curves\]\((data:image/png;base64,[A-Za-z0-9+/=]+)\)")
+
+
+def _ui_settings(api_url: str) -> dict:
+    return httpx.get(f"{api_url.removesuffix('/api')}/ui-settings", timeout=10).json()
+
+
+@pytest.fixture(scope="module")
+def ui_api_url(prefect_server, tmp_path_factory):
+    """The session server when its UI calls back to it; otherwise a dedicated server whose UI does.
+
+    The UI learns where the API is from GET /ui-settings (`api_url`, from PREFECT_UI_API_URL). The session server
+    in conftest.py does not set PREFECT_UI_API_URL, so its UI calls http://127.0.0.1:4200/api (the default port),
+    not its own port, and every page shows "Can't connect to Server API". Until conftest sets it, this module
+    starts its own server (same command, plus PREFECT_UI_API_URL) and runs the flow against that one.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if _ui_settings(prefect_server).get("api_url", "").rstrip("/") == prefect_server:
+        yield prefect_server
+        return
+    warnings.warn(f"the prefect_server fixture's UI calls {_ui_settings(prefect_server).get('api_url')}, not "
+                  f"{prefect_server}: set PREFECT_UI_API_URL in its environment (tests/conftest.py); starting a "
+                  "dedicated server for the UI test", stacklevel=1)
+    home = tmp_path_factory.mktemp("prefect-home-ui")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": url}
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        wait_http(f"{url}/health", timeout=120, proc=proc)
+        assert _ui_settings(url)["api_url"].rstrip("/") == url
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=10)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    ensure_chromium()
+    ensure_selenium()
+    driver = make_driver(tmp_path_factory.mktemp("chromium-profile"))
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def ui_run(ui_api_url, tiny_model, tmp_path_factory):
+    """One tiny round; returns the UI's base URL, the `dpo-round` flow run's id and its round-report artifact."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey, FlowFilter, FlowFilterName, FlowRunFilter,
+        FlowRunFilterName,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    tmp = tmp_path_factory.mktemp("ui-runs")
+    summaries = run_self_play(tiny_config(tiny_model, tmp, name=RUN_NAME, rounds=1), tmp / "ui-run.yaml")
+    assert [s["round"] for s in summaries] == [1]
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["dpo-round"])),
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"{RUN_NAME}-round-1"])),
+            sort=FlowRunSort.START_TIME_DESC, limit=1,
+        )
+        assert runs, f"no dpo-round flow run named {RUN_NAME}-round-1"
+        flow_run = runs[0]
+        assert flow_run.state.is_completed()
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[KEYS["report"]]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))
+    assert len(artifacts) == 1, artifacts
+    report = artifacts[0]
+    match = DATA_PNG.search(report.data)
+    assert match, "the round report has no inline training-curves PNG"
+    png = base64.b64decode(match.group(1).split(",", 1)[1])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    return {
+        "base": ui_api_url.removesuffix("/api"), "flow_run_id": str(flow_run.id), "artifact_id": str(report.id),
+        "data_uri": match.group(1), "png_size": (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")),
+    }
+
+
+RENDERED_IMG = """
+const img = [...document.images].find(i => i.getAttribute('src') && i.getAttribute('src').startsWith('data:image/png'));
+if (!img) return null;
+return {src: img.getAttribute('src'), alt: img.alt, complete: img.complete, width: img.naturalWidth,
+        height: img.naturalHeight, shown: img.getBoundingClientRect().width, in_table: !!img.closest('table'), row: img.closest('tr') ? img.closest('tr').outerHTML.slice(0, 200) : null, table_rows: img.closest('table') ? [...img.closest('table').rows].map(r => r.innerText.replace(/\s+/g,' ')) : null, ckpt: [...document.querySelectorAll('code')].map(c => [c.closest('table') ? 'in-table' : 'outside', c.innerText])};
+"""
+IMG_STATE = """
+return [...document.querySelectorAll('img')].map(i => ({src: (i.getAttribute('src') || '').slice(0, 40),
+        alt: i.alt, width: i.naturalWidth}));
+"""
+
+
+def assert_image_rendered(driver, ui_run) -> dict:
+    """The report's <img> carries the artifact's data URI unchanged and has loaded with the PNG's own size."""
+    img = wait_for(driver, lambda d: (s := d.execute_script(RENDERED_IMG)) and s["complete"] and s["width"] > 0 and s,
+                   "a loaded <img src='data:image/png...'>")
+    if img is None:  # unreachable: wait_for fails first; kept for readers
+        pytest.fail(f"no data:image/png <img>; images in the DOM: {driver.execute_script(IMG_STATE)}")
+    assert img["alt"] == "training curves"
+    assert img["src"] == ui_run["data_uri"], "the UI changed the image's data URI"
+    assert (img["width"], img["height"]) == ui_run["png_size"]
+    assert img["shown"] > 0, "the image is in the DOM but not laid out"
+    return img
+
+
+def show(driver, element) -> None:
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", element)
+
+
+def click(driver, element) -> None:
+    """A real (WebDriver) click, as a person's: Radix tabs in the V2 UI ignore a script's element.click()."""
+    show(driver, element)
+    element.click()
+
+
+def visible_element(driver, css: str):
+    return next((e for e in driver.find_elements("css selector", css) if e.is_displayed()), None)
+
+
+def test_v2_ui_shows_the_round_report_and_renders_its_image(browser, ui_run, tmp_path):
+    base, run_id, artifact_id = ui_run["base"], ui_run["flow_run_id"], ui_run["artifact_id"]
+    assert "v2" in _ui_settings(base + "/api")["available_uis"]
+
+    browser.get(f"{base}/v2/runs/flow-run/{run_id}")
+    tab = wait_for(browser, lambda d: next((e for e in d.find_elements("css selector", "[role=tab]")
+                                            if e.text.strip() == "Artifacts"), None), "the Artifacts tab")
+    click(browser, tab)
+    cards = {key: wait_for(browser, lambda d, key=key: visible_element(d, f"a[href$='/artifacts/key/{key}']"),
+                           f"the {key} artifact card") for key in ROUND_KEYS}
+    report_card = cards[KEYS["report"]]
+    assert "MARKDOWN" in report_card.text and f"{RUN_NAME} round 1: report" in report_card.text
+    assert "/v2/runs/flow-run/" in browser.current_url and "ui-run-round-1" in browser.find_element("tag name", "body").text
+    show(browser, report_card)
+    screenshot(browser, "v2-flow-run-artifacts.png", OUTPUT, tmp_path)
+
+    click(browser, report_card)  # -> the key's page, listing every artifact with that key
+    link = wait_for(browser, lambda d: visible_element(d, f"a[href$='/artifacts/artifact/{artifact_id}']"),
+                    f"the link to artifact {artifact_id} on the key page")
+    click(browser, link)
+    wait_for(browser, lambda d: f"/v2/artifacts/artifact/{artifact_id}" in d.current_url, "the artifact page")
+    wait_for(browser, lambda d: any(h.text.strip() == f"{RUN_NAME}: round 1" for h in d.find_elements("tag name", "h1")),
+             "the report's heading")
+    img = assert_image_rendered(browser, ui_run)
+    show(browser, browser.find_element("css selector", "img[alt='training curves']"))
+    paths = screenshot(browser, "v2-artifact-report.png", OUTPUT, tmp_path)
+    print("DIAG", {k: v for k, v in img.items() if k != "src"})
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    with get_client(sync_client=True) as c:
+        a = [x for x in c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[KEYS["checkpoint"]]))) if str(x.flow_run_id) == run_id][0]
+    print("CKPT DATA", a.type, a.data)
+    browser.get(f"{base}/v2/artifacts/artifact/{a.id}"); import time; time.sleep(5)
+    print("V2 CKPT ANCHORS", browser.execute_script("return [...document.querySelectorAll('article a, .prose a, main a')].map(a => [a.outerHTML.slice(0,200)])"))
+    browser.get(f"{base}/artifacts/artifact/{a.id}"); time.sleep(5)
+    print("V1 CKPT ANCHORS", browser.execute_script("return [...document.querySelectorAll('article a')].map(a => [a.outerHTML.slice(0,200)])"))
+    print(f"V2 rendered the training curves at {img['width']}x{img['height']}: {paths}")
+
+
+def test_v1_ui_shows_the_round_report_and_renders_its_image(browser, ui_run, tmp_path):
+    base, run_id, artifact_id = ui_run["base"], ui_run["flow_run_id"], ui_run["artifact_id"]
+    if "v1" not in _ui_settings(base + "/api")["available_uis"]:
+        pytest.skip("this Prefect no longer serves the V1 UI")
+
+    browser.get(f"{base}/runs/flow-run/{run_id}")
+    tab = wait_for(browser, lambda d: next((e for e in d.find_elements("css selector", ".p-tab")
+                                            if e.text.strip() == "Artifacts"), None), "the Artifacts tab")
+    click(browser, tab)
+    link = wait_for(browser, lambda d: visible_element(d, f"a[href$='/artifacts/artifact/{artifact_id}']"),
+                    "the round report's card")
+    assert KEYS["report"] in link.text and f"{RUN_NAME} round 1: report" in link.text
+    body = browser.find_element("tag name", "body").text
+    assert all(key in body for key in ROUND_KEYS), body
+    show(browser, link)
+    screenshot(browser, "v1-flow-run-artifacts.png", OUTPUT, tmp_path)
+
+    click(browser, link)
+    wait_for(browser, lambda d: d.current_url.rstrip("/").endswith(f"/artifacts/artifact/{artifact_id}"), "the artifact page")
+    img = assert_image_rendered(browser, ui_run)
+    show(browser, browser.find_element("css selector", "img[alt='training curves']"))
+    paths = screenshot(browser, "v1-artifact-report.png", OUTPUT, tmp_path)
+    print("DIAG", {k: v for k, v in img.items() if k != "src"})
+    print(f"V1 rendered the training curves at {img['width']}x{img['height']}: {paths}")
