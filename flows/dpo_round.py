@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger
 
 from selfplay.config import RunConfig
 from selfplay.orchestration import publish_round
+from selfplay.quality import pathology_trend
 from selfplay.report import curves_png, pairs_rows, round_report, round_summary
 from selfplay.rundir import RunDir
 from tasks.evaluate import evaluate, gate_decision
@@ -38,8 +39,12 @@ def dpo_round(config: RunConfig, k: int, policy: str, base: str | None = None) -
     metrics = {stage: run.manifest(k, stage)["metrics"] for stage in ("judge", "train", "evaluate")}
     accepted, reason = gate_decision(metrics["evaluate"], config.gate)
     summary.update(accepted=accepted, gate="accepted" if accepted else "rejected", gate_reason=reason)
-    history = json.loads((run.stage_dir(k, "train") / "log_history.json").read_text())
-    report = round_report(config.name, summary, metrics["judge"], metrics["train"], metrics["evaluate"], curves_png(history))
+    # Pathologies of each round's eval answers, round 0 (the base model's answers in round 1) first.
+    history = [run.manifest(1, "evaluate")["metrics"]["pathologies_previous"]]
+    history += [run.manifest(j, "evaluate")["metrics"]["pathologies"] for j in range(1, k + 1) if run.is_done(j, "evaluate")]
+    summary["pathology_warnings"] = pathology_trend(history)
+    log_history = json.loads((run.stage_dir(k, "train") / "log_history.json").read_text())
+    report = round_report(config.name, summary, metrics["judge"], metrics["train"], metrics["evaluate"], curves_png(log_history))
     pairs = pd.read_parquet(run.stage_dir(k, "filter") / "pairs.parquet")
     publish_round(config.name, k, summary, pairs_rows(pairs), report, run.checkpoint(k))
     run.finish_round(k, summary)

@@ -163,7 +163,15 @@ def round_report(run_name: str, summary: dict[str, Any], judge: dict[str, Any], 
         "## Training", table(train_rows),
         f"![training curves](data:image/png;base64,{base64.b64encode(png).decode()})",
         "## Evaluation", table([("wins / ties / losses", f"{evaluate['wins']} / {evaluate['ties']} / {evaluate['losses']}"),
-                               ("win rate (ties count half)", evaluate["win_rate"])]),
+                               ("win rate (ties count half)", evaluate["win_rate"]),
+                               ("95% Wilson interval", f"[{_fmt(evaluate.get('ci_low'))}, {_fmt(evaluate.get('ci_high'))}]"),
+                               ("length-controlled win rate", evaluate.get("lc_win_rate")),
+                               ("win rate vs round 0", (evaluate.get("vs_base") or {}).get("win_rate")),
+                               ("mean answer tokens (new / current)", f"{_fmt(evaluate.get('mean_tokens_new'))} / {_fmt(evaluate.get('mean_tokens_previous'))}")]),
+        "## Warnings",
+        "\n".join(f"- **{w['check']}** ({_fmt(w['value'])}, threshold {w['threshold']}): {w['message']}"
+                  for w in summary.get("quality_warnings", []) + summary.get("training_warnings", []) + summary.get("pathology_warnings", []))
+        or "none",
         f"Checkpoint: `{summary['checkpoint']}`",
     ])
 

@@ -130,7 +130,7 @@ RENDERED_IMG = """
 const img = [...document.images].find(i => i.getAttribute('src') && i.getAttribute('src').startsWith('data:image/png'));
 if (!img) return null;
 return {src: img.getAttribute('src'), alt: img.alt, complete: img.complete, width: img.naturalWidth,
-        height: img.naturalHeight, shown: img.getBoundingClientRect().width, in_table: !!img.closest('table'), row: img.closest('tr') ? img.closest('tr').outerHTML.slice(0, 200) : null, table_rows: img.closest('table') ? [...img.closest('table').rows].map(r => r.innerText.replace(/\s+/g,' ')) : null, ckpt: [...document.querySelectorAll('code')].map(c => [c.closest('table') ? 'in-table' : 'outside', c.innerText])};
+        height: img.naturalHeight, shown: img.getBoundingClientRect().width};
 """
 IMG_STATE = """
 return [...document.querySelectorAll('img')].map(i => ({src: (i.getAttribute('src') || '').slice(0, 40),
@@ -191,16 +191,6 @@ def test_v2_ui_shows_the_round_report_and_renders_its_image(browser, ui_run, tmp
     img = assert_image_rendered(browser, ui_run)
     show(browser, browser.find_element("css selector", "img[alt='training curves']"))
     paths = screenshot(browser, "v2-artifact-report.png", OUTPUT, tmp_path)
-    print("DIAG", {k: v for k, v in img.items() if k != "src"})
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    with get_client(sync_client=True) as c:
-        a = [x for x in c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[KEYS["checkpoint"]]))) if str(x.flow_run_id) == run_id][0]
-    print("CKPT DATA", a.type, a.data)
-    browser.get(f"{base}/v2/artifacts/artifact/{a.id}"); import time; time.sleep(5)
-    print("V2 CKPT ANCHORS", browser.execute_script("return [...document.querySelectorAll('article a, .prose a, main a')].map(a => [a.outerHTML.slice(0,200)])"))
-    browser.get(f"{base}/artifacts/artifact/{a.id}"); time.sleep(5)
-    print("V1 CKPT ANCHORS", browser.execute_script("return [...document.querySelectorAll('article a')].map(a => [a.outerHTML.slice(0,200)])"))
     print(f"V2 rendered the training curves at {img['width']}x{img['height']}: {paths}")
 
 
@@ -226,5 +216,23 @@ def test_v1_ui_shows_the_round_report_and_renders_its_image(browser, ui_run, tmp
     img = assert_image_rendered(browser, ui_run)
     show(browser, browser.find_element("css selector", "img[alt='training curves']"))
     paths = screenshot(browser, "v1-artifact-report.png", OUTPUT, tmp_path)
-    print("DIAG", {k: v for k, v in img.items() if k != "src"})
     print(f"V1 rendered the training curves at {img['width']}x{img['height']}: {paths}")
+
+
+LAYOUT = """
+const img = document.querySelector("img[alt='training curves']");
+const rows = t => t ? [...t.rows].map(r => r.innerText.replace(/\\s+/g, ' ').trim()) : null;
+return {img_table_rows: img ? rows(img.closest('table')) : 'no image',
+        checkpoint_in_table: [...document.querySelectorAll("code")].some(c => c.textContent.includes("/checkpoint") && !!c.closest("table")), codes: [...document.querySelectorAll("code")].map(c => [c.textContent.slice(-30), !!c.closest("table")])};
+"""
+
+
+@pytest.mark.xfail(strict=False, reason="selfplay.report.round_report joins its blocks with single newlines, so GFM "
+                   "reads the image line as the last row of the Training table and the Checkpoint line as the last "
+                   "row of the Evaluation table (in V1 the 1200 px image then pushes the Training values out of view); "
+                   "joining with blank lines fixes it")
+def test_report_image_and_checkpoint_are_not_table_rows(browser, ui_run):
+    browser.get(f"{ui_run['base']}/v2/artifacts/artifact/{ui_run['artifact_id']}")
+    assert_image_rendered(browser, ui_run)
+    layout = browser.execute_script(LAYOUT)
+    assert layout == {"img_table_rows": None, "checkpoint_in_table": False}, layout
