@@ -6,11 +6,14 @@ the probabilities that position A wins in each order, the swap-averaged preferen
     p = (p1 + (1 - p2)) / 2
 
 so a judge that always favours position A (p1 = p2 = 1) comes out at exactly 0.5: a tie. The pair's margin is
-|2p - 1|; below `judge.margin` it is a tie, which the filter stage drops. Both orders' probabilities are stored.
-Pairs the filter would drop whatever the verdict (empty, truncated, near-duplicate responses) are screened out
-before judging (`tasks.filter.screen`), so no judge call is spent on them; they are kept in the table, unjudged.
+|2p - 1|; below `judge.margin` it is a tie, which the filter stage drops. Discrete verdicts (an endpoint's
+structured choice or text marker) must name the same response in both orders, or the pair is inconsistent
+(`combine_orders` holds both rules). Pairs the filter would drop whatever the verdict (empty, truncated,
+near-duplicate, lopsided, over budget) are screened out before judging (`tasks.filter.screen`), so no judge call
+is spent on them; they stay in the table, unjudged.
 
-Output `round_<k>/judge/judgments.parquet`, one row per pair.
+Output `round_<k>/judge/`: judgments.parquet (one row per pair, both orders' probabilities and the verdict) and
+calls.parquet (one row per judge call: mode, label, tokens, latency, cost, cache hit).
 """
 
 from __future__ import annotations
