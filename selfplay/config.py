@@ -22,6 +22,8 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from selfplay.serving import ServerSpec
+
 
 class ConfigError(ValueError):
     """A configuration problem, phrased as what to fix."""
@@ -49,16 +51,6 @@ class PromptsConfig(Section):
     eval_size: int = Field(16, ge=1, description="Held-out prompts used by the evaluate stage.")
 
 
-class SampleConfig(Section):
-    backend: Literal["transformers"] = Field("transformers", description="Sampler backend.")
-    num_samples: int = Field(4, ge=2, description="Completions per prompt (K).")
-    temperature: float = Field(0.8, gt=0, description="Sampling temperature.")
-    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
-    max_new_tokens: int = Field(96, ge=1, description="Generation budget; completions that hit it are marked truncated.")
-    batch_size: int = Field(32, ge=1, description="Sequences per generate() call.")
-    seed: int = Field(0, description="Base seed; each round adds its round number.")
-
-
 class EndpointConfig(Section):
     """An OpenAI-compatible HTTP endpoint (OpenAI, `vllm serve`, SGLang, TGI, llama.cpp, ...)."""
 
@@ -71,6 +63,26 @@ class EndpointConfig(Section):
     max_retries: int = Field(6, ge=0, description="Retries of 429, 5xx, timeouts, connection errors and malformed replies.")
     price_input_per_mtok: float = Field(0.0, ge=0, description="Estimated cost per million prompt tokens (for accounting only).")
     price_output_per_mtok: float = Field(0.0, ge=0, description="Estimated cost per million completion tokens.")
+
+
+class SampleConfig(Section):
+    backend: Literal["transformers", "vllm", "endpoint"] = Field(
+        "transformers", description="'transformers' in-process (CPU default); 'vllm' starts a vLLM server on each round's policy; "
+        "'endpoint' samples from an already-running OpenAI-compatible server.")
+    server: ServerSpec = Field(default_factory=ServerSpec, description="vllm backend: how to start and stop the server.")
+    endpoint: EndpointConfig | None = Field(None, description="endpoint backend: the running server (base_url, model).")
+    num_samples: int = Field(4, ge=2, description="Completions per prompt (K).")
+    temperature: float = Field(0.8, gt=0, description="Sampling temperature.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(96, ge=1, description="Generation budget; completions that hit it are marked truncated.")
+    batch_size: int = Field(32, ge=1, description="Sequences per generate() call.")
+    seed: int = Field(0, description="Base seed; each round adds its round number.")
+
+    @model_validator(mode="after")
+    def _endpoint_for_endpoint(self) -> "SampleConfig":
+        if self.backend == "endpoint" and self.endpoint is None:
+            raise ValueError("sample.backend 'endpoint' needs sample.endpoint (base_url, model)")
+        return self
 
 
 class JudgeConfig(Section):

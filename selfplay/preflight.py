@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -39,6 +40,19 @@ def preflight(cfg: RunConfig) -> Path:
         raise ConfigError(str(exc)) from None
     base = resolve_model(cfg.policy.model)
     load_tokenizer(base)  # a chat template is required
+    if cfg.sample.backend == "vllm" and shutil.which(cfg.sample.server.command[0]) is None:
+        raise ConfigError(
+            f"sample.server.command: {cfg.sample.server.command[0]!r} is not an executable on PATH. vLLM cannot share this "
+            f"environment (it pins other torch/transformers/fastapi versions): install it in its own virtualenv and set "
+            f"sample.server.command to [/path/to/vllm-venv/bin/vllm, serve], or use a docker run of vllm/vllm-openai."
+        )
+    if cfg.sample.backend == "endpoint":
+        from selfplay.judges.openai import EndpointError, check_endpoint, resolve_api_key
+
+        try:
+            check_endpoint(cfg.sample.endpoint, resolve_api_key(cfg.sample.endpoint))
+        except EndpointError as exc:
+            raise ConfigError(str(exc).replace("judge.endpoint", "sample.endpoint")) from None
     if cfg.judge.backend == "openai":
         from selfplay.judges.openai import EndpointError, check_endpoint, resolve_api_key
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -104,6 +105,33 @@ def generate(
     return rows
 
 
+def sample_from_server(cfg: RunConfig, k: int, policy: str, prompts: list[str], log_path: Path) -> list[dict[str, Any]]:
+    """K completions per prompt from an OpenAI-compatible server: a vLLM server started on `policy` for this round
+    (and stopped, its port and GPU memory free, before training), or an already-running endpoint."""
+    from selfplay.serving import ModelServer, sample_chat
+
+    s = cfg.sample
+    params = dict(n=s.num_samples, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, seed=s.seed + k, exact_tokens=True)
+    if s.backend == "vllm":
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with gpu_slot():
+            with ModelServer(s.server, policy, log_path) as server:
+                out = sample_chat(server.base_url, server.served_name, prompts, **params)
+            server.wait_gpu_free(120)
+    else:
+        from selfplay.judges.openai import resolve_api_key
+
+        e = s.endpoint
+        out = sample_chat(e.base_url, e.model, prompts, api_key=resolve_api_key(e), max_concurrency=e.max_concurrency,
+                          timeout=e.timeout, **params)
+    tokenizer = load_tokenizer(policy)
+    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
+    prompt_tokens = [len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+    return [{"prompt_index": i, "sample_idx": j, "response": c["response"], "prompt_tokens": prompt_tokens[i],
+             "n_tokens": int(c["n_tokens"]), "truncated": bool(c["truncated"])}
+            for i, choices in enumerate(out) for j, c in enumerate(choices)]
+
+
 def round_prompts(cfg: RunConfig, k: int) -> list[dict[str, str]]:
     pool = load_prompts(cfg.prompts.train, cfg.prompts.column, cfg.prompts.messages_column, cfg.prompts.split)
     return draw_prompts(pool, cfg.prompts.per_round, cfg.seed, k)
@@ -126,15 +154,18 @@ def sample(cfg: RunConfig, k: int, policy: str) -> dict[str, Any]:
         bar.update(done, total)
         log.info("round %d: sampled %d/%d prompts x %d (%.0f s)", k, done, total, s.num_samples, time.time() - started)
 
-    with gpu_slot():
-        model, tokenizer = load_causal_lm(policy), load_tokenizer(policy)
-        rows = generate(
-            model, tokenizer, [p["prompt"] for p in prompts],
-            num_samples=s.num_samples, temperature=s.temperature, top_p=s.top_p,
-            max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed=s.seed + k, progress=progress,
-        )
-        del model
-        release_memory()
+    if s.backend == "transformers":
+        with gpu_slot():
+            model, tokenizer = load_causal_lm(policy), load_tokenizer(policy)
+            rows = generate(
+                model, tokenizer, [p["prompt"] for p in prompts],
+                num_samples=s.num_samples, temperature=s.temperature, top_p=s.top_p,
+                max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed=s.seed + k, progress=progress,
+            )
+            del model
+            release_memory()
+    else:
+        rows = sample_from_server(cfg, k, policy, [p["prompt"] for p in prompts], run.round_dir(k) / "sample-server.log")
     for row in rows:
         p = prompts[row.pop("prompt_index")]
         row.update(prompt_id=p["id"], prompt=p["prompt"])

@@ -76,8 +76,10 @@ def make_driver(user_data_dir: Path):
     return driver
 
 
-def wait_for(driver, condition: Callable[[Any], Any], what: str, timeout: float = 30) -> Any:
-    """WebDriverWait for `condition(driver)` to be truthy; on timeout fail with what the page showed."""
+def wait_for(driver, condition: Callable[[Any], Any], what: str, timeout: float = 30,
+             detail: Callable[[Any], str] | None = None) -> Any:
+    """WebDriverWait for `condition(driver)` to be truthy and return it; on timeout fail with what the page showed
+    (and `detail(driver)`, if given)."""
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -85,7 +87,9 @@ def wait_for(driver, condition: Callable[[Any], Any], what: str, timeout: float 
         return WebDriverWait(driver, timeout, poll_frequency=0.25).until(condition)
     except TimeoutException:
         text = driver.execute_script("return document.body ? document.body.innerText : ''") or ""
-        pytest.fail(f"timed out after {timeout} s waiting for {what} at {driver.current_url}; the page shows:\n{text[:2000]}")
+        extra = f"\n{detail(driver)}" if detail else ""
+        pytest.fail(f"timed out after {timeout} s waiting for {what} at {driver.current_url}{extra}\n"
+                    f"the page shows:\n{text[:2000]}")
 
 
 def screenshot(driver, name: str, *dirs: Path) -> list[Path]:

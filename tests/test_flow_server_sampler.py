@@ -1,0 +1,66 @@
+"""Sampling through a server, a round at a time: the `vllm` backend starts a server process on the round's policy
+and stops it before training; the `endpoint` backend samples from a running server. vLLM cannot run here, so the
+scripted OpenAI-compatible test server (a fake) stands in for `vllm serve`, through the same process lifecycle
+and the real `openai` client."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pandas as pd
+import psutil
+
+from selfplay.rundir import RunDir
+from tests.conftest import REPO, run_self_play, tiny_config
+from tests.openai_stub import Reply, ScriptedOpenAI, chat_completion
+
+STUB_AS_VLLM = {"command": [sys.executable, "-m", "tests.openai_stub"], "model_arg_style": "flag", "served_name_flag": None,
+                "gpu_memory_utilization": None, "tensor_parallel_size": None, "cwd": str(REPO), "startup_timeout": 60}
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_vllm_backend_runs_a_server_per_round_and_stops_it(prefect_server, tiny_model, tmp_path):
+    cfg = tiny_config(tiny_model, tmp_path / "runs", name="vllm-sampler", rounds=2,
+                      sample={"backend": "vllm", "server": STUB_AS_VLLM})
+    summaries = run_self_play(cfg, tmp_path / "vllm.yaml")
+    run = RunDir(Path(cfg["output_dir"]) / "vllm-sampler")
+    assert [s["round"] for s in summaries] == [1, 2]
+    for k, policy in ((1, str(Path(tiny_model).resolve())), (2, str(run.checkpoint(1)))):
+        samples = pd.read_parquet(run.stage_dir(k, "sample") / "samples.parquet")
+        k_samples = cfg["sample"]["num_samples"]
+        assert len(samples) == cfg["prompts"]["per_round"] * k_samples
+        assert samples.groupby("prompt_id")["sample_idx"].nunique().eq(k_samples).all()
+        assert samples["response"].str.startswith("answer ").all() and (samples["prompt_tokens"] > 0).all()
+        log = (run.round_dir(k) / "sample-server.log").read_text()
+        assert policy in log  # the round's own policy was served
+        port = int(log.split("--port", 1)[1].split()[0])
+        assert port_free(port)
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "tests.openai_stub" in " ".join(p.info["cmdline"] or [])]
+
+
+def test_endpoint_backend_samples_from_a_running_server(prefect_server, tiny_model, tmp_path):
+    def answer(body: dict, n: int) -> Reply:
+        k = body.get("n", 1)
+        return Reply(json=chat_completion("", contents=[f"reply {i} (seed {body.get('seed')})" for i in range(k)], n=k, completion_tokens=3 * k))
+
+    with ScriptedOpenAI(answer) as server:
+        cfg = tiny_config(tiny_model, tmp_path / "runs", name="endpoint-sampler", rounds=1,
+                          sample={"backend": "endpoint", "endpoint": {"base_url": server.base_url, "model": "policy", "api_key_env": None}})
+        run_self_play(cfg, tmp_path / "endpoint.yaml")
+        requests = server.chat_requests
+    run = RunDir(Path(cfg["output_dir"]) / "endpoint-sampler")
+    samples = pd.read_parquet(run.stage_dir(1, "sample") / "samples.parquet")
+    assert len(requests) == cfg["prompts"]["per_round"]  # one request per prompt, n completions each
+    assert {r["json"]["n"] for r in requests} == {cfg["sample"]["num_samples"]}
+    assert len({r["json"]["seed"] for r in requests}) == len(requests)  # seeded, a different seed per prompt
+    assert samples["response"].str.startswith("reply ").all() and run.round_done(1)
