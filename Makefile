@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: setup run test clean
+.PHONY: setup run test gpu-smoke clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+
+# One real round on CUDA (or CPU) with figures per stage: seconds, tokens/s, peak GPU memory.
+gpu-smoke: setup
+	$(BIN)/python -m selfplay.smoke
 
 clean:
 	rm -rf $(VENV) runs

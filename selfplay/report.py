@@ -154,7 +154,7 @@ def round_report(run_name: str, summary: dict[str, Any], judge: dict[str, Any], 
                   ("final loss", train.get("final_loss")), ("reward accuracy", train.get("reward_accuracy")),
                   ("reward margin", train.get("reward_margin"))]
     table = lambda rows: "| | |\n|---|---|\n" + "\n".join(f"| {a} | {_fmt(b)} |" for a, b in rows)  # noqa: E731
-    return "\n".join([
+    return "\n\n".join([
         f"# {run_name}: round {k}",
         f"**Gate:** {summary.get('gate_reason', 'no decision recorded')}",
         f"Kept **{summary['kept']}** of {summary['candidate_pairs']} candidate pairs; win rate against the previous "

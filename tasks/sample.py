@@ -17,7 +17,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from selfplay.config import RunConfig
-from selfplay.models import load_causal_lm, load_tokenizer, release_memory
+from selfplay.models import load_causal_lm, load_tokenizer, peak_memory_gb, release_memory, reset_peak_memory
 from selfplay.orchestration import Progress, gpu_slot
 from selfplay.prompts import draw_prompts, load_prompts
 from selfplay.rundir import RunDir
@@ -154,6 +154,7 @@ def sample(cfg: RunConfig, k: int, policy: str) -> dict[str, Any]:
         bar.update(done, total)
         log.info("round %d: sampled %d/%d prompts x %d (%.0f s)", k, done, total, s.num_samples, time.time() - started)
 
+    reset_peak_memory()
     if s.backend == "transformers":
         with gpu_slot():
             model, tokenizer = load_causal_lm(policy), load_tokenizer(policy)
@@ -179,6 +180,7 @@ def sample(cfg: RunConfig, k: int, policy: str) -> dict[str, Any]:
             "mean_tokens": float(table["n_tokens"].mean()),
             "tokens_per_second": float(table["n_tokens"].sum() / max(time.time() - started, 1e-9)),
             "seconds": time.time() - started,
+            "peak_gpu_gb": peak_memory_gb(),
         }
     log.info("round %d: %d completions, %d truncated", k, len(table), manifest["metrics"]["truncated"])
     return run.manifest(k, "sample")

@@ -167,10 +167,11 @@ def train_dpo(cfg: RunConfig, k: int, policy: str, pairs: pd.DataFrame, out: Pat
     from transformers import AutoModelForCausalLM, PrinterCallback, ProgressCallback
     from trl import DPOConfig, DPOTrainer
 
-    from selfplay.models import load_tokenizer, pick_device, release_memory, weights_digest
+    from selfplay.models import load_tokenizer, peak_memory_gb, pick_device, release_memory, reset_peak_memory, weights_digest
     from selfplay.report import plot_curves
 
     device, dtype = pick_device()
+    reset_peak_memory()
     tokenizer = load_tokenizer(Path(policy), padding_side="right")
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=dtype).to(device)
     # With a peft_config and no ref_model, TRL's reference is these very weights with the adapter disabled.
@@ -188,8 +189,13 @@ def train_dpo(cfg: RunConfig, k: int, policy: str, pairs: pd.DataFrame, out: Pat
         for cb in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(cb)
         trainer.add_callback(log_callback(log, k, Progress(f"{cfg.name} round {k}: DPO training")))
+        started = time.perf_counter()
         trainer.train()
+        train_seconds = time.perf_counter() - started
         history = trainer.state.log_history
+        # Tokens the policy trained on (prompt + chosen + rejected, as TRL tokenized them), for throughput.
+        columns = trainer.train_dataset.column_names
+        tokens = sum(len(row[c]) for row in trainer.train_dataset for c in ("prompt_ids", "chosen_ids", "rejected_ids") if c in columns)
     lora_b_norm = float(sum(p.detach().float().norm() ** 2 for n, p in trainer.model.named_parameters() if "lora_B" in n) ** 0.5)
     merged = trainer.model.merge_and_unload()
     merged.to(torch.float32 if device == "cpu" else dtype)
@@ -206,6 +212,9 @@ def train_dpo(cfg: RunConfig, k: int, policy: str, pairs: pd.DataFrame, out: Pat
         "reference_digest": reference_digest,
         "device": device,
         "warnings": training_diagnoses(history),
+        "train_tokens": tokens,
+        "tokens_per_second": tokens * args.num_train_epochs / max(train_seconds, 1e-9),
+        "peak_gpu_gb": peak_memory_gb(),
     }
 
 

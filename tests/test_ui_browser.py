@@ -38,47 +38,11 @@ def _ui_settings(api_url: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ui_api_url(prefect_server, tmp_path_factory):
-    """The session server when its UI calls back to it; otherwise a dedicated server whose UI does.
-
-    The UI learns where the API is from GET /ui-settings (`api_url`, from PREFECT_UI_API_URL). The session server
-    in conftest.py does not set PREFECT_UI_API_URL, so its UI calls http://127.0.0.1:4200/api (the default port),
-    not its own port, and every page shows "Can't connect to Server API". Until conftest sets it, this module
-    starts its own server (same command, plus PREFECT_UI_API_URL) and runs the flow against that one.
-    """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    if _ui_settings(prefect_server).get("api_url", "").rstrip("/") == prefect_server:
-        yield prefect_server
-        return
-    warnings.warn(f"the prefect_server fixture's UI calls {_ui_settings(prefect_server).get('api_url')}, not "
-                  f"{prefect_server}: set PREFECT_UI_API_URL in its environment (tests/conftest.py); starting a "
-                  "dedicated server for the UI test", stacklevel=1)
-    home = tmp_path_factory.mktemp("prefect-home-ui")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": url}
-    env.pop("PREFECT_API_URL", None)
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        wait_http(f"{url}/health", timeout=120, proc=proc)
-        assert _ui_settings(url)["api_url"].rstrip("/") == url
-        with temporary_settings(updates={PREFECT_API_URL: url}):
-            yield url
-            from prefect.logging.handlers import APILogWorker
-
-            APILogWorker.drain_all(timeout=10)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+def ui_api_url(prefect_server):
+    """The session server; its UI learns where the API is from GET /ui-settings (PREFECT_UI_API_URL, set in
+    conftest.py), and must call back to this very server."""
+    assert _ui_settings(prefect_server).get("api_url", "").rstrip("/") == prefect_server
+    return prefect_server
 
 
 @pytest.fixture(scope="module")
@@ -229,10 +193,6 @@ return {img_table_rows: img ? rows(img.closest('table')) : 'no image',
 """
 
 
-@pytest.mark.xfail(strict=False, reason="selfplay.report.round_report joins its blocks with single newlines, so GFM "
-                   "reads the image line as the last row of the Training table (in V1 the 1200 px image then pushes "
-                   "the Training values out of view) and the Checkpoint line runs into the block before it; joining "
-                   "the blocks with blank lines fixes it")
 def test_report_image_and_checkpoint_line_are_blocks_of_their_own(browser, ui_run):
     browser.get(f"{ui_run['base']}/v2/artifacts/artifact/{ui_run['artifact_id']}")
     assert_image_rendered(browser, ui_run)
