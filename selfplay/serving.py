@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import email.utils
 import errno
 import os
 import random
@@ -66,6 +65,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from selfplay.retry import backoff_seconds, retry_after_seconds, transient_errors
 
 __all__ = [
     "ServerSpec",
@@ -493,32 +494,6 @@ class _MalformedReply(Exception):
     """A 200 reply without the expected choices: retried."""
 
 
-BACKOFF_BASE_S, BACKOFF_CAP_S = 0.5, 30.0
-
-
-def _retryable() -> tuple[type[BaseException], ...]:
-    import openai
-
-    return (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError,
-            openai.APIResponseValidationError, _MalformedReply)
-
-
-def _retry_after(exc: BaseException) -> float | None:
-    headers = getattr(getattr(exc, "response", None), "headers", None) or {}
-    try:
-        if headers.get("retry-after-ms"):
-            return max(0.0, float(headers["retry-after-ms"]) / 1000.0)
-        if headers.get("retry-after"):
-            return max(0.0, float(headers["retry-after"]))
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(headers["retry-after"])
-            return max(0.0, when.timestamp() - time.time())
-        except (ValueError, TypeError, KeyError):
-            return None
-    return None
-
-
 def _split_tokens(total: int | None, texts: list[str]) -> list[int]:
     """Per-choice token counts: the reported total split in proportion to word counts (largest remainder).
 
@@ -558,7 +533,7 @@ async def asample_chat(
 
     if n < 1 or max_concurrency < 1:
         raise ValueError("n and max_concurrency must be at least 1")
-    retryable = _retryable()
+    retryable = transient_errors(_MalformedReply)
     limit = asyncio.Semaphore(max_concurrency)
     rng = random.Random(seed)
 
@@ -584,9 +559,7 @@ async def asample_chat(
                 if attempt == max_retries:
                     raise SamplingError(f"prompt {index}: failed after {max_retries + 1} attempts: "
                                         f"{type(exc).__name__}: {str(exc)[:300]}") from exc
-                delay = rng.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
-                wait = _retry_after(exc)
-                await asyncio.sleep(max(delay, wait) if wait is not None else delay)
+                await asyncio.sleep(backoff_seconds(attempt, retry_after_seconds(exc), rng))
             except openai.APIStatusError as exc:  # 4xx other than 429: the request itself is wrong
                 raise SamplingError(f"prompt {index}: the server refused the request ({exc.status_code}): "
                                     f"{str(exc)[:300]}") from exc

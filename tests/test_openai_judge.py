@@ -34,6 +34,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import selfplay.judges.openai as oj  # noqa: E402
+import selfplay.retry as retry  # noqa: E402
 from selfplay.config import EndpointConfig, FilterConfig, JudgeConfig  # noqa: E402
 from selfplay.judges import JudgeCall  # noqa: E402
 from selfplay.judges.cache import JudgeCache  # noqa: E402
@@ -52,7 +53,7 @@ KEY = "test-key"
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch):
     """Jittered backoff from a 10 ms base instead of 0.5 s; Retry-After still sets the minimum wait."""
-    monkeypatch.setattr(oj, "BACKOFF_BASE_S", 0.01)
+    monkeypatch.setattr(retry, "BACKOFF_BASE_S", 0.01)
 
 
 @pytest.fixture(autouse=True)
@@ -861,8 +862,8 @@ def test_retry_after_garbage_is_none():
 
 
 def test_backoff_never_below_retry_after_and_capped(monkeypatch):
-    monkeypatch.setattr(oj, "BACKOFF_BASE_S", 0.5)
-    monkeypatch.setattr(oj, "BACKOFF_CAP_S", 30.0)
+    monkeypatch.setattr(retry, "BACKOFF_BASE_S", 0.5)
+    monkeypatch.setattr(retry, "BACKOFF_CAP_S", 30.0)
     rng = random.Random(0)
     for attempt in range(12):
         ceiling = min(30.0, 0.5 * 2**attempt)

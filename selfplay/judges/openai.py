@@ -17,8 +17,6 @@ or stored.
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import json
 import os
 import random
 import threading
@@ -30,20 +28,13 @@ import openai
 from selfplay.config import EndpointConfig
 from selfplay.judges import JudgeCall, JudgeResult
 from selfplay.judges.cache import JudgeCache, call_key
+from selfplay.retry import backoff_seconds, retry_after_seconds, transient_errors
 from selfplay.judges.verdicts import (
     CHOICE_SCHEMA, MODE_INSTRUCTIONS, MODES, P_OF_LABEL, label_probabilities, parse_choice, parse_text_verdict,
 )
 
-RETRYABLE = (
-    openai.RateLimitError,
-    openai.InternalServerError,
-    openai.APITimeoutError,
-    openai.APIConnectionError,
-    openai.APIResponseValidationError,
-    json.JSONDecodeError,
-)
+
 TOP_LOGPROBS = 20  # OpenAI's maximum; enough to hold every variant of both labels
-BACKOFF_BASE_S, BACKOFF_CAP_S = 0.5, 30.0
 
 
 class EndpointError(RuntimeError):
@@ -96,37 +87,11 @@ def check_endpoint(endpoint: EndpointConfig, api_key: str) -> None:
         raise EndpointError(f"judge endpoint {endpoint.base_url} rejected the API key ({reply.status_code}); check {source}")
 
 
-def retry_after_seconds(exc: Exception) -> float | None:
-    """Seconds the server asked us to wait (Retry-After / retry-after-ms), if it said."""
-    response = getattr(exc, "response", None)
-    headers = getattr(response, "headers", None) or {}
-    if headers.get("retry-after-ms"):
-        try:
-            return max(0.0, float(headers["retry-after-ms"]) / 1000.0)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (ValueError, TypeError):
-        return None  # neither seconds nor an HTTP date: ignore it, back off as usual
-    return max(0.0, when.timestamp() - time.time()) if when else None
-
-
-def backoff_seconds(attempt: int, retry_after: float | None, rng: random.Random) -> float:
-    """Full-jitter exponential backoff, never shorter than the server's Retry-After."""
-    delay = rng.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
-    return max(delay, retry_after) if retry_after is not None else delay
-
-
 class MalformedReply(Exception):
     """A 200 reply that is not a chat completion: retried like a malformed body."""
+
+
+RETRYABLE = transient_errors(MalformedReply)
 
 
 # Words by which a 400 says a mode's feature is unsupported, rather than this one request being bad.
