@@ -28,7 +28,7 @@ from flows.dpo_round import dpo_round
 from selfplay.config import RunConfig, load_config
 from selfplay.orchestration import ensure_gpu_limit, publish_lineage
 from selfplay.preflight import preflight
-from selfplay.rundir import locked, open_run, read_json
+from selfplay.rundir import locked, open_run, read_json, write_json_atomic
 
 DEFAULT_RECIPE = "deployments/recipes/cpu-demo.yaml"
 
@@ -65,12 +65,24 @@ def typed_updates(
     return updates
 
 
-def continue_lineage(cfg: RunConfig, lineage: str, more_rounds: int) -> RunConfig:
-    """The lineage's run config: runs/<lineage>/, target = the previous run's target + `more_rounds`."""
+def continue_lineage(cfg: RunConfig, lineage: str, more_rounds: int, invocation: str | None = None) -> RunConfig:
+    """The lineage's run config: runs/<lineage>/, target = the previous run's target + `more_rounds`.
+
+    The target is recorded per flow run (`invocation`) in runs/<lineage>/lineage.json, so retrying a flow run
+    resumes it towards the same target instead of adding rounds again.
+    """
     cfg = cfg.model_copy(update={"name": lineage})
+    ledger_path = cfg.run_dir / "lineage.json"
+    ledger = read_json(ledger_path) if ledger_path.is_file() else {"targets": {}}
+    if invocation and invocation in ledger["targets"]:
+        return cfg.model_copy(update={"rounds": ledger["targets"][invocation]})
     record = cfg.run_dir / "run.json"
-    previous = read_json(record)["config"]["rounds"] if record.is_file() else 0
-    return cfg.model_copy(update={"rounds": previous + more_rounds})
+    target = (read_json(record)["config"]["rounds"] if record.is_file() else 0) + more_rounds
+    if invocation:
+        ledger["targets"][invocation] = target
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(ledger_path, ledger)
+    return cfg.model_copy(update={"rounds": target})
 
 
 def run_rounds(cfg: RunConfig) -> list[dict[str, Any]]:
@@ -82,7 +94,8 @@ def run_rounds(cfg: RunConfig) -> list[dict[str, Any]]:
         run = open_run(cfg, str(base))
         policy, summaries, rejected_in_a_row = str(base), [], 0
         for k in range(1, cfg.rounds + 1):
-            if run.round_done(k):
+            done_before = run.round_done(k)
+            if done_before:
                 log.info("round %d already complete, skipping", k)
                 summary = run.round_summary(k)
             else:
@@ -90,8 +103,8 @@ def run_rounds(cfg: RunConfig) -> list[dict[str, Any]]:
             summaries.append(summary)
             if summary.get("accepted", True):
                 policy, rejected_in_a_row = str(run.checkpoint(k)), 0
-            else:  # a rejected round stays on disk; the current checkpoint does not change
-                rejected_in_a_row += 1
+            elif not done_before:  # a rejected round stays on disk; the current checkpoint does not change
+                rejected_in_a_row += 1  # early stop counts this invocation's rounds: tomorrow's run tries again
             if cfg.gate.early_stop_after and rejected_in_a_row >= cfg.gate.early_stop_after:
                 log.warning("stopping early: %d rejected rounds in a row (gate.early_stop_after=%d); current checkpoint %s",
                             rejected_in_a_row, cfg.gate.early_stop_after, policy)
@@ -152,5 +165,5 @@ def self_play(
     )
     cfg = load_config([recipe, *(overlays or [])], overrides or [], updates)
     if lineage:
-        cfg = continue_lineage(cfg, lineage, rounds if rounds is not None else cfg.rounds)
+        cfg = continue_lineage(cfg, lineage, rounds if rounds is not None else cfg.rounds, invocation=str(flow_run.id))
     return run_rounds(cfg)

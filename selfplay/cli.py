@@ -148,7 +148,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(format_table([run.round_summary(k) for k in rounds]) if rounds else "(no completed round yet)")
     for k in rounds:
         s = run.round_summary(k)
-        print(f"\nround {k}: drops {s['drops']}; checkpoint {s['checkpoint']}")
+        print(f"\nround {k}: {s.get('gate_reason', 'no gate decision recorded')}\n  drops {s['drops']}\n  checkpoint {s['checkpoint']}")
     return 0
 
 

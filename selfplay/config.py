@@ -56,7 +56,8 @@ class EndpointConfig(Section):
 
     base_url: str = Field(..., description="API base URL, e.g. https://api.openai.com/v1 or http://localhost:8000/v1.")
     model: str = Field(..., description="Model name as the endpoint knows it.")
-    api_key_env: str | None = Field("OPENAI_API_KEY", description="Environment variable holding the API key (the key itself is never configured).")
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the API key (the key itself is never configured); unset, OpenAI's own API uses OPENAI_API_KEY and other hosts get no key.")
     api_key_secret: str | None = Field(None, description="Name of a Prefect Secret block holding the API key; wins over api_key_env.")
     timeout: float = Field(60.0, gt=0, description="Seconds per request before it counts as timed out (and is retried).")
     max_concurrency: int = Field(16, ge=1, description="Requests in flight at most.")
@@ -172,8 +173,14 @@ class RunConfig(Section):
         return Path(self.output_dir) / self.name
 
 
-# Fields that do not change any stage's output: a resume may change them (more rounds extends a run).
-NON_RESULT_FIELDS = frozenset({"name", "output_dir", "rounds", "train.min_pairs"})
+# Fields that do not change any stage's output (how and where work runs, budgets, accounting): a resume may change
+# them (more rounds extends a run).
+NON_RESULT_FIELDS = frozenset({
+    "name", "output_dir", "rounds", "train.min_pairs", "gate.early_stop_after", "judge.max_error_rate", "judge.cache",
+    "judge.batch_size", *(f"{section}.endpoint.{field}" for section in ("judge", "sample") for field in (
+        "timeout", "max_concurrency", "max_retries", "api_key_env", "api_key_secret", "price_input_per_mtok", "price_output_per_mtok")),
+    *(f"sample.server.{field}" for field in ("command", "host", "port", "container_port", "startup_timeout", "stop_timeout", "env", "cwd")),
+})
 
 # DPOConfig fields the train stage sets itself.
 MANAGED_DPO_FIELDS = frozenset({"output_dir"})

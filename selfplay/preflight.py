@@ -22,10 +22,11 @@ def preflight(cfg: RunConfig) -> Path:
     check_passthrough(cfg.train)
     device, dtype = pick_device()
     with tempfile.TemporaryDirectory() as scratch:
-        try:
-            DPOConfig(**dpo_arguments(cfg, 1, scratch, device, str(dtype).removeprefix("torch.")))
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"train.dpo: trl.DPOConfig rejects these settings: {exc}") from None
+        for k in range(1, cfg.rounds + 1):  # schedules change settings per round
+            try:
+                DPOConfig(**dpo_arguments(cfg, k, scratch, device, str(dtype).removeprefix("torch.")))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"train.dpo / train.schedule: trl.DPOConfig rejects round {k}'s settings: {exc}") from None
     p = cfg.prompts
     train = load_prompts(p.train, p.column, p.messages_column, p.split)
     if len(train) < 1:

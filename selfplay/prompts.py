@@ -42,10 +42,16 @@ def rows_to_prompts(records: list[dict[str, Any]], column: str, messages_column:
         if not isinstance(text, str) or not text.strip():
             empty.append(i)
             continue
-        out.append({"id": str(record.get("id", i)), "prompt": text.strip()})
+        rid = record.get("id")
+        out.append({"id": str(i if rid is None else rid), "prompt": text.strip()})
     if empty:
         shown = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
         raise PromptError(f"{source}: {len(empty)} empty prompt(s) in column {key!r} at rows {shown}; remove them")
+    seen: dict[str, int] = {}
+    for row, p in enumerate(out):
+        if p["id"] in seen:
+            raise PromptError(f"{source}: prompt id {p['id']!r} appears twice (rows {seen[p['id']]} and {row}); ids must be unique")
+        seen[p["id"]] = row
     return out
 
 

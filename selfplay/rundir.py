@@ -59,7 +59,7 @@ class RunDir:
     """One run's directory. Paths are explicit: nothing here guesses a 'latest' checkpoint."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # absolute: checkpoints are handed to other processes (vLLM, workers)
 
     def round_dir(self, k: int) -> Path:
         return self.root / f"round_{k}"

@@ -117,7 +117,8 @@ def sample_from_server(cfg: RunConfig, k: int, policy: str, prompts: list[str], 
         with gpu_slot():
             with ModelServer(s.server, policy, log_path) as server:
                 out = sample_chat(server.base_url, server.served_name, prompts, **params)
-            server.wait_gpu_free(120)
+            if not server.wait_gpu_free(120):
+                get_run_logger().warning("round %d: GPU memory was not all given back 120 s after the sampling server stopped", k)
     else:
         from selfplay.judges.openai import resolve_api_key
 

@@ -55,7 +55,8 @@ def check_enough_pairs(kept: int, min_pairs: int, drops: dict[str, int], k: int)
         f"round {k} kept {kept} pairs, fewer than train.min_pairs={min_pairs} (dropped: {reasons}). "
         f"To get more: draw more prompts (prompts.per_round), sample more per prompt (sample.num_samples), "
         f"give answers room to finish (sample.max_new_tokens) if many were truncated, lower judge.margin if many "
-        f"were ties, raise filter.max_similarity if many were too similar; or lower train.min_pairs."
+        f"were ties, raise filter.max_similarity if many were too similar; or lower train.min_pairs. These change the "
+        f"round's data, so start a new run (--set name=...) with them; only train.min_pairs can change on a resume."
     )
 
 
@@ -75,13 +76,17 @@ def dpo_records(pairs: pd.DataFrame) -> list[dict[str, Any]]:
 def dpo_arguments(cfg: RunConfig, k: int, output_dir: str, device: str, dtype_name: str) -> dict[str, Any]:
     """DPOConfig keyword arguments: our defaults, device precision, the recipe's train.dpo, then round k's
     train.schedule values on top."""
+    from trl import DPOConfig
+
     args = {**DPO_DEFAULTS, "seed": cfg.seed + k}
     if device == "cuda":
         args.update(bf16=dtype_name == "bfloat16", fp16=dtype_name == "float16")
     else:  # TRL defaults to bf16 and gradient checkpointing, which assume a GPU
         args.update(bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False)
     args.update(cfg.train.dpo)
-    args.update({key: scheduled(value, k) for key, value in cfg.train.schedule.items()})
+    for key, value in cfg.train.schedule.items():
+        v = scheduled(value, k)
+        args[key] = int(v) if isinstance(getattr(DPOConfig, key, None), int) and float(v).is_integer() else v
     args["output_dir"] = output_dir
     return args
 
@@ -205,6 +210,7 @@ def train_dpo(cfg: RunConfig, k: int, policy: str, pairs: pd.DataFrame, out: Pat
     del trainer, model, merged
     release_memory()
     (out / "log_history.json").write_text(json.dumps(history, indent=1))
+    plot_curves(history, out / "plots")
     return {
         **summarize_history(history),
         "pairs": len(pairs[pairs["kept"]]),

@@ -189,8 +189,18 @@ def test_empty_recipe_means_defaults(tmp_path):
 def test_result_differences_ignore_non_result_fields():
     old = load_config(None)
     new = load_config(None, ["rounds=9", "name=other", "output_dir=/elsewhere", "train.min_pairs=99"])
-    assert {"rounds", "name", "output_dir", "train.min_pairs"} == set(NON_RESULT_FIELDS)
+    assert {"rounds", "name", "output_dir", "train.min_pairs"} <= set(NON_RESULT_FIELDS)
     assert result_differences(old, new) == []
+
+
+def test_a_resume_may_change_how_the_endpoint_is_reached_but_not_which_judge():
+    endpoint = ["judge.backend=openai", "judge.endpoint.base_url=http://x/v1", "judge.endpoint.model=m"]
+    old = load_config(None, endpoint)
+    transport = load_config(None, endpoint + ["judge.endpoint.timeout=300", "judge.endpoint.max_retries=9",
+                                              "judge.endpoint.api_key_secret=key", "judge.max_error_rate=0.5"])
+    assert result_differences(old, transport) == []
+    other_judge = load_config(None, endpoint[:2] + ["judge.endpoint.model=other"])
+    assert result_differences(old, other_judge) == ["judge.endpoint.model: 'm' -> 'other'"]
 
 
 def test_result_differences_report_old_and_new_values():

@@ -44,11 +44,12 @@ def test_stage_output_publishes_files_and_a_manifest_last(tmp_path):
         assert not run.is_done(1, "sample") and not run.stage_dir(1, "sample").exists()
     final = run.stage_dir(1, "sample")
     assert run.is_done(1, "sample")
-    assert sorted(p.name for p in final.iterdir()) == sorted([MANIFEST, "notes.txt", "samples.parquet", "stats.json", "sub"])
+    assert sorted(p.name for p in final.iterdir()) == sorted([MANIFEST, "metrics.json", "notes.txt", "samples.parquet", "stats.json", "sub"])
+    assert json.loads((final / "metrics.json").read_text()) == {"completions": 3}
     m = run.manifest(1, "sample")
     assert (m["stage"], m["round"], m["policy"], m["metrics"]) == ("sample", 1, "p0", {"completions": 3})
     assert m["finished_at"] >= m["started_at"]
-    assert set(m["files"]) == {"samples.parquet", "stats.json", "sub/inner.json"}
+    assert set(m["files"]) == {"metrics.json", "samples.parquet", "stats.json", "sub/inner.json"}
     for name, digest in m["files"].items():
         assert digest == hashlib.sha256((final / name).read_bytes()).hexdigest() == sha256_file(final / name)
     assert leftovers(tmp_path) == []

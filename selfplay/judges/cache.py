@@ -1,7 +1,7 @@
 """An on-disk cache of judge calls: reruns and resumes pay for nothing twice.
 
 One SQLite file ($SELFPLAY_CACHE/judge-cache.sqlite) shared by all runs. The key hashes exactly what decides a
-call's answer: the endpoint's model, the verdict mode, the system prompt and the rendered user message (which holds
+call's answer: the endpoint (its URL and model name), the verdict mode, the system prompt and the rendered user message (which holds
 the template, the rubric, the prompt, both responses and their order). Only successful calls are stored.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 from selfplay.config import fingerprint
 
 
-def call_key(model: str, mode: str, system: str, user: str) -> str:
-    return fingerprint({"model": model, "mode": mode, "system": system, "user": user})
+def call_key(model: str, mode: str, system: str, user: str, base_url: str = "") -> str:
+    return fingerprint({"base_url": base_url.rstrip("/"), "model": model, "mode": mode, "system": system, "user": user})
 
 
 class JudgeCache:

@@ -62,10 +62,13 @@ def resolve_api_key(endpoint: EndpointConfig) -> str:
             return Secret.load(endpoint.api_key_secret).get()
         except ValueError as exc:
             raise EndpointError(f"judge.endpoint.api_key_secret: cannot load Prefect Secret block {endpoint.api_key_secret!r}: {exc}") from None
-    if endpoint.api_key_env and os.environ.get(endpoint.api_key_env):
-        return os.environ[endpoint.api_key_env]
-    if "api.openai.com" in endpoint.base_url:
-        raise EndpointError(f"no API key for {endpoint.base_url}: set the environment variable {endpoint.api_key_env or 'OPENAI_API_KEY'} or judge.endpoint.api_key_secret")
+    openai_api = "api.openai.com" in endpoint.base_url
+    # OPENAI_API_KEY goes to OpenAI only: another host gets a key only when api_key_env names one.
+    variable = endpoint.api_key_env or ("OPENAI_API_KEY" if openai_api else None)
+    if variable and os.environ.get(variable):
+        return os.environ[variable]
+    if openai_api:
+        raise EndpointError(f"no API key for {endpoint.base_url}: set the environment variable {variable} or endpoint.api_key_secret")
     return "EMPTY"  # vLLM and most local servers accept any key
 
 
@@ -81,6 +84,13 @@ def check_endpoint(endpoint: EndpointConfig, api_key: str) -> None:
             f"judge endpoint {endpoint.base_url} is unreachable ({exc.__class__.__name__}: {exc}); start the server or "
             f"fix judge.endpoint.base_url"
         ) from None
+    if reply.status_code == 200:
+        try:
+            served = [m.get("id") for m in reply.json().get("data", [])]
+        except (ValueError, AttributeError):
+            served = []
+        if served and endpoint.model not in served:
+            raise EndpointError(f"{endpoint.base_url} does not serve model {endpoint.model!r} (it serves: {', '.join(map(str, served[:10]))}); fix the endpoint's model")
     if reply.status_code in (401, 403):
         source = (f"Prefect Secret {endpoint.api_key_secret!r}" if endpoint.api_key_secret
                   else f"${endpoint.api_key_env}" if endpoint.api_key_env else "judge.endpoint.api_key_env / api_key_secret (none is set)")
@@ -152,7 +162,7 @@ class OpenAIJudge:
             return list(await asyncio.gather(*(self._one(client, limit, call) for call in calls)))
 
     async def _one(self, client, limit: asyncio.Semaphore, call: JudgeCall) -> JudgeResult:
-        key = call_key(self.endpoint.model, self.configured_mode, call.system, call.user)
+        key = call_key(self.endpoint.model, self.configured_mode, call.system, call.user, self.endpoint.base_url)
         if self._cache is not None and (hit := self._cache.get(key)) is not None:
             return JudgeResult(**{**hit, "cached": True, "cost": 0.0, "latency_s": 0.0})
         tried, spent = [], {"tokens_in": 0, "tokens_out": 0, "cost": 0.0}
