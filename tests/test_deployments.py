@@ -184,3 +184,17 @@ def test_retrying_a_failed_run_resumes_from_its_completed_stages(deployed, tiny_
     after = {stage: (run.manifest(1, stage)["finished_at"], (run.stage_dir(1, stage)).stat().st_ino) for stage in ("sample", "judge", "filter")}
     assert after == before  # sampling, judging and filtering were not redone
     assert run.round_done(1) and run.is_done(1, "train")
+
+
+def test_retrying_a_lineage_run_does_not_add_rounds(tiny_model, tmp_path):
+    from flows.self_play import continue_lineage
+    from selfplay.config import build_config
+
+    cfg = build_config(tiny_config(tiny_model, tmp_path / "runs", rounds=1))
+    tonight = continue_lineage(cfg, "night", 1, invocation="flow-run-a")
+    run = RunDir(Path(cfg.output_dir) / "night")
+    # open_run records the target; the run then fails, and the UI retries the same flow run.
+    (run.root / "run.json").write_text(json.dumps({"config": tonight.model_dump(mode="json")}))
+    retried = continue_lineage(cfg, "night", 1, invocation="flow-run-a")
+    tomorrow = continue_lineage(cfg, "night", 1, invocation="flow-run-b")
+    assert (tonight.rounds, retried.rounds, tomorrow.rounds) == (1, 1, 2)
