@@ -53,7 +53,7 @@ def test_endpoint_backend_samples_from_a_running_server(prefect_server, tiny_mod
         k = body.get("n", 1)
         return Reply(json=chat_completion("", contents=[f"reply {i} (seed {body.get('seed')})" for i in range(k)], n=k, completion_tokens=3 * k))
 
-    with ScriptedOpenAI(answer) as server:
+    with ScriptedOpenAI(answer, model="policy") as server:
         cfg = tiny_config(tiny_model, tmp_path / "runs", name="endpoint-sampler", rounds=1,
                           sample={"backend": "endpoint", "endpoint": {"base_url": server.base_url, "model": "policy", "api_key_env": None}})
         run_self_play(cfg, tmp_path / "endpoint.yaml")

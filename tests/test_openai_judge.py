@@ -878,3 +878,10 @@ def test_backoff_never_below_retry_after_and_capped(monkeypatch):
     assert backoff_seconds(3, 120.0, rng) == 120.0  # the server's wish wins over the cap
     # seeded: reproducible
     assert [backoff_seconds(2, None, random.Random(7)) for _ in range(3)] == [backoff_seconds(2, None, random.Random(7))] * 3
+
+
+def test_check_endpoint_refuses_a_model_the_server_does_not_serve():
+    with ScriptedOpenAI(Reply(json=chat_completion("A")), model="judge") as server:
+        check_endpoint(EndpointConfig(base_url=server.base_url, model="judge"), "key")
+        with pytest.raises(EndpointError, match="does not serve model 'other'.*judge"):
+            check_endpoint(EndpointConfig(base_url=server.base_url, model="other"), "key")
