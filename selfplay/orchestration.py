@@ -11,6 +11,9 @@ from typing import Any
 from uuid import UUID
 
 GPU_LIMIT = "gpu"
+# A holder renews its lease while it lives; a crashed one (SIGKILL, a lost worker) frees the slot when the lease
+# runs out. Prefect's default is 300 s: every other GPU stage would wait that long after a crash.
+GPU_LEASE_S = 60.0
 KEYS = {
     "summary": "selfplay-round-summary",
     "pairs": "selfplay-judged-pairs",
@@ -39,7 +42,7 @@ def gpu_slot() -> Iterator[None]:
     """Hold the strict `gpu` limit: at most one GPU stage (sample, local judge, train, evaluate) at a time."""
     from prefect.concurrency.sync import concurrency
 
-    with concurrency(GPU_LIMIT, occupy=1, strict=True):
+    with concurrency(GPU_LIMIT, occupy=1, strict=True, lease_duration=GPU_LEASE_S):
         yield
 
 

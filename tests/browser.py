@@ -80,11 +80,14 @@ def wait_for(driver, condition: Callable[[Any], Any], what: str, timeout: float 
              detail: Callable[[Any], str] | None = None) -> Any:
     """WebDriverWait for `condition(driver)` to be truthy and return it; on timeout fail with what the page showed
     (and `detail(driver)`, if given)."""
-    from selenium.common.exceptions import TimeoutException
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
+    # The UI is a single-page app that re-renders as data arrives: an element found in one poll may be replaced
+    # before the condition reads it; that poll simply does not count.
+    ignored = (NoSuchElementException, StaleElementReferenceException)
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.25).until(condition)
+        return WebDriverWait(driver, timeout, poll_frequency=0.25, ignored_exceptions=ignored).until(condition)
     except TimeoutException:
         text = driver.execute_script("return document.body ? document.body.innerText : ''") or ""
         extra = f"\n{detail(driver)}" if detail else ""
