@@ -189,6 +189,8 @@ TABLE_HEAD = ("round", "sampled", "judged", "kept", "position consistency", "DPO
 
 def _gate_cell(s: dict[str, Any], complete: bool) -> str:
     accepted, reason = s.get("accepted"), s.get("gate_reason")
+    if reason and reason.split(":", 1)[0] in ("accepted", "rejected"):  # the label already says it
+        reason = reason.split(":", 1)[1].strip()
     why = f": {esc(reason)}" if reason not in (None, "") else ""
     if accepted is True:
         return f'<span class="accepted">accepted</span>{why}'
