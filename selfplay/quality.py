@@ -81,7 +81,8 @@ VERDICT_VALUE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
 LC_L2 = 1e-2  # L2 penalty on the length slope of the length-controlled fit (on a sum over pairs, not a mean)
 
 
-def _warning(check: str, value: float, threshold: float, message: str, **extra: Any) -> dict[str, Any]:
+def warning(check: str, value: Any, threshold: Any, message: str, **extra: Any) -> dict[str, Any]:
+    """One warning as every report shows it: what was checked, its value, the threshold passed, what to try."""
     return {"check": check, "value": value, "threshold": threshold, "message": message, **extra}
 
 
@@ -286,35 +287,35 @@ def data_quality(pairs: pd.DataFrame, prompts: list[str], thresholds: QualityThr
 
     warnings: list[dict[str, Any]] = []
     if length_ratio is not None and length_ratio > t.max_length_ratio:
-        warnings.append(_warning(
+        warnings.append(warning(
             "length_ratio", length_ratio, t.max_length_ratio,
             f"chosen responses are on average {length_ratio:.2f}x as long as rejected ones: the judge is likely "
             "rewarding length, and DPO will teach the policy to ramble. Try a rubric that asks for concision, a judge "
             "less prone to length bias, or a smaller sample.max_new_tokens; compare lc_win_rate with win_rate.",
         ))
     if chosen_longer is not None and chosen_longer > t.max_chosen_longer_fraction:
-        warnings.append(_warning(
+        warnings.append(warning(
             "chosen_longer_fraction", chosen_longer, t.max_chosen_longer_fraction,
             f"the chosen response is the longer one in {chosen_longer:.0%} of kept pairs: length may be deciding "
             "the verdicts rather than quality. Try a rubric that penalises padding, check the judge on "
             "equal-length pairs, and watch verbosity across rounds.",
         ))
     if duplicate_prompts > t.max_duplicate_prompts:
-        warnings.append(_warning(
+        warnings.append(warning(
             "duplicate_prompts", duplicate_prompts, t.max_duplicate_prompts,
             f"{duplicate_prompts} prompt text(s) were drawn more than once this round: the round overweights them "
             "and the prompt pool may be too small or contain near-duplicates. Deduplicate the prompt file, lower "
             "prompts.per_round, or check that the per-round draw samples without replacement.",
         ))
     if identical_pairs > t.max_identical_pairs:
-        warnings.append(_warning(
+        warnings.append(warning(
             "identical_pairs", identical_pairs, t.max_identical_pairs,
             f"{identical_pairs} pair(s) have identical responses ({identical_kept} of them kept): sampling is "
             "collapsing to one answer per prompt, so pairs carry no preference signal. Raise sample.temperature or "
             "top_p; if any were kept, lower filter.max_similarity (a kept identical pair is a filter bug).",
         ))
     if short_fraction > t.max_short_fraction:
-        warnings.append(_warning(
+        warnings.append(warning(
             "short_fraction", short_fraction, t.max_short_fraction,
             f"{short_responses} of {len(distinct)} distinct responses ({short_fraction:.0%}) have fewer than "
             f"{t.short_chars} characters: the policy may be emitting end-of-sequence early or the chat template may "
@@ -510,7 +511,7 @@ def pathology_trend(history: list[dict[str, float]]) -> list[dict[str, Any]]:
                 limit = b + amount
                 growth = f"+{v - b:.2f}"
             if v > limit:
-                warnings.append(_warning(
+                warnings.append(warning(
                     measure, float(v), float(limit),
                     f"{measure} rose from {b:.3g} at round 0 to {v:.3g} at round {k} ({growth}; threshold "
                     f"{'+' + format(amount, '.0%') if kind == 'relative' else '+' + format(amount, '.2f')}): "

@@ -24,6 +24,7 @@ from prefect.cache_policies import NONE
 
 from selfplay.config import RunConfig, scheduled
 from selfplay.orchestration import Progress, gpu_slot
+from selfplay.quality import warning
 from selfplay.rundir import RunDir
 
 # Defaults for a short CPU-friendly round; any of them can be overridden by train.dpo.
@@ -112,7 +113,7 @@ def summarize_history(history: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _warning(check: str, value: float, threshold: str, message: str) -> dict[str, Any]:
-    return {"check": check, "value": round(float(value), 4), "threshold": threshold, "message": message}
+    return warning(check, round(float(value), 4), threshold, message)
 
 
 def training_diagnoses(history: list[dict[str, Any]], ln2_tolerance: float = 0.02, max_accuracy: float = 0.95, drift: float = 0.05) -> list[dict[str, Any]]:
