@@ -38,16 +38,13 @@ OUTCOME = {"first": "win", "second": "loss", "judge_error": "error", "invalid": 
 GENERATION_COLUMNS = ["prompt_id", "prompt", "response", "n_tokens", "truncated"]
 
 
-def tally(verdicts: list[str]) -> dict[str, Any]:
-    """Win / tie / loss counts of the new model (position 'first') and its win rate, ties counted as half.
+def outcomes(verdicts: list[str]) -> list[str]:
+    """The new model's outcome per pair (it sits in position 'first'): win, tie, loss, or error (not counted).
 
-    >>> tally(["first", "first", "tie", "second"])["win_rate"]
-    0.625
+    >>> outcomes(["first", "tie", "second", "inconsistent", "judge_error"])
+    ['win', 'tie', 'loss', 'tie', 'error']
     """
-    outcomes = [OUTCOME.get(v, "tie") for v in verdicts if v != "judge_error"]
-    wins, losses = outcomes.count("win"), outcomes.count("loss")
-    ties, n = outcomes.count("tie"), len(outcomes)
-    return {"n": n, "wins": wins, "ties": ties, "losses": losses, "errors": len(verdicts) - n, "win_rate": (wins + ties / 2) / n if n else None}
+    return [OUTCOME.get(v, "tie") for v in verdicts]
 
 
 def gate_decision(vs_current: dict[str, Any], gate: GateConfig) -> tuple[bool, str]:
@@ -102,7 +99,7 @@ def comparison_pairs(new: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
 
 def comparison(table: pd.DataFrame, new: pd.DataFrame, other: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
     table = table.rename(columns={"response_1": "response_new", "response_2": "response_other"})
-    table["outcome"] = [OUTCOME.get(v, "tie") for v in table["verdict"]]
+    table["outcome"] = outcomes(table["verdict"].tolist())
     return table, win_summary(table["outcome"].tolist(), new["n_tokens"].tolist(), other["n_tokens"].tolist())
 
 
@@ -139,7 +136,7 @@ def evaluate(cfg: RunConfig, k: int, previous: str, base: str | None = None) -> 
     table, vs_current = comparison(table, new, old)
     metrics: dict[str, Any] = {
         **vs_current,
-        "errors": tally(table["verdict"].tolist())["errors"],
+        "errors": int((table["outcome"] == "error").sum()),
         "vs_base": None,
         "judge": stats,
         "pathologies": pathologies(new["response"].tolist()),

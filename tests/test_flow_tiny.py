@@ -152,4 +152,6 @@ def test_evaluate_stage_judges_new_against_previous(tiny_run):
     cfg, run, _ = tiny_run
     m = run.manifest(2, "evaluate")
     assert m["checkpoint"] == str(run.checkpoint(2)) and m["previous"] == str(run.checkpoint(1))
-    assert evaluate_stage.tally(pd.read_parquet(run.stage_dir(2, "evaluate") / "eval.parquet")["verdict"].tolist())["n"] == cfg.prompts.eval_size
+    evals = pd.read_parquet(run.stage_dir(2, "evaluate") / "eval.parquet")
+    assert evals["outcome"].tolist() == evaluate_stage.outcomes(evals["verdict"].tolist())
+    assert m["metrics"]["n"] + m["metrics"]["errors"] == cfg.prompts.eval_size

@@ -1,7 +1,7 @@
 """Fast tier: the judge stage's pure logic (tasks/judge.py), driven by small in-memory fake judge backends.
 
 No model is loaded: the fakes implement the `Judge` protocol (name, judge(calls), close()) and answer from the
-rendered prompt text, so the swap rule, screening, verdicts, statistics and the evaluate tally are checked exactly.
+rendered prompt text, so the swap rule, screening, verdicts, statistics and the evaluate outcomes are checked exactly.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import pytest
 
 from selfplay.config import FilterConfig, JudgeConfig
 from selfplay.judges import Judge, JudgeCall, JudgeResult
-from tasks.evaluate import tally
+from selfplay.quality import win_summary
+from tasks.evaluate import outcomes
 from tasks.filter import REASONS, drop_counts, select_pairs
 from tasks.judge import (
     COLUMNS,
@@ -413,24 +414,30 @@ def test_judge_stats_on_an_empty_table():
     assert stats["tie_rate"] is None and stats["position_consistency"] is None
 
 
-# ---------------------------------------------------------------- evaluate's tally
+# ---------------------------------------------------------------- evaluate's outcomes and win rate
 
-def test_tally_counts_ties_as_half_and_excludes_errors():
-    t = tally(["first", "first", "tie", "second", "judge_error"])
-    assert t == {"n": 4, "wins": 2, "ties": 1, "losses": 1, "errors": 1, "win_rate": (2 + 0.5) / 4}
-    assert tally([])["win_rate"] is None
-    assert tally(["judge_error"] * 3) == {"n": 0, "wins": 0, "ties": 0, "losses": 0, "errors": 3, "win_rate": None}
+def score(verdicts):
+    marks = outcomes(verdicts)
+    return marks, win_summary(marks, [10] * len(marks), [10] * len(marks))
 
 
-def test_tally_win_rate_property():
+def test_ties_count_half_and_errors_are_excluded():
+    marks, t = score(["first", "first", "tie", "second", "judge_error"])
+    assert marks.count("error") == 1
+    assert (t["n"], t["wins"], t["ties"], t["losses"], t["win_rate"]) == (4, 2, 1, 1, (2 + 0.5) / 4)
+    assert score([])[1]["win_rate"] is None
+    assert score(["judge_error"] * 3)[1]["n"] == 0
+
+
+def test_win_rate_property():
     rng = random.Random(11)
     for _ in range(300):
         verdicts = [rng.choice(["first", "second", "tie", "inconsistent", "judge_error"]) for _ in range(rng.randint(1, 30))]
-        t = tally(verdicts)
+        marks, t = score(verdicts)
         assert t["wins"] + t["ties"] + t["losses"] == t["n"]
-        assert t["n"] + t["errors"] == len(verdicts)
-        assert t["errors"] == verdicts.count("judge_error")
+        assert t["n"] + marks.count("error") == len(verdicts)
+        assert marks.count("error") == verdicts.count("judge_error")
         if t["n"]:
             assert 0.0 <= t["win_rate"] <= 1.0
-            mirrored = tally([{"first": "second", "second": "first"}.get(v, v) for v in verdicts])
+            mirrored = score([{"first": "second", "second": "first"}.get(v, v) for v in verdicts])[1]
             assert t["win_rate"] + mirrored["win_rate"] == pytest.approx(1.0)
