@@ -128,6 +128,23 @@ class Decay(Section):
     factor: float = Field(1.0, gt=0, description="Multiplier per round.")
 
 
+class LauncherConfig(Section):
+    """How the train stage's process starts. 'python': one process (one GPU, or the CPU). 'accelerate':
+    `accelerate launch` with a config file, e.g. deployments/accelerate/zero3.yaml, for data-parallel training on
+    several GPUs with DeepSpeed ZeRO-2 or ZeRO-3."""
+
+    kind: Literal["python", "accelerate"] = Field("python", description="'python' (one process) or 'accelerate' (accelerate launch, multi-GPU).")
+    config_file: str | None = Field(None, description="accelerate: its config file (deployments/accelerate/{ddp,zero2,zero3}.yaml, or your own).")
+    num_processes: int | None = Field(None, ge=1, description="accelerate: processes (one per GPU); unset, every visible GPU.")
+    args: list[str] = Field(default_factory=list, description="accelerate: more `accelerate launch` arguments, e.g. ['--main_process_port', '29511'].")
+
+    @model_validator(mode="after")
+    def _config_for_accelerate(self) -> "LauncherConfig":
+        if self.kind == "python" and (self.config_file or self.num_processes or self.args):
+            raise ValueError("train.launcher.config_file/num_processes/args apply to kind 'accelerate' only")
+        return self
+
+
 class TrainConfig(Section):
     min_pairs: int = Field(16, ge=1, description="A round with fewer kept pairs stops before training.")
     schedule: dict[str, list[float] | Decay] = Field(
@@ -138,6 +155,13 @@ class TrainConfig(Section):
         description="Passed to peft.LoraConfig.",
     )
     dpo: dict[str, Any] = Field(default_factory=dict, description="Passed to trl.DPOConfig (beta, learning_rate, loss_type, ...).")
+    quantization: Literal["none", "4bit"] = Field(
+        "none", description="'4bit': QLoRA, the policy loaded in 4-bit NF4 for training (CUDA and the qlora extra: pip install -e '.[qlora]'); "
+        "the adapter is merged into the full-precision policy.")
+    merge: bool = Field(
+        True, description="true: merge each round's LoRA adapter; the checkpoint is a full model. false: the checkpoint is one "
+        "adapter over the base model, trained on across rounds (what sample.backend 'endpoint' loads into a vLLM server).")
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig, description="How the training process starts: one process, or accelerate launch for multi-GPU.")
 
 
 class EvaluateConfig(Section):
@@ -167,6 +191,9 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    isolation: Literal["auto", "process", "inline"] = Field(
+        "auto", description="Where GPU stages (transformers sampling, local judging, training, eval generation) run: 'process', each in its "
+        "own process so its GPU memory is given back when it ends; 'inline', in the flow's process; 'auto', process on CUDA, inline on CPU.")
 
     @property
     def run_dir(self) -> Path:
@@ -176,7 +203,7 @@ class RunConfig(Section):
 # Fields that do not change any stage's output (how and where work runs, budgets, accounting): a resume may change
 # them (more rounds extends a run).
 NON_RESULT_FIELDS = frozenset({
-    "name", "output_dir", "rounds", "train.min_pairs", "gate.early_stop_after", "judge.max_error_rate", "judge.cache",
+    "name", "output_dir", "rounds", "isolation", "train.min_pairs", "train.launcher.args", "gate.early_stop_after", "judge.max_error_rate", "judge.cache",
     "judge.batch_size", *(f"{section}.endpoint.{field}" for section in ("judge", "sample") for field in (
         "timeout", "max_concurrency", "max_retries", "api_key_env", "api_key_secret", "price_input_per_mtok", "price_output_per_mtok")),
     *(f"sample.server.{field}" for field in ("command", "host", "port", "container_port", "startup_timeout", "stop_timeout", "env", "cwd")),

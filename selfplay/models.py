@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -152,12 +153,34 @@ def load_tokenizer(path: Path, padding_side: str = "left"):
     return tokenizer
 
 
-def load_causal_lm(path: Path, device: str | None = None):
-    """Load a checkpoint for inference (eval mode) on the auto-picked device."""
+def is_adapter(path: str | Path) -> bool:
+    """A LoRA adapter directory (a `train.merge: false` checkpoint) rather than a full model."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base(path: str | Path) -> str:
+    """The full model a LoRA adapter directory was trained over (its adapter_config.json says)."""
+    return json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def load_merged(path: str | Path, dtype=None):
+    """A full model from a checkpoint: the model itself, or, for a LoRA adapter directory, its base with the
+    adapter merged in. On the CPU, in `dtype` (default: the auto-picked one)."""
     from transformers import AutoModelForCausalLM
 
-    auto_device, dtype = pick_device()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    dtype = dtype or pick_device()[1]
+    if not is_adapter(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(adapter_base(path), dtype=dtype)
+    return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+
+
+def load_causal_lm(path: Path, device: str | None = None):
+    """Load a checkpoint (a full model or a LoRA adapter over one) for inference (eval mode) on the auto-picked device."""
+    auto_device, _ = pick_device()
+    model = load_merged(path)
     model.to(device or auto_device)
     model.eval()
     return model

@@ -16,7 +16,6 @@ round 2 on), generations.parquet (the new checkpoint's answers), generations_pre
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
@@ -24,14 +23,15 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
+from selfplay import isolate
 from selfplay.config import GateConfig, RunConfig
-from selfplay.judges import make_judge
+from selfplay.isolate import isolated
 from selfplay.models import load_causal_lm, load_tokenizer, release_memory
 from selfplay.orchestration import gpu_slot
 from selfplay.prompts import load_prompts
 from selfplay.quality import pathologies, win_summary
 from selfplay.rundir import RunDir
-from tasks.judge import PAIR_COLUMNS, check_error_rate, judge_pairs
+from tasks.judge import PAIR_COLUMNS, check_error_rate, run_judge
 from tasks.sample import generate
 
 OUTCOME = {"first": "win", "second": "loss", "judge_error": "error", "invalid": "error"}
@@ -77,15 +77,21 @@ def find_generations(run: RunDir, model: str, upto: int, held_out: list[dict[str
     return None
 
 
-def eval_generations(cfg: RunConfig, model_path: str, held_out: list[dict[str, str]]) -> pd.DataFrame:
+def eval_generations(cfg: RunConfig, model_paths: list[str], held_out: list[dict[str, str]], *, log=None, progress=None) -> list[pd.DataFrame]:
+    """One answer per held-out prompt from each model in turn, with the same seed and settings for all."""
     e = cfg.evaluate
-    model, tokenizer = load_causal_lm(model_path), load_tokenizer(model_path)
-    rows = generate(model, tokenizer, [p["prompt"] for p in held_out], num_samples=1, temperature=e.temperature, top_p=1.0,
-                    max_new_tokens=e.max_new_tokens, batch_size=cfg.sample.batch_size, seed=e.seed)
-    del model
-    release_memory()
-    return pd.DataFrame([{"prompt_id": p["id"], "prompt": p["prompt"], "response": r["response"], "n_tokens": r["n_tokens"],
-                          "truncated": r["truncated"]} for p, r in zip(held_out, rows)], columns=GENERATION_COLUMNS)
+    tables = []
+    for i, model_path in enumerate(model_paths):
+        model, tokenizer = load_causal_lm(model_path), load_tokenizer(model_path)
+        rows = generate(model, tokenizer, [p["prompt"] for p in held_out], num_samples=1, temperature=e.temperature, top_p=1.0,
+                        max_new_tokens=e.max_new_tokens, batch_size=cfg.sample.batch_size, seed=e.seed)
+        del model
+        release_memory()
+        tables.append(pd.DataFrame([{"prompt_id": p["id"], "prompt": p["prompt"], "response": r["response"], "n_tokens": r["n_tokens"],
+                                     "truncated": r["truncated"]} for p, r in zip(held_out, rows)], columns=GENERATION_COLUMNS))
+        if progress:
+            progress(i + 1, len(model_paths))
+    return tables
 
 
 def comparison_pairs(new: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
@@ -115,21 +121,20 @@ def evaluate(cfg: RunConfig, k: int, previous: str, base: str | None = None) -> 
     held_out = load_prompts(cfg.prompts.eval, cfg.prompts.column, cfg.prompts.messages_column, cfg.prompts.split)[: cfg.prompts.eval_size]
     against_base = cfg.evaluate.vs_base and base is not None and base != previous
     checkpoint = str(run.checkpoint(k))
+    # Answers already generated for the same model and prompts (an earlier round's eval) are reused.
+    old = find_generations(run, previous, k, held_out)
+    first = find_generations(run, base, k, held_out) if against_base else None
+    todo = [checkpoint] + ([previous] if old is None else []) + ([base] if against_base and first is None else [])
     with gpu_slot():
-        new = eval_generations(cfg, checkpoint, held_out)
-        old = find_generations(run, previous, k, held_out)
-        old = eval_generations(cfg, previous, held_out) if old is None else old
-        first = find_generations(run, base, k, held_out) if against_base else None
-        first = eval_generations(cfg, base, held_out) if against_base and first is None else first
+        generated, _ = isolate.call("tasks.evaluate:eval_generations", cfg, todo, held_out, isolated=isolated(cfg.isolation),
+                                    scratch=run.round_dir(k), label=f"round {k} eval generation", log=log)
+    new = generated.pop(0)
+    old = generated.pop(0) if old is None else old
+    first = generated.pop(0) if against_base and first is None else first
 
-    with gpu_slot() if cfg.judge.backend == "local" else contextlib.nullcontext():
-        backend = make_judge(cfg.judge, previous)
-        try:
-            table, _, stats = judge_pairs(backend, comparison_pairs(new, old), cfg.judge)
-            base_table = judge_pairs(backend, comparison_pairs(new, first), cfg.judge)[0] if against_base else None
-        finally:
-            backend.close()
-            release_memory()
+    tables = [comparison_pairs(new, old)] + ([comparison_pairs(new, first)] if against_base else [])
+    judged = run_judge(cfg, previous, tables, run.round_dir(k), f"round {k} eval judge", log)
+    (table, _, stats), base_table = judged[0], judged[1][0] if against_base else None
     check_error_rate(table, cfg.judge.max_error_rate, k)  # an outage must fail the stage, not decide the gate
     if base_table is not None:
         check_error_rate(base_table, cfg.judge.max_error_rate, k)

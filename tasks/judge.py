@@ -18,7 +18,6 @@ calls.parquet (one row per judge call: mode, label, tokens, latency, cost, cache
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import random
 import re
@@ -32,7 +31,9 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
+from selfplay import isolate
 from selfplay.config import FilterConfig, JudgeConfig, RunConfig
+from selfplay.isolate import isolated
 from selfplay.judges import Judge, JudgeCall, JudgeResult, make_judge
 from selfplay.models import release_memory
 from selfplay.orchestration import Progress, gpu_slot
@@ -277,6 +278,28 @@ def judge_pairs(
     return table, calls_table(pairs, results), judge_stats(table, results)
 
 
+def judge_tables(cfg: JudgeConfig, reference: str, tables: list[pd.DataFrame], *, log=None,
+                 progress: Callable[[int, int], None] | None = None) -> list[tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]]:
+    """Build the configured judge once and judge each table of pairs with it (`judge_pairs`), then close it."""
+    backend = make_judge(cfg, reference)
+    try:
+        return [judge_pairs(backend, pairs, cfg, progress=progress) for pairs in tables]
+    finally:
+        backend.close()
+        release_memory()
+
+
+def run_judge(cfg: RunConfig, reference: str, tables: list[pd.DataFrame], scratch: Path, label: str, log,
+              progress: Callable[[int, int], None] | None = None) -> list[tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]]:
+    """`judge_tables` where it belongs: a local judge is a model on the GPU, so it holds the `gpu` limit (and, with
+    process isolation, runs in its own process); an endpoint judge runs here."""
+    if cfg.judge.backend != "local":
+        return judge_tables(cfg.judge, reference, tables, log=log, progress=progress)
+    with gpu_slot():
+        return isolate.call("tasks.judge:judge_tables", cfg.judge, reference, tables, isolated=isolated(cfg.isolation),
+                            scratch=scratch, label=label, log=log, progress=progress)[0]
+
+
 # ---------------------------------------------------------------- task
 
 @task(name="judge", cache_policy=NONE)
@@ -300,14 +323,7 @@ def judge(cfg: RunConfig, k: int, reference: str) -> dict[str, Any]:
         bar.update(done, total)
         log.info("round %d: judge calls %d/%d (%.0f s)", k, done, total, time.time() - started)
 
-    # A local judge is a model on the GPU; an endpoint judge is not.
-    with gpu_slot() if cfg.judge.backend == "local" else contextlib.nullcontext():
-        backend = make_judge(cfg.judge, reference)
-        try:
-            table, calls, stats = judge_pairs(backend, pairs, cfg.judge, progress=progress)
-        finally:
-            backend.close()
-            release_memory()
+    [(table, calls, stats)] = run_judge(cfg, reference, [pairs], run.round_dir(k), f"round {k} judge", log, progress)
     stats["seconds"] = time.time() - started
     check_error_rate(table, cfg.judge.max_error_rate, k)
     judge_model = cfg.judge.endpoint.model if cfg.judge.backend == "openai" else cfg.judge.model

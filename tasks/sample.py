@@ -16,8 +16,10 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
+from selfplay import isolate
 from selfplay.config import RunConfig
-from selfplay.models import load_causal_lm, load_tokenizer, peak_memory_gb, release_memory, reset_peak_memory
+from selfplay.isolate import isolated
+from selfplay.models import load_causal_lm, load_tokenizer, release_memory
 from selfplay.orchestration import Progress, gpu_slot
 from selfplay.prompts import draw_prompts, load_prompts
 from selfplay.rundir import RunDir
@@ -133,6 +135,16 @@ def sample_from_server(cfg: RunConfig, k: int, policy: str, prompts: list[str], 
             for i, choices in enumerate(out) for j, c in enumerate(choices)]
 
 
+def sample_local(policy: str, prompts: list[str], s, seed: int, *, log, progress=None) -> list[dict[str, Any]]:
+    """The transformers backend: load `policy` from disk, generate, give the memory back."""
+    model, tokenizer = load_causal_lm(policy), load_tokenizer(policy)
+    rows = generate(model, tokenizer, prompts, num_samples=s.num_samples, temperature=s.temperature, top_p=s.top_p,
+                    max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed=seed, progress=progress)
+    del model
+    release_memory()
+    return rows
+
+
 def round_prompts(cfg: RunConfig, k: int) -> list[dict[str, str]]:
     pool = load_prompts(cfg.prompts.train, cfg.prompts.column, cfg.prompts.messages_column, cfg.prompts.split)
     return draw_prompts(pool, cfg.prompts.per_round, cfg.seed, k)
@@ -155,17 +167,12 @@ def sample(cfg: RunConfig, k: int, policy: str) -> dict[str, Any]:
         bar.update(done, total)
         log.info("round %d: sampled %d/%d prompts x %d (%.0f s)", k, done, total, s.num_samples, time.time() - started)
 
-    reset_peak_memory()
+    peak = None
     if s.backend == "transformers":
         with gpu_slot():
-            model, tokenizer = load_causal_lm(policy), load_tokenizer(policy)
-            rows = generate(
-                model, tokenizer, [p["prompt"] for p in prompts],
-                num_samples=s.num_samples, temperature=s.temperature, top_p=s.top_p,
-                max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed=s.seed + k, progress=progress,
-            )
-            del model
-            release_memory()
+            rows, peak = isolate.call("tasks.sample:sample_local", policy, [p["prompt"] for p in prompts], s, s.seed + k,
+                                      isolated=isolated(cfg.isolation), scratch=run.round_dir(k), label=f"round {k} sample",
+                                      log=log, progress=progress)
     else:
         rows = sample_from_server(cfg, k, policy, [p["prompt"] for p in prompts], run.round_dir(k) / "sample-server.log")
     for row in rows:
@@ -181,7 +188,7 @@ def sample(cfg: RunConfig, k: int, policy: str) -> dict[str, Any]:
             "mean_tokens": float(table["n_tokens"].mean()),
             "tokens_per_second": float(table["n_tokens"].sum() / max(time.time() - started, 1e-9)),
             "seconds": time.time() - started,
-            "peak_gpu_gb": peak_memory_gb(),
+            "peak_gpu_gb": peak,
         }
     log.info("round %d: %d completions, %d truncated", k, len(table), manifest["metrics"]["truncated"])
     return run.manifest(k, "sample")

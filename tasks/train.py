@@ -1,10 +1,14 @@
 """Stage 4, train: DPO with TRL + a PEFT LoRA adapter on the round's policy, then merge and save.
 
 The reference is the policy itself with the adapter disabled (TRL's behaviour for a `peft_config` and no
-`ref_model`), so round k trains against round k-1's checkpoint. The adapter is merged and the full model saved
-(safetensors + tokenizer) as `round_<k>/train/checkpoint`: round k+1's policy *and* reference. Merging each round,
-rather than stacking adapters, is also what keeps TRL from failing on a second "ref" adapter.
+`ref_model`), so round k trains against round k-1's checkpoint. The adapter is merged into a fresh full-precision
+load of the policy and the full model saved (safetensors + tokenizer) as `round_<k>/train/checkpoint`: round k+1's
+policy *and* reference. Merging each round, rather than stacking adapters, is also what keeps TRL from failing on a
+second "ref" adapter. With `train.merge: false` the checkpoint is instead one adapter over the base model, trained
+on round after round (TRL copies it as the frozen reference); that is what an endpoint sampler can load at run time.
 
+Training runs in its own process on a GPU (`isolation`), or under `accelerate launch` on several
+(`train.launcher`, with DeepSpeed configs in deployments/accelerate/); `train.quantization: 4bit` is QLoRA.
 Everything under `train.dpo` goes to `trl.DPOConfig` as is; selfplay only sets defaults a recipe can override
 (`DPO_DEFAULTS`) and the output directory.
 """
@@ -15,6 +19,7 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +27,9 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
+from selfplay import isolate
 from selfplay.config import RunConfig, scheduled
+from selfplay.isolate import accelerate_command, isolated
 from selfplay.orchestration import Progress, gpu_slot
 from selfplay.quality import warning
 from selfplay.rundir import RunDir
@@ -150,14 +157,16 @@ def training_diagnoses(history: list[dict[str, Any]], ln2_tolerance: float = 0.0
     return out
 
 
-def log_callback(log, k: int, progress=None):
-    """A TrainerCallback that sends TRL's per-step logs to our logger instead of stdout."""
+def log_callback(log, k: int, progress: Callable[[int, int], None] | None = None):
+    """A TrainerCallback that sends TRL's per-step logs to our logger instead of stdout (rank 0 only)."""
     from transformers import TrainerCallback
 
     class _LogToPrefect(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero:
+                return
             if progress is not None:
-                progress.update(state.global_step, state.max_steps)
+                progress(state.global_step, state.max_steps)
             if logs:
                 shown = {key: round(v, 4) if isinstance(v, float) else v for key, v in logs.items() if key in CURVE_KEYS}
                 log.info("round %d: train step %d/%d %s", k, state.global_step, state.max_steps, shown or logs)
@@ -165,23 +174,80 @@ def log_callback(log, k: int, progress=None):
     return _LogToPrefect()
 
 
-def train_dpo(cfg: RunConfig, k: int, policy: str, pairs: pd.DataFrame, out: Path, log) -> dict[str, Any]:
-    """Train a LoRA adapter with DPO on `pairs`, merge it and save the full model to out/checkpoint."""
+def load_policy_for_training(policy: str, dtype, quantization: str):
+    """The policy to train: a full model (a new LoRA adapter goes on top), or, for a `train.merge: false` checkpoint,
+    its base with the adapter loaded trainable (TRL then copies it as the frozen reference). `quantization` '4bit'
+    loads the weights in 4-bit NF4 (QLoRA), on this process's GPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from selfplay.models import adapter_base, is_adapter
+
+    adapter = is_adapter(policy)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quantization == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    model = AutoModelForCausalLM.from_pretrained(adapter_base(policy) if adapter else policy, **kwargs)
+    if quantization == "4bit":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, policy, is_trainable=True)
+    return model
+
+
+def adapter_norm(adapter_dir: Path) -> float:
+    """Frobenius norm of a saved adapter's lora_B matrices: 0 for a fresh LoRA, so > 0 means training moved it."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    return float(sum(t.float().norm() ** 2 for name, t in tensors.items() if "lora_B" in name) ** 0.5)
+
+
+def merge_adapter(policy: str, adapter_dir: Path, out: Path, dtype) -> None:
+    """Merge a trained adapter into a fresh full-precision load of `policy` (on the CPU) and save the full model.
+
+    A fresh load, not the trainer's model: that one may be 4-bit (QLoRA) or sharded across GPUs (ZeRO-3).
+    """
+    from peft import PeftModel
+
+    from selfplay.models import load_merged, load_tokenizer
+
+    merged = PeftModel.from_pretrained(load_merged(policy, dtype), str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out)
+    load_tokenizer(Path(policy)).save_pretrained(out)
+
+
+def train_dpo(cfg: RunConfig, k: int, policy: str, pairs_path: str, out: str, *, log,
+              progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Train a LoRA adapter with DPO on the kept pairs in `pairs_path`; write out/checkpoint: the merged full model,
+    or (train.merge false) the adapter itself. Runs as one process or as every rank of `accelerate launch`."""
+    import shutil
+
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, PrinterCallback, ProgressCallback
+    from transformers import PrinterCallback, ProgressCallback
     from trl import DPOConfig, DPOTrainer
 
-    from selfplay.models import load_tokenizer, peak_memory_gb, pick_device, release_memory, reset_peak_memory, weights_digest
+    from selfplay.models import is_adapter, load_tokenizer, pick_device, release_memory, weights_digest
     from selfplay.report import plot_curves
 
+    out = Path(out)
     device, dtype = pick_device()
-    reset_peak_memory()
     tokenizer = load_tokenizer(Path(policy), padding_side="right")
-    model = AutoModelForCausalLM.from_pretrained(policy, dtype=dtype).to(device)
-    # With a peft_config and no ref_model, TRL's reference is these very weights with the adapter disabled.
-    reference_digest = weights_digest(model)
+    model = load_policy_for_training(policy, dtype, cfg.train.quantization)
+    # The reference is these very weights (adapter disabled, or TRL's frozen copy of the policy's adapter); a 4-bit
+    # load is the quantized policy, whose digest says nothing about the checkpoint on disk.
+    reference_digest = None if cfg.train.quantization == "4bit" else weights_digest(model)
+    pairs = pd.read_parquet(pairs_path)
     with tempfile.TemporaryDirectory(dir=out) as scratch:
         args = DPOConfig(**dpo_arguments(cfg, k, scratch, device, str(dtype).removeprefix("torch.")))
         trainer = DPOTrainer(
@@ -190,11 +256,11 @@ def train_dpo(cfg: RunConfig, k: int, policy: str, pairs: pd.DataFrame, out: Pat
             args=args,
             train_dataset=Dataset.from_list(dpo_records(pairs)),
             processing_class=tokenizer,
-            peft_config=LoraConfig(task_type="CAUSAL_LM", **cfg.train.lora),
+            peft_config=None if is_adapter(policy) else LoraConfig(task_type="CAUSAL_LM", **cfg.train.lora),
         )
         for cb in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(cb)
-        trainer.add_callback(log_callback(log, k, Progress(f"{cfg.name} round {k}: DPO training")))
+        trainer.add_callback(log_callback(log, k, progress))
         started = time.perf_counter()
         trainer.train()
         train_seconds = time.perf_counter() - started
@@ -202,26 +268,34 @@ def train_dpo(cfg: RunConfig, k: int, policy: str, pairs: pd.DataFrame, out: Pat
         # Tokens the policy trained on (prompt + chosen + rejected, as TRL tokenized them), for throughput.
         columns = trainer.train_dataset.column_names
         tokens = sum(len(row[c]) for row in trainer.train_dataset for c in ("prompt_ids", "chosen_ids", "rejected_ids") if c in columns)
-    lora_b_norm = float(sum(p.detach().float().norm() ** 2 for n, p in trainer.model.named_parameters() if "lora_B" in n) ** 0.5)
-    merged = trainer.model.merge_and_unload()
-    merged.to(torch.float32 if device == "cpu" else dtype)
-    merged.save_pretrained(out / "checkpoint")
-    load_tokenizer(Path(policy)).save_pretrained(out / "checkpoint")
-    trainer.accelerator.free_memory()  # the accelerator keeps references to the model and optimizer otherwise
-    del trainer, model, merged
-    release_memory()
+        adapter_dir = out / ("checkpoint" if not cfg.train.merge else "adapter")
+        trainer.save_model(str(adapter_dir))  # every rank takes part (ZeRO-3 gathers); the main process writes
+        world_size = trainer.accelerator.num_processes
+        main = trainer.accelerator.is_main_process
+        trainer.accelerator.wait_for_everyone()
+        trainer.accelerator.free_memory()  # the accelerator keeps references to the model and optimizer otherwise
+        del trainer, model
+        release_memory()
+    if not main:
+        return {}
+    shutil.rmtree(adapter_dir / "ref", ignore_errors=True)  # TRL's frozen reference copy, when the policy was an adapter
+    if cfg.train.merge:
+        merge_adapter(policy, adapter_dir, out / "checkpoint", torch.float32 if device == "cpu" else dtype)
+    else:
+        load_tokenizer(Path(policy)).save_pretrained(adapter_dir)
     (out / "log_history.json").write_text(json.dumps(history, indent=1))
     plot_curves(history, out / "plots")
     return {
         **summarize_history(history),
         "pairs": len(pairs[pairs["kept"]]),
-        "lora_b_norm": lora_b_norm,
+        "lora_b_norm": adapter_norm(adapter_dir),
         "reference_digest": reference_digest,
         "device": device,
+        "processes": world_size,
+        "quantization": cfg.train.quantization,
         "warnings": training_diagnoses(history),
         "train_tokens": tokens,
-        "tokens_per_second": tokens * args.num_train_epochs / max(train_seconds, 1e-9),
-        "peak_gpu_gb": peak_memory_gb(),
+        "tokens_per_second": tokens * world_size * args.num_train_epochs / max(train_seconds, 1e-9),
     }
 
 
@@ -235,12 +309,17 @@ def train(cfg: RunConfig, k: int, policy: str) -> dict[str, Any]:
         return run.manifest(k, "train")
     filtered = run.manifest(k, "filter")["metrics"]
     check_enough_pairs(filtered["kept"], cfg.train.min_pairs, filtered["drops"], k)
-    pairs = pd.read_parquet(run.stage_dir(k, "filter") / "pairs.parquet")
     started = time.time()
     log.info("round %d: DPO on %d pairs from %s", k, filtered["kept"], policy)
+    bar = Progress(f"{cfg.name} round {k}: DPO training")
+    launcher = cfg.train.launcher
+    command = accelerate_command(launcher.config_file, launcher.num_processes, launcher.args) if launcher.kind == "accelerate" else None
     with run.stage_output(k, "train", {"policy": policy, "reference": policy}) as (out, manifest), gpu_slot():
-        metrics = train_dpo(cfg, k, policy, pairs, out, log)
-        metrics["seconds"] = time.time() - started
+        metrics, peak = isolate.call(
+            "tasks.train:train_dpo", cfg, k, policy, str(run.stage_dir(k, "filter") / "pairs.parquet"), str(out),
+            isolated=command is not None or isolated(cfg.isolation), launcher=command, scratch=out, label=f"round {k} train",
+            log=log, progress=bar.update)
+        metrics.update(seconds=time.time() - started, peak_gpu_gb=peak)
         manifest["metrics"] = metrics
         manifest["checkpoint"] = str(run.checkpoint(k))
     log.info("round %d: trained %d steps in %.0f s, loss %.4f -> %.4f", k, metrics["steps"], metrics["seconds"], metrics.get("initial_loss", float("nan")), metrics.get("final_loss", float("nan")))
