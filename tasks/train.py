@@ -235,6 +235,7 @@ def train_dpo(cfg: RunConfig, k: int, policy: str, pairs_path: str, out: str, *,
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import PrinterCallback, ProgressCallback
+    from transformers.integrations import is_deepspeed_zero3_enabled
     from trl import DPOConfig, DPOTrainer
 
     from selfplay.models import is_adapter, load_tokenizer, pick_device, release_memory, weights_digest
@@ -243,13 +244,14 @@ def train_dpo(cfg: RunConfig, k: int, policy: str, pairs_path: str, out: str, *,
     out = Path(out)
     device, dtype = pick_device()
     tokenizer = load_tokenizer(Path(policy), padding_side="right")
-    model = load_policy_for_training(policy, dtype, cfg.train.quantization)
-    # The reference is these very weights (adapter disabled, or TRL's frozen copy of the policy's adapter); a 4-bit
-    # load is the quantized policy, whose digest says nothing about the checkpoint on disk.
-    reference_digest = None if cfg.train.quantization == "4bit" else weights_digest(model)
     pairs = pd.read_parquet(pairs_path)
     with tempfile.TemporaryDirectory(dir=out) as scratch:
+        # The arguments first: under DeepSpeed ZeRO-3 they make from_pretrained shard the weights as it loads them.
         args = DPOConfig(**dpo_arguments(cfg, k, scratch, device, str(dtype).removeprefix("torch.")))
+        model = load_policy_for_training(policy, dtype, cfg.train.quantization)
+        # The reference is these very weights (adapter disabled, or TRL's frozen copy of the policy's adapter). A
+        # 4-bit load is the quantized policy and a ZeRO-3 load holds a shard: neither digest names the checkpoint.
+        reference_digest = None if cfg.train.quantization == "4bit" or is_deepspeed_zero3_enabled() else weights_digest(model)
         trainer = DPOTrainer(
             model=model,
             ref_model=None,
