@@ -195,6 +195,17 @@ class RunConfig(Section):
         "auto", description="Where GPU stages (transformers sampling, local judging, training, eval generation) run: 'process', each in its "
         "own process so its GPU memory is given back when it ends; 'inline', in the flow's process; 'auto', process on CUDA, inline on CPU.")
 
+    @model_validator(mode="after")
+    def _endpoint_sees_each_round(self) -> "RunConfig":
+        if self.sample.backend == "endpoint" and self.train.merge and self.rounds > 1:
+            raise ValueError(
+                "sample.backend 'endpoint' samples from a server selfplay does not restart, so from round 2 on it would "
+                "keep sampling the base model. Set train.merge=false: each round's checkpoint is then a LoRA adapter "
+                "over the base, which selfplay loads into the server (vLLM with --enable-lora, --max-lora-rank >= "
+                "train.lora.r, and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True). Or use sample.backend 'vllm', which starts "
+                "a server on each round's checkpoint.")
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +22,7 @@ def preflight(cfg: RunConfig) -> Path:
 
     check_passthrough(cfg.train)
     device, dtype = pick_device()
+    check_training_hardware(cfg, device)
     with tempfile.TemporaryDirectory() as scratch:
         for k in range(1, cfg.rounds + 1):  # schedules change settings per round
             try:
@@ -67,3 +69,39 @@ def preflight(cfg: RunConfig) -> Path:
 
         label_token_ids(load_tokenizer(judge_model))
     return base
+
+
+def check_training_hardware(cfg: RunConfig, device: str) -> None:
+    """QLoRA needs CUDA and bitsandbytes; a DeepSpeed launcher needs deepspeed and its config file; a launcher
+    may not ask for more processes than there are GPUs."""
+    import importlib.util
+
+    t = cfg.train
+    if t.quantization == "4bit":
+        if device != "cuda":
+            raise ConfigError("train.quantization '4bit' (QLoRA) needs a CUDA GPU (bitsandbytes' 4-bit kernels); none is visible here. "
+                              "Set train.quantization=none to train in full precision.")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("train.quantization '4bit' needs bitsandbytes: pip install -e '.[qlora]'")
+    launcher = t.launcher
+    if launcher.kind != "accelerate":
+        return
+    if launcher.config_file:
+        path = Path(launcher.config_file)
+        if not path.is_file():
+            raise ConfigError(f"train.launcher.config_file: {path} not found (deployments/accelerate/ has ddp, zero2 and zero3)")
+        import yaml
+
+        settings = yaml.safe_load(path.read_text()) or {}
+        if settings.get("distributed_type") == "DEEPSPEED":
+            if importlib.util.find_spec("deepspeed") is None:
+                raise ConfigError(f"train.launcher.config_file {path} uses DeepSpeed, which is not installed: pip install -e '.[deepspeed]'")
+            stage = (settings.get("deepspeed_config") or {}).get("zero_stage")
+            if stage == 3 and t.quantization == "4bit":
+                raise ConfigError("train.quantization '4bit' with DeepSpeed ZeRO-3 is not supported here: use zero2.yaml or ddp.yaml for QLoRA")
+    if device == "cuda" and launcher.num_processes:
+        import torch
+
+        if launcher.num_processes > torch.cuda.device_count():
+            raise ConfigError(f"train.launcher.num_processes={launcher.num_processes}, but {torch.cuda.device_count()} GPU(s) are visible "
+                              f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')})")

@@ -679,6 +679,28 @@ def _lora_call(action: str, base_url: str, body: dict, api_key: str, timeout: fl
     raise LoraAdapterError(f"POST {url} answered {reply.status_code}: {str(message)[:1000]}{hint}")
 
 
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def adapter_name(run_name: str, adapter: str | os.PathLike) -> str:
+    """The name a round's adapter is served under: the run and the round directory, e.g. 'nightly-round_3'.
+
+    >>> adapter_name("nightly", "/runs/nightly/round_3/train/checkpoint")
+    'nightly-round_3'
+    """
+    return f"{run_name}-{Path(adapter).parent.parent.name}"
+
+
+def lora_args(name: str, adapter: str | os.PathLike, rank: int) -> list[str]:
+    """`vllm serve` flags that serve the adapter at `adapter` as model `name` over the base model (pure).
+
+    >>> lora_args("run-round_1", "/runs/run/round_1/train/checkpoint", 12)
+    ['--enable-lora', '--max-lora-rank', '16', '--lora-modules', 'run-round_1=/runs/run/round_1/train/checkpoint']
+    """
+    max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), rank)
+    return ["--enable-lora", "--max-lora-rank", str(max_rank), "--lora-modules", f"{name}={adapter}"]
+
+
 def load_lora_adapter(base_url: str, name: str, path: str | os.PathLike, api_key: str = "EMPTY", timeout: float = 300.0) -> None:
     """Load the LoRA adapter at `path` (as the server sees it) under `name`; requests may then use model=`name`.
 

@@ -7,6 +7,7 @@ The policy is always loaded from its saved checkpoint, never reused from the tra
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from prefect.cache_policies import NONE
 from selfplay import isolate
 from selfplay.config import RunConfig
 from selfplay.isolate import isolated
-from selfplay.models import load_causal_lm, load_tokenizer, release_memory
+from selfplay.models import adapter_base, is_adapter, load_causal_lm, load_tokenizer, release_memory
 from selfplay.orchestration import Progress, gpu_slot
 from selfplay.prompts import draw_prompts, load_prompts
 from selfplay.rundir import RunDir
@@ -109,24 +110,45 @@ def generate(
 
 def sample_from_server(cfg: RunConfig, k: int, policy: str, prompts: list[str], log_path: Path) -> list[dict[str, Any]]:
     """K completions per prompt from an OpenAI-compatible server: a vLLM server started on `policy` for this round
-    (and stopped, its port and GPU memory free, before training), or an already-running endpoint."""
-    from selfplay.serving import ModelServer, sample_chat
+    (and stopped, its port and GPU memory free, before training), or an already-running endpoint.
+
+    A policy that is a LoRA adapter (`train.merge: false`) is served over its base model: the started server gets
+    `--enable-lora --lora-modules <name>=<adapter>`; a running endpoint is asked to load it (vLLM's
+    /v1/load_lora_adapter) and to unload it afterwards. Requests then name the adapter as their model.
+    """
+    from selfplay.serving import ModelServer, adapter_name, lora_args, sample_chat
 
     s = cfg.sample
     params = dict(n=s.num_samples, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, seed=s.seed + k, exact_tokens=True)
+    adapter = Path(policy).resolve() if is_adapter(policy) else None
+    name = adapter_name(cfg.name, adapter) if adapter else None
     if s.backend == "vllm":
+        spec, model_path = s.server, policy
+        if adapter:
+            rank = json.loads((adapter / "adapter_config.json").read_text())["r"]
+            spec = spec.model_copy(update={"extra_args": [*spec.extra_args, *lora_args(name, adapter, rank)]})
+            model_path = adapter_base(adapter)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with gpu_slot():
-            with ModelServer(s.server, policy, log_path) as server:
-                out = sample_chat(server.base_url, server.served_name, prompts, **params)
+            with ModelServer(spec, model_path, log_path) as server:
+                out = sample_chat(server.base_url, name or server.served_name, prompts, **params)
             if not server.wait_gpu_free(120):
                 get_run_logger().warning("round %d: GPU memory was not all given back 120 s after the sampling server stopped", k)
     else:
         from selfplay.judges.openai import resolve_api_key
+        from selfplay.serving import load_lora_adapter, unload_lora_adapter
 
         e = s.endpoint
-        out = sample_chat(e.base_url, e.model, prompts, api_key=resolve_api_key(e), max_concurrency=e.max_concurrency,
-                          timeout=e.timeout, **params)
+        key = resolve_api_key(e)
+        if adapter:
+            get_run_logger().info("round %d: loading adapter %s into %s as %r", k, adapter, e.base_url, name)
+            load_lora_adapter(e.base_url, name, adapter, api_key=key)
+        try:
+            out = sample_chat(e.base_url, name or e.model, prompts, api_key=key, max_concurrency=e.max_concurrency,
+                              timeout=e.timeout, **params)
+        finally:
+            if adapter:
+                unload_lora_adapter(e.base_url, name, api_key=key)
     tokenizer = load_tokenizer(policy)
     rendered = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
     prompt_tokens = [len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]

@@ -238,7 +238,7 @@ def train_dpo(cfg: RunConfig, k: int, policy: str, pairs_path: str, out: str, *,
     from transformers.integrations import is_deepspeed_zero3_enabled
     from trl import DPOConfig, DPOTrainer
 
-    from selfplay.models import is_adapter, load_tokenizer, pick_device, release_memory, weights_digest
+    from selfplay.models import is_adapter, load_merged, load_tokenizer, pick_device, release_memory, weights_digest
     from selfplay.report import plot_curves
 
     out = Path(out)
@@ -251,7 +251,9 @@ def train_dpo(cfg: RunConfig, k: int, policy: str, pairs_path: str, out: str, *,
         model = load_policy_for_training(policy, dtype, cfg.train.quantization)
         # The reference is these very weights (adapter disabled, or TRL's frozen copy of the policy's adapter). A
         # 4-bit load is the quantized policy and a ZeRO-3 load holds a shard: neither digest names the checkpoint.
-        reference_digest = None if cfg.train.quantization == "4bit" or is_deepspeed_zero3_enabled() else weights_digest(model)
+        reference_digest = None
+        if cfg.train.quantization != "4bit" and not is_deepspeed_zero3_enabled():
+            reference_digest = weights_digest(load_merged(policy, dtype) if is_adapter(policy) else model)
         trainer = DPOTrainer(
             model=model,
             ref_model=None,

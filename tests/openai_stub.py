@@ -441,9 +441,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fail-start", action="store_true", help="log an error and exit 1 before binding")
     p.add_argument("--never-healthy", action="store_true", help="serve, but /health always answers 503")
     p.add_argument("--latency", type=float, default=0.0, help="seconds added to every chat completion")
+    # vLLM's LoRA flags, accepted and logged so that tests can assert what a server was started with.
+    p.add_argument("--enable-lora", action="store_true")
+    p.add_argument("--max-lora-rank", type=int)
+    p.add_argument("--lora-modules", nargs="*", default=[])
     args = p.parse_args(argv)
 
     print(f"stub: FAKE OpenAI-compatible server (tests only), model {args.model}", flush=True)
+    for module in args.lora_modules:
+        print(f"stub: LoRA module {module} (max rank {args.max_lora_rank}, enabled {args.enable_lora})", flush=True)
     if args.fail_start:
         print("stub: loading model ...", flush=True)
         print("ERROR: simulated startup failure", flush=True)

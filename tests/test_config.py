@@ -264,3 +264,20 @@ def test_check_passthrough_rejects_the_output_dir_we_manage():
 def test_check_passthrough_rejects_unknown_lora_key_naming_it():
     with pytest.raises(ConfigError, match=r"train\.lora\.rank: not a peft\.LoraConfig field"):
         check_passthrough(TrainConfig(lora={"rank": 8}))
+
+
+def test_an_endpoint_sampler_over_several_rounds_needs_adapter_checkpoints():
+    endpoint = ["sample.backend=endpoint", "sample.endpoint.base_url=http://x/v1", "sample.endpoint.model=m"]
+    with pytest.raises(ConfigError, match=r"keep sampling the base model\. Set train\.merge=false"):
+        load_config(None, endpoint + ["rounds=2"])
+    assert load_config(None, endpoint + ["rounds=1"]).train.merge  # one round samples the base anyway
+    assert not load_config(None, endpoint + ["rounds=3", "train.merge=false"]).train.merge
+
+
+def test_launcher_options_belong_to_accelerate():
+    with pytest.raises(ConfigError, match="apply to kind 'accelerate' only"):
+        load_config(None, ["train.launcher.num_processes=4"])
+    cfg = load_config(None, ["train.launcher.kind=accelerate", "train.launcher.config_file=deployments/accelerate/zero3.yaml"])
+    assert cfg.train.launcher.num_processes is None
+    with pytest.raises(ConfigError, match="train.quantization"):
+        load_config(None, ["train.quantization=8bit"])

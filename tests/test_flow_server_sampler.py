@@ -64,3 +64,42 @@ def test_endpoint_backend_samples_from_a_running_server(prefect_server, tiny_mod
     assert {r["json"]["n"] for r in requests} == {cfg["sample"]["num_samples"]}
     assert len({r["json"]["seed"] for r in requests}) == len(requests)  # seeded, a different seed per prompt
     assert samples["response"].str.startswith("reply ").all() and run.round_done(1)
+
+
+def test_endpoint_backend_loads_each_rounds_adapter_and_samples_from_it(prefect_server, tiny_model, tmp_path):
+    """train.merge false: round 2's policy is round 1's adapter over the base, loaded into the running server."""
+    def answer(body: dict, n: int) -> Reply:
+        k = body.get("n", 1)
+        return Reply(json=chat_completion("", contents=[f"{body['model']} reply {i}" for i in range(k)], n=k, completion_tokens=3 * k))
+
+    with ScriptedOpenAI(answer, model="policy") as server:
+        cfg = tiny_config(tiny_model, tmp_path / "runs", name="endpoint-lora", rounds=2, train={"merge": False},
+                          sample={"backend": "endpoint", "endpoint": {"base_url": server.base_url, "model": "policy", "api_key_env": None}})
+        run_self_play(cfg, tmp_path / "endpoint-lora.yaml")
+        requests = server.requests
+    run = RunDir(Path(cfg["output_dir"]) / "endpoint-lora")
+    adapter = str(run.checkpoint(1).resolve())
+    lora = [(r["path"], r["json"]) for r in requests if "lora_adapter" in r["path"]]
+    assert lora == [("/v1/load_lora_adapter", {"lora_name": "endpoint-lora-round_1", "lora_path": adapter}),
+                    ("/v1/unload_lora_adapter", {"lora_name": "endpoint-lora-round_1"})]
+    chats = [r for r in requests if r["path"] == "/v1/chat/completions"]
+    per_round = cfg["prompts"]["per_round"]
+    assert [r["json"]["model"] for r in chats] == ["policy"] * per_round + ["endpoint-lora-round_1"] * per_round
+    # Round 2 sampled between the load and the unload.
+    paths = [r["path"] for r in requests]
+    first_round2 = next(i for i, r in enumerate(requests) if r["json"] and r["json"].get("model") == "endpoint-lora-round_1")
+    assert paths.index("/v1/load_lora_adapter") < first_round2 < paths.index("/v1/unload_lora_adapter")
+    samples = pd.read_parquet(run.stage_dir(2, "sample") / "samples.parquet")
+    assert samples["response"].str.startswith("endpoint-lora-round_1 reply").all()
+
+
+def test_vllm_backend_serves_an_adapter_policy_over_its_base(prefect_server, tiny_model, tmp_path):
+    cfg = tiny_config(tiny_model, tmp_path / "runs", name="vllm-lora", rounds=2, train={"merge": False},
+                      sample={"backend": "vllm", "server": STUB_AS_VLLM})
+    run_self_play(cfg, tmp_path / "vllm-lora.yaml")
+    run = RunDir(Path(cfg["output_dir"]) / "vllm-lora")
+    log = (run.round_dir(2) / "sample-server.log").read_text()
+    base = str(Path(tiny_model).resolve())
+    assert f"--model {base} " in log  # the base model, not the adapter directory
+    assert f"stub: LoRA module vllm-lora-round_1={run.checkpoint(1).resolve()} (max rank 8, enabled True)" in log
+    assert len(pd.read_parquet(run.stage_dir(2, "sample") / "samples.parquet")) == cfg["prompts"]["per_round"] * cfg["sample"]["num_samples"]

@@ -142,6 +142,30 @@ def test_accelerate_configs_parse_as_accelerate_reads_them(name, kind, stage):
         assert str(config.mixed_precision) in ("bf16", "PrecisionType.BF16")
 
 
+# ---------------------------------------------------------------- preflight of the training hardware
+
+
+def test_preflight_refuses_training_setups_this_machine_cannot_run(tmp_path):
+    import importlib.util
+
+    from selfplay.config import ConfigError, load_config
+    from selfplay.preflight import check_training_hardware
+
+    with pytest.raises(ConfigError, match=r"'4bit' \(QLoRA\) needs a CUDA GPU"):
+        check_training_hardware(load_config(None, ["train.quantization=4bit"]), "cpu")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(ConfigError, match=r"pip install -e '\.\[qlora\]'"):
+            check_training_hardware(load_config(None, ["train.quantization=4bit"]), "cuda")
+    missing = load_config(None, ["train.launcher.kind=accelerate", f"train.launcher.config_file={tmp_path / 'nope.yaml'}"])
+    with pytest.raises(ConfigError, match="nope.yaml not found"):
+        check_training_hardware(missing, "cpu")
+    zero3 = load_config(None, ["train.launcher.kind=accelerate", f"train.launcher.config_file={ROOT / 'deployments/accelerate/zero3.yaml'}"])
+    if importlib.util.find_spec("deepspeed") is None:
+        with pytest.raises(ConfigError, match=r"uses DeepSpeed, which is not installed: pip install -e '\.\[deepspeed\]'"):
+            check_training_hardware(zero3, "cpu")
+    check_training_hardware(load_config(None, ["train.launcher.kind=accelerate", f"train.launcher.config_file={ROOT / 'deployments/accelerate/ddp.yaml'}"]), "cpu")
+
+
 # ---------------------------------------------------------------- flow tier
 
 
