@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.dpo_round import dpo_round
-from selfplay.config import RunConfig, load_config
+from selfplay.config import RunConfig, build_config, load_config
 from selfplay.orchestration import ensure_gpu_limit, publish_lineage
 from selfplay.preflight import preflight
 from selfplay.rundir import locked, open_run, read_json, write_json_atomic
@@ -75,14 +75,20 @@ def continue_lineage(cfg: RunConfig, lineage: str, more_rounds: int, invocation:
     ledger_path = cfg.run_dir / "lineage.json"
     ledger = read_json(ledger_path) if ledger_path.is_file() else {"targets": {}}
     if invocation and invocation in ledger["targets"]:
-        return cfg.model_copy(update={"rounds": ledger["targets"][invocation]})
+        return with_rounds(cfg, ledger["targets"][invocation])
     record = cfg.run_dir / "run.json"
     target = (read_json(record)["config"]["rounds"] if record.is_file() else 0) + more_rounds
     if invocation:
         ledger["targets"][invocation] = target
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(ledger_path, ledger)
-    return cfg.model_copy(update={"rounds": target})
+    return with_rounds(cfg, target)
+
+
+def with_rounds(cfg: RunConfig, rounds: int) -> RunConfig:
+    """`cfg` with another round count, validated again (a rule may depend on it: an endpoint sampler over several
+    rounds needs adapter checkpoints)."""
+    return build_config({**cfg.model_dump(), "rounds": rounds})
 
 
 def run_rounds(cfg: RunConfig) -> list[dict[str, Any]]:

@@ -56,13 +56,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from flows.self_play import self_play
     from selfplay.report import format_table
+    from selfplay.isolate import StageProcessError
     from tasks.train import NotEnoughPairs
 
     transformers.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
     try:
         summaries = self_play(recipe=args.config[0], overlays=args.config[1:], overrides=args.set or [])
-    except (NotEnoughPairs, RunDirError, ConfigError, ModelError, PromptError) as exc:
+    except (NotEnoughPairs, RunDirError, ConfigError, ModelError, PromptError, StageProcessError) as exc:
         print(f"\nselfplay: {exc}\nFinished work is kept in {cfg.run_dir.resolve()}; rerun the same command to resume.", file=sys.stderr)
         return 1
     print("\n" + format_table(summaries))

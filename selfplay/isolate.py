@@ -32,6 +32,9 @@ from typing import Any
 PROGRESS = "[selfplay-progress]"
 LOG = "[selfplay-log]"
 TAIL_LINES = 40
+PROGRESS_EVERY_S = 2.0
+# Unbuffered, so an out-of-memory kill loses no line of the tail; no progress bars (each redraw would be a log line).
+CHILD_ENV = {"PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
 
 
 class StageProcessError(RuntimeError):
@@ -99,17 +102,19 @@ def call(
 
     if scratch is not None:
         scratch.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{label}-proc-", dir=scratch) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f".{label.replace(' ', '-')}-proc-", dir=scratch) as tmp:
         spec, result = Path(tmp) / "spec.pkl", Path(tmp) / "result.pkl"
         spec.write_bytes(pickle.dumps({"target": target, "args": args, "kwargs": kwargs}))
         command = [*(launcher or [sys.executable]), "-m", "selfplay.isolate", str(spec)]
         log.info("%s: starting its own process: %s", label, " ".join(command))
         started = time.time()
-        code, tail = _run(command, {**os.environ, **(env or {}), "SELFPLAY_RESULT": str(result)}, log, progress, label)
-        if code != 0:
+        child_env = {**os.environ, **CHILD_ENV, **(env or {}), "SELFPLAY_RESULT": str(result)}
+        code, tail = _run(command, child_env, log, progress, label)
+        failure = pickle.loads(result.read_bytes()).get("error") if result.exists() else None
+        if code != 0 or failure:
+            what = f"{failure}. The process" if failure else "the stage's process"
             raise StageProcessError(
-                f"{label}: the stage's process {exit_reason(code)} after {time.time() - started:.0f} s. "
-                f"Its last lines:\n" + "\n".join(tail))
+                f"{label}: {what} {exit_reason(code)} after {time.time() - started:.0f} s. Its last lines:\n" + "\n".join(tail))
         if not result.exists():
             raise StageProcessError(f"{label}: the stage's process exited cleanly but wrote no result. Its last lines:\n" + "\n".join(tail))
         out = pickle.loads(result.read_bytes())
@@ -121,30 +126,59 @@ def call(
 def _run(command: list[str], env: dict[str, str], log, progress, label: str) -> tuple[int, list[str]]:
     """Start `command` in its own process group, relay its output, and return (exit status, last lines).
 
-    If this process is interrupted (a cancelled flow run, Ctrl-C), the whole group is killed: no child keeps a GPU.
+    If this process is interrupted (a cancelled flow run, Ctrl-C), the whole group is killed; if it dies outright,
+    the child gets SIGTERM from the kernel (and `accelerate launch` passes it on to its ranks): no child keeps a GPU.
     """
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=env, text=True, errors="replace", bufsize=1, start_new_session=True)
+                            env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    last_progress = 0.0
     try:
         assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip("\n")
+        for raw in proc.stdout:  # bytes, split on \n only: a carriage return does not end a line
+            line = raw.decode(errors="replace").rstrip("\n").rsplit("\r", 1)[-1]
             if line.startswith(PROGRESS):
-                if progress is not None:
-                    done, total = line[len(PROGRESS):].split()
-                    progress(int(done), int(total))
+                done, total = _numbers(line[len(PROGRESS):])
+                if progress is not None and total and (done >= total or time.monotonic() - last_progress >= PROGRESS_EVERY_S):
+                    last_progress = time.monotonic()
+                    _relay_progress(progress, done, total, log)
                 continue
             tail.append(line)
             if line.startswith(LOG):
                 level, _, message = line[len(LOG):].strip().partition(" ")
-                log.log(logging.getLevelName(level) if isinstance(logging.getLevelName(level), int) else logging.INFO, "%s", message)
+                number = logging.getLevelName(level)
+                log.log(number if isinstance(number, int) else logging.INFO, "%s", message)
             elif line.strip():
                 log.info("[%s] %s", label, line)
         return proc.wait(), list(tail)
     finally:
         if proc.poll() is None:
             _kill_group(proc)
+
+
+def _numbers(text: str) -> tuple[int, int]:
+    try:
+        done, total = text.split()
+        return int(done), int(total)
+    except ValueError:
+        return 0, 0
+
+
+def _relay_progress(progress, done: int, total: int, log) -> None:
+    try:
+        progress(done, total)
+    except Exception as exc:  # reporting must never stop the work
+        log.debug("progress not reported: %s", exc)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to send SIGTERM when the parent dies (a no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -190,14 +224,23 @@ def main(argv: list[str] | None = None) -> int:
     log.addHandler(handler)
     log.setLevel(logging.INFO if rank() == 0 else logging.WARNING)  # one rank speaks for a multi-process stage
     reset_peak_memory()
-    value = resolve(spec["target"])(*spec["args"], log=log, progress=_progress, **spec["kwargs"])
+    try:
+        value = resolve(spec["target"])(*spec["args"], log=log, progress=_progress, **spec["kwargs"])
+    except Exception as exc:
+        # The parent leads its error with this line (a ModelError's advice, say); the traceback goes to the tail.
+        if rank() == 0:
+            _write_result({"error": f"{type(exc).__name__}: {exc}"})
+        raise
     if rank() == 0:
-        out = {"value": value, "peak_gpu_gb": peak_memory_gb(), "pid": os.getpid()}
-        path = Path(os.environ["SELFPLAY_RESULT"])
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(pickle.dumps(out))
-        tmp.rename(path)
+        _write_result({"value": value, "peak_gpu_gb": peak_memory_gb(), "pid": os.getpid()})
     return 0
+
+
+def _write_result(out: dict[str, Any]) -> None:
+    path = Path(os.environ["SELFPLAY_RESULT"])
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(pickle.dumps(out))
+    tmp.rename(path)
 
 
 if __name__ == "__main__":

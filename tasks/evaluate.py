@@ -126,14 +126,14 @@ def evaluate(cfg: RunConfig, k: int, previous: str, base: str | None = None) -> 
     first = find_generations(run, base, k, held_out) if against_base else None
     todo = [checkpoint] + ([previous] if old is None else []) + ([base] if against_base and first is None else [])
     with gpu_slot():
-        generated, _ = isolate.call("tasks.evaluate:eval_generations", cfg, todo, held_out, isolated=isolated(cfg.isolation),
+        generated, generation_peak = isolate.call("tasks.evaluate:eval_generations", cfg, todo, held_out, isolated=isolated(cfg.isolation),
                                     scratch=run.round_dir(k), label=f"round {k} eval generation", log=log)
     new = generated.pop(0)
     old = generated.pop(0) if old is None else old
     first = generated.pop(0) if against_base and first is None else first
 
     tables = [comparison_pairs(new, old)] + ([comparison_pairs(new, first)] if against_base else [])
-    judged = run_judge(cfg, previous, tables, run.round_dir(k), f"round {k} eval judge", log)
+    judged, judge_peak = run_judge(cfg, previous, tables, run.round_dir(k), f"round {k} eval judge", log)
     (table, _, stats), base_table = judged[0], judged[1][0] if against_base else None
     check_error_rate(table, cfg.judge.max_error_rate, k)  # an outage must fail the stage, not decide the gate
     if base_table is not None:
@@ -151,6 +151,8 @@ def evaluate(cfg: RunConfig, k: int, previous: str, base: str | None = None) -> 
     }
     if base_table is not None:
         base_table, metrics["vs_base"] = comparison(base_table, new, first)
+    peaks = [p for p in (generation_peak, judge_peak) if p is not None]
+    metrics["peak_gpu_gb"] = max(peaks) if peaks else None
     metrics["seconds"] = time.time() - started
     with run.stage_output(k, "evaluate", {"checkpoint": checkpoint, "previous": previous, "base": base}) as (out, manifest):
         table.to_parquet(out / "eval.parquet", index=False)

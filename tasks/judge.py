@@ -290,14 +290,14 @@ def judge_tables(cfg: JudgeConfig, reference: str, tables: list[pd.DataFrame], *
 
 
 def run_judge(cfg: RunConfig, reference: str, tables: list[pd.DataFrame], scratch: Path, label: str, log,
-              progress: Callable[[int, int], None] | None = None) -> list[tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]]:
-    """`judge_tables` where it belongs: a local judge is a model on the GPU, so it holds the `gpu` limit (and, with
-    process isolation, runs in its own process); an endpoint judge runs here."""
+              progress: Callable[[int, int], None] | None = None) -> tuple[list[tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]], float | None]:
+    """`judge_tables` where it belongs, and the peak GPU memory it took: a local judge is a model on the GPU, so it
+    holds the `gpu` limit (and, with process isolation, runs in its own process); an endpoint judge runs here."""
     if cfg.judge.backend != "local":
-        return judge_tables(cfg.judge, reference, tables, log=log, progress=progress)
+        return judge_tables(cfg.judge, reference, tables, log=log, progress=progress), None
     with gpu_slot():
         return isolate.call("tasks.judge:judge_tables", cfg.judge, reference, tables, isolated=isolated(cfg.isolation),
-                            scratch=scratch, label=label, log=log, progress=progress)[0]
+                            scratch=scratch, label=label, log=log, progress=progress)
 
 
 # ---------------------------------------------------------------- task
@@ -323,7 +323,8 @@ def judge(cfg: RunConfig, k: int, reference: str) -> dict[str, Any]:
         bar.update(done, total)
         log.info("round %d: judge calls %d/%d (%.0f s)", k, done, total, time.time() - started)
 
-    [(table, calls, stats)] = run_judge(cfg, reference, [pairs], run.round_dir(k), f"round {k} judge", log, progress)
+    [(table, calls, stats)], peak = run_judge(cfg, reference, [pairs], run.round_dir(k), f"round {k} judge", log, progress)
+    stats["peak_gpu_gb"] = peak
     stats["seconds"] = time.time() - started
     check_error_rate(table, cfg.judge.max_error_rate, k)
     judge_model = cfg.judge.endpoint.model if cfg.judge.backend == "openai" else cfg.judge.model

@@ -7,6 +7,7 @@ The policy is always loaded from its saved checkpoint, never reused from the tra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -136,19 +137,26 @@ def sample_from_server(cfg: RunConfig, k: int, policy: str, prompts: list[str], 
                 get_run_logger().warning("round %d: GPU memory was not all given back 120 s after the sampling server stopped", k)
     else:
         from selfplay.judges.openai import resolve_api_key
-        from selfplay.serving import load_lora_adapter, unload_lora_adapter
+        from selfplay.serving import LoraAdapterError, load_lora_adapter, unload_lora_adapter
 
         e = s.endpoint
         key = resolve_api_key(e)
+        log = get_run_logger()
         if adapter:
-            get_run_logger().info("round %d: loading adapter %s into %s as %r", k, adapter, e.base_url, name)
+            log.info("round %d: loading adapter %s into %s as %r", k, adapter, e.base_url, name)
+            # A crash after an earlier load left it loaded, and vLLM refuses to load a name twice.
+            with contextlib.suppress(LoraAdapterError):
+                unload_lora_adapter(e.base_url, name, api_key=key)
             load_lora_adapter(e.base_url, name, adapter, api_key=key)
         try:
             out = sample_chat(e.base_url, name or e.model, prompts, api_key=key, max_concurrency=e.max_concurrency,
                               timeout=e.timeout, **params)
         finally:
             if adapter:
-                unload_lora_adapter(e.base_url, name, api_key=key)
+                try:
+                    unload_lora_adapter(e.base_url, name, api_key=key)
+                except LoraAdapterError as exc:  # never hide the sampling error, nor fail finished sampling
+                    log.warning("round %d: could not unload adapter %r: %s", k, name, exc)
     tokenizer = load_tokenizer(policy)
     rendered = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
     prompt_tokens = [len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]

@@ -203,12 +203,15 @@ def load_policy_for_training(policy: str, dtype, quantization: str):
     return model
 
 
-def adapter_norm(adapter_dir: Path) -> float:
-    """Frobenius norm of a saved adapter's lora_B matrices: 0 for a fresh LoRA, so > 0 means training moved it."""
+def adapter_norm(adapter_dir: Path, start: Path | None = None) -> float:
+    """Frobenius norm of a saved adapter's lora_B matrices, less those of the adapter it started from (`start`, for
+    a `train.merge: false` policy). A fresh LoRA's lora_B is 0, so either way > 0 means this round's training moved it."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    return float(sum(t.float().norm() ** 2 for name, t in tensors.items() if "lora_B" in name) ** 0.5)
+    before = load_file(str(start / "adapter_model.safetensors")) if start else {}
+    return float(sum((t.float() - before[n].float() if n in before else t.float()).norm() ** 2
+                     for n, t in tensors.items() if "lora_B" in n) ** 0.5)
 
 
 def merge_adapter(policy: str, adapter_dir: Path, out: Path, dtype) -> None:
@@ -252,7 +255,7 @@ def train_dpo(cfg: RunConfig, k: int, policy: str, pairs_path: str, out: str, *,
         # The reference is these very weights (adapter disabled, or TRL's frozen copy of the policy's adapter). A
         # 4-bit load is the quantized policy and a ZeRO-3 load holds a shard: neither digest names the checkpoint.
         reference_digest = None
-        if cfg.train.quantization != "4bit" and not is_deepspeed_zero3_enabled():
+        if cfg.train.quantization != "4bit" and not is_deepspeed_zero3_enabled() and args.process_index == 0:
             reference_digest = weights_digest(load_merged(policy, dtype) if is_adapter(policy) else model)
         trainer = DPOTrainer(
             model=model,
@@ -292,14 +295,14 @@ def train_dpo(cfg: RunConfig, k: int, policy: str, pairs_path: str, out: str, *,
     return {
         **summarize_history(history),
         "pairs": len(pairs[pairs["kept"]]),
-        "lora_b_norm": adapter_norm(adapter_dir),
+        "lora_b_norm": adapter_norm(adapter_dir, Path(policy) if is_adapter(policy) else None),
         "reference_digest": reference_digest,
         "device": device,
         "processes": world_size,
         "quantization": cfg.train.quantization,
         "warnings": training_diagnoses(history),
         "train_tokens": tokens,
-        "tokens_per_second": tokens * world_size * args.num_train_epochs / max(train_seconds, 1e-9),
+        "tokens_per_second": tokens * args.num_train_epochs / max(train_seconds, 1e-9),  # every rank holds the whole dataset
     }
 
 

@@ -36,3 +36,9 @@ def hang_with_grandchild(pid_file: str, *, log, progress=None):
     Path(pid_file).write_text(str(sleeper.pid))
     progress(1, 1)
     time.sleep(300)
+
+
+def hang(pid_file: str, *, log, progress=None):
+    """Record our pid, then hang: stands in for a long training step."""
+    Path(pid_file).write_text(str(os.getpid()))
+    time.sleep(300)

@@ -344,3 +344,22 @@ def docker_compose_config() -> dict:
 
 def test_docker_compose_config():
     check_compose(docker_compose_config(), COMPOSE.parent)
+
+
+def test_build_arg_extras_adds_the_optional_groups():
+    """The requirements step, run as the build runs it: EXTRAS="qlora deepspeed" adds those groups' packages."""
+    import shlex
+    import subprocess
+    import sys
+
+    [step] = [rest for word, rest in dockerfile_instructions() if word == "RUN" and "requirements.txt" in rest and "tomllib" in rest]
+    command = shlex.split(step.split(">", 1)[0])  # python3 -c "..." before the redirect
+    assert command[:2] == ["python3", "-c"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+    def listed(extras: str) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", command[2]], cwd=REPO, env={"EXTRAS": extras}, capture_output=True, text=True, check=True)
+        return out.stdout.splitlines()
+
+    assert listed("") == project["dependencies"]
+    assert listed("qlora deepspeed") == project["dependencies"] + project["optional-dependencies"]["qlora"] + project["optional-dependencies"]["deepspeed"]

@@ -80,7 +80,9 @@ def test_endpoint_backend_loads_each_rounds_adapter_and_samples_from_it(prefect_
     run = RunDir(Path(cfg["output_dir"]) / "endpoint-lora")
     adapter = str(run.checkpoint(1).resolve())
     lora = [(r["path"], r["json"]) for r in requests if "lora_adapter" in r["path"]]
-    assert lora == [("/v1/load_lora_adapter", {"lora_name": "endpoint-lora-round_1", "lora_path": adapter}),
+    # An unload first (a crash after an earlier load may have left it loaded), the load, and the unload after sampling.
+    assert lora == [("/v1/unload_lora_adapter", {"lora_name": "endpoint-lora-round_1"}),
+                    ("/v1/load_lora_adapter", {"lora_name": "endpoint-lora-round_1", "lora_path": adapter}),
                     ("/v1/unload_lora_adapter", {"lora_name": "endpoint-lora-round_1"})]
     chats = [r for r in requests if r["path"] == "/v1/chat/completions"]
     per_round = cfg["prompts"]["per_round"]
@@ -88,7 +90,7 @@ def test_endpoint_backend_loads_each_rounds_adapter_and_samples_from_it(prefect_
     # Round 2 sampled between the load and the unload.
     paths = [r["path"] for r in requests]
     first_round2 = next(i for i, r in enumerate(requests) if r["json"] and r["json"].get("model") == "endpoint-lora-round_1")
-    assert paths.index("/v1/load_lora_adapter") < first_round2 < paths.index("/v1/unload_lora_adapter")
+    assert paths.index("/v1/load_lora_adapter") < first_round2 < len(paths) - 1 - paths[::-1].index("/v1/unload_lora_adapter")
     samples = pd.read_parquet(run.stage_dir(2, "sample") / "samples.parquet")
     assert samples["response"].str.startswith("endpoint-lora-round_1 reply").all()
 

@@ -77,8 +77,9 @@ def test_a_failing_child_raises_with_its_traceback_tail(log, tmp_path):
     with pytest.raises(StageProcessError) as info:
         isolate.call("tests.isolate_targets:fail", isolated=True, log=log, scratch=tmp_path, label="round 3 train")
     message = str(info.value)
-    assert message.startswith("round 3 train: the stage's process exited with status 1")
-    assert "about to fail" in message and "ValueError: boom: the target failed" in message
+    # The child's own error leads (what to fix), then how the process ended, then its last lines with the traceback.
+    assert message.startswith("round 3 train: ValueError: boom: the target failed. The process exited with status 1")
+    assert "about to fail" in message and "Traceback" in message
 
 
 def test_a_killed_child_says_so_and_points_at_memory(log, tmp_path):
@@ -106,6 +107,27 @@ def test_an_interrupted_parent_leaves_no_process_behind(log, tmp_path):
         time.sleep(0.1)
     assert not alive(grandchild), f"grandchild {grandchild} outlived the cancelled stage"
     assert isolate_children() == []
+
+
+def test_a_parent_killed_outright_takes_its_stage_process_with_it(tmp_path):
+    """SIGKILL gives the parent no chance to clean up; the kernel then sends the child SIGTERM (PR_SET_PDEATHSIG)."""
+    import subprocess
+    import sys
+
+    pid_file = tmp_path / "child.pid"
+    script = ("import logging; from selfplay import isolate; "
+              f"isolate.call('tests.isolate_targets:hang', {str(pid_file)!r}, isolated=True, log=logging.getLogger('x'))")
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and alive(child):
+        time.sleep(0.1)
+    assert not alive(child), f"stage process {child} outlived its killed parent"
 
 
 def alive(pid: int) -> bool:

@@ -33,7 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import selfplay.judges.openai as oj  # noqa: E402
 import selfplay.retry as retry  # noqa: E402
 from selfplay.config import EndpointConfig, FilterConfig, JudgeConfig  # noqa: E402
 from selfplay.judges import JudgeCall  # noqa: E402

@@ -13,19 +13,14 @@ skips with the reason where it cannot; see tests/browser.py.
 from __future__ import annotations
 
 import base64
-import os
 import re
-import subprocess
-import sys
-import warnings
-from pathlib import Path
 
 import httpx
 import pytest
 
 from selfplay.orchestration import KEYS
 from tests.browser import ensure_chromium, ensure_selenium, make_driver, screenshot, wait_for
-from tests.conftest import REPO, free_port, run_self_play, tiny_config, wait_http
+from tests.conftest import REPO, run_self_play, tiny_config
 
 OUTPUT = REPO / "test-output" / "ui"
 RUN_NAME = "ui-run"
