@@ -141,6 +141,12 @@ def pick_device() -> tuple[str, "torch.dtype"]:  # noqa: F821
     return "cpu", torch.float32
 
 
+def device_and_dtype() -> tuple[str, str]:
+    """`pick_device` as names, e.g. ('cuda', 'bfloat16')."""
+    device, dtype = pick_device()
+    return device, str(dtype).removeprefix("torch.")
+
+
 def load_tokenizer(path: Path, padding_side: str = "left"):
     from transformers import AutoTokenizer
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -14,21 +15,17 @@ from selfplay.prompts import load_prompts
 
 def preflight(cfg: RunConfig) -> Path:
     """Validate the pass-through settings, the prompts, the models and the judge template; return the base model."""
-    from trl import DPOConfig
-
-    from selfplay.models import pick_device
+    from selfplay import isolate
     from tasks.judge import load_rubric, load_template
-    from tasks.train import dpo_arguments
 
     check_passthrough(cfg.train)
-    device, dtype = pick_device()
-    check_training_hardware(cfg, device)
-    with tempfile.TemporaryDirectory() as scratch:
-        for k in range(1, cfg.rounds + 1):  # schedules change settings per round
-            try:
-                DPOConfig(**dpo_arguments(cfg, k, scratch, device, str(dtype).removeprefix("torch.")))
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"train.dpo / train.schedule: trl.DPOConfig rejects round {k}'s settings: {exc}") from None
+    # Building TRL's arguments on a GPU machine creates a CUDA context, which this process would then hold for the
+    # whole run: with stages in their own processes, check them in one too.
+    checked, _ = isolate.call("selfplay.preflight:check_dpo_settings", cfg, isolated=isolate.isolated(cfg.isolation),
+                              log=logging.getLogger("selfplay.preflight"), label="training settings check")
+    if checked["error"]:
+        raise ConfigError(checked["error"])
+    check_training_hardware(cfg, checked["device"])
     p = cfg.prompts
     train = load_prompts(p.train, p.column, p.messages_column, p.split)
     if len(train) < 1:
@@ -69,6 +66,26 @@ def preflight(cfg: RunConfig) -> Path:
 
         label_token_ids(load_tokenizer(judge_model))
     return base
+
+
+def check_dpo_settings(cfg: RunConfig, *, log=None, progress=None) -> dict[str, str | None]:
+    """Build trl.DPOConfig for every round (schedules change settings per round) on this machine's device; return
+    the device, the dtype, and what TRL rejected, if anything (an `isolate.call` target)."""
+    from trl import DPOConfig
+
+    from selfplay.models import device_and_dtype
+    from tasks.train import dpo_arguments
+
+    device, dtype = device_and_dtype()
+    error = None
+    with tempfile.TemporaryDirectory() as scratch:
+        for k in range(1, cfg.rounds + 1):
+            try:
+                DPOConfig(**dpo_arguments(cfg, k, scratch, device, dtype))
+            except (TypeError, ValueError) as exc:
+                error = f"train.dpo / train.schedule: trl.DPOConfig rejects round {k}'s settings: {exc}"
+                break
+    return {"device": device, "dtype": dtype, "error": error}
 
 
 def check_training_hardware(cfg: RunConfig, device: str) -> None:

@@ -188,6 +188,19 @@ def test_preflight_refuses_training_setups_this_machine_cannot_run(tmp_path):
     check_training_hardware(load_config(None, ["train.launcher.kind=accelerate", f"train.launcher.config_file={ROOT / 'deployments/accelerate/ddp.yaml'}"]), "cpu")
 
 
+@pytest.mark.parametrize("isolation", ["inline", "process"])
+def test_preflight_reports_what_trl_rejects_wherever_it_checks(isolation, tiny_model, tmp_path):
+    """On a GPU the settings are checked in a process of their own (building TRL's arguments creates a CUDA
+    context); the error reaching the user is the same ConfigError either way, naming the round and the setting."""
+    from selfplay.config import ConfigError
+    from selfplay.preflight import preflight
+
+    cfg = build_config(tiny_config(tiny_model, tmp_path, isolation=isolation, rounds=3,
+                                   train={"schedule": {"warmup_steps": [0, 0, -1]}}))
+    with pytest.raises(ConfigError, match=r"trl.DPOConfig rejects round 3's settings: .*warmup_steps >= 0"):
+        preflight(cfg)
+
+
 # ---------------------------------------------------------------- flow tier
 
 
@@ -280,6 +293,21 @@ def test_a_stage_process_gives_all_gpu_memory_back(log, tiny_model, tmp_path):
                               0, isolated=True, log=log, scratch=tmp_path)
     assert len(rows) == 4 and peak > 0
     assert used_mib() - before < 64  # the child's CUDA context and cache went with it
+
+
+@needs_cuda
+def test_preflight_leaves_the_flow_process_without_a_cuda_context(tiny_model, tmp_path):
+    """A context in the flow's process would hold GPU memory through every stage; preflight must not create one."""
+    import json
+    import subprocess
+    import sys
+
+    raw = tiny_config(tiny_model, tmp_path)
+    code = ("import json, sys, torch; from selfplay.config import build_config; from selfplay.preflight import preflight; "
+            "preflight(build_config(json.loads(sys.argv[1]))); print('initialized', torch.cuda.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(raw)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "initialized False" in out.stdout
 
 
 @needs_cuda
