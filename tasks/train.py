@@ -234,7 +234,6 @@ def train_dpo(cfg: RunConfig, k: int, policy: str, pairs_path: str, out: str, *,
     or (train.merge false) the adapter itself. Runs as one process or as every rank of `accelerate launch`."""
     import shutil
 
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import PrinterCallback, ProgressCallback
@@ -287,7 +286,7 @@ def train_dpo(cfg: RunConfig, k: int, policy: str, pairs_path: str, out: str, *,
         return {}
     shutil.rmtree(adapter_dir / "ref", ignore_errors=True)  # TRL's frozen reference copy, when the policy was an adapter
     if cfg.train.merge:
-        merge_adapter(policy, adapter_dir, out / "checkpoint", torch.float32 if device == "cpu" else dtype)
+        merge_adapter(policy, adapter_dir, out / "checkpoint", dtype)
     else:
         load_tokenizer(Path(policy)).save_pretrained(adapter_dir)
     (out / "log_history.json").write_text(json.dumps(history, indent=1))
