@@ -54,6 +54,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -288,6 +289,7 @@ class ModelServer:
         self.returncode: int | None = None
         self._proc: subprocess.Popen | None = None
         self._log_offset = 0
+        self._gpu_before: dict[int, tuple[int, int]] | None = None
 
     def __repr__(self) -> str:
         return f"ModelServer(model={self.model_path!r}, url={self.url if self.port else None!r}, pid={self.pid})"
@@ -323,6 +325,7 @@ class ModelServer:
                                  f"another port (ServerSpec.port, or None for a free one)")
         self.command = build_command(spec, self.model_path, self.port, self.served_name)
         self.returncode = None
+        self._gpu_before = gpu_memory_mib()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -448,29 +451,22 @@ class ModelServer:
                     f"after {timeout:g} s; something else holds it (for docker run: a container left running?)")
             time.sleep(0.1)
 
-    def wait_gpu_free(self, timeout: float = 120.0, tolerance: float = 0.05) -> bool:
-        """Wait until every visible GPU's free memory is back within `tolerance` of its total.
+    def wait_gpu_free(self, timeout: float = 120.0, tolerance: float = 0.02) -> bool:
+        """Wait until every visible GPU's used memory is back to what it was before `start()` (within `tolerance` of
+        its total), so another server, a resident judge or a stage before this one does not count against it.
 
-        A stopped vLLM's memory returns to the driver a moment after its processes exit; call this before using the
-        GPU in this process again (training). Polls `torch.cuda.mem_get_info`; returns True once recovered, False
-        when `timeout` passed first (memory held by other programs, or by this process itself, counts against it).
-        Without torch or CUDA it returns True at once. Note that it initialises CUDA in this process.
+        A stopped vLLM's memory returns to the driver a moment after its processes exit; call this before the GPU is
+        used again (training). Reads NVIDIA's management library through `nvidia-smi`, which creates no CUDA context
+        in this process. Returns True once recovered, False when `timeout` passed first; True at once where there
+        is no `nvidia-smi` (no NVIDIA GPU) or nothing was recorded at start.
         """
-        try:
-            import torch
-        except ImportError:
-            return True
-        if not torch.cuda.is_available():
+        before = self._gpu_before
+        if before is None:
             return True
         deadline = time.monotonic() + timeout
         while True:
-            recovered = True
-            for device in range(torch.cuda.device_count()):
-                free, total = torch.cuda.mem_get_info(device)
-                if free < (1.0 - tolerance) * total:
-                    recovered = False
-                    break
-            if recovered:
+            now = gpu_memory_mib()
+            if now is None or all(used <= before.get(gpu, (0, total))[0] + tolerance * total for gpu, (used, total) in now.items()):
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -645,6 +641,27 @@ def sample_chat(
     if "err" in box:
         raise box["err"]
     return box["out"]
+
+
+# --------------------------------------------------------------------------------------------------- GPU memory
+
+
+def gpu_memory_mib() -> dict[int, tuple[int, int]] | None:
+    """{GPU index: (used MiB, total MiB)} for the GPUs CUDA_VISIBLE_DEVICES lets us use, from `nvidia-smi` (NVML:
+    no CUDA context is created); None where there is no `nvidia-smi` or it fails."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        rows = {int(i): (int(u), int(t)) for i, u, t in (line.split(",") for line in out.strip().splitlines())}
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and all(part.strip().isdigit() for part in visible.split(",") if part.strip()):
+        keep = {int(part) for part in visible.split(",") if part.strip()}
+        rows = {i: row for i, row in rows.items() if i in keep}
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------- LoRA

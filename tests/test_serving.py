@@ -335,3 +335,51 @@ def test_load_and_unload_lora_adapter():
         ("/v1/unload_lora_adapter", {"lora_name": "round-2"}),
     ]
     assert requests[0]["headers"]["authorization"] == "Bearer sk-test"
+
+
+# ---------------------------------------------------------------- GPU memory given back (a FAKE nvidia-smi)
+
+
+@pytest.fixture
+def fake_nvidia_smi(tmp_path, monkeypatch):
+    """A FAKE `nvidia-smi` on PATH that prints whatever the test writes to its readings file (index, used, total)."""
+    readings = tmp_path / "readings.csv"
+    tool = tmp_path / "bin" / "nvidia-smi"
+    tool.parent.mkdir()
+    tool.write_text(f"#!/bin/sh\ncat {readings}\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tool.parent}:{__import__('os').environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return readings
+
+
+def test_wait_gpu_free_waits_for_the_memory_used_before_the_server(fake_nvidia_smi, tmp_path):
+    import threading
+
+    from selfplay.serving import gpu_memory_mib
+
+    # 20 GB already in use before the server (a resident judge, say): that is the level to come back to, not zero.
+    fake_nvidia_smi.write_text("0, 20000, 81559\n")
+    assert gpu_memory_mib() == {0: (20000, 81559)}
+    server = ModelServer(stub_spec(), "/models/m", tmp_path / "server.log").start()
+    fake_nvidia_smi.write_text("0, 70000, 81559\n")  # what the server took
+    server.stop()
+    assert server.wait_gpu_free(timeout=1.0) is False  # still held: a False after the timeout, not a hang
+
+    timer = threading.Timer(1.0, lambda: fake_nvidia_smi.write_text("0, 20500, 81559\n"))  # back, within 2 %
+    timer.start()
+    started = time.monotonic()
+    assert server.wait_gpu_free(timeout=30.0) is True
+    assert 0.9 <= time.monotonic() - started < 10
+    timer.join()
+
+
+def test_gpu_memory_follows_cuda_visible_devices(fake_nvidia_smi, monkeypatch):
+    from selfplay.serving import gpu_memory_mib
+
+    fake_nvidia_smi.write_text("0, 100, 1000\n1, 900, 1000\n")
+    assert gpu_memory_mib() == {0: (100, 1000), 1: (900, 1000)}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert gpu_memory_mib() == {1: (900, 1000)}
+    fake_nvidia_smi.write_text("garbage\n")
+    assert gpu_memory_mib() is None
