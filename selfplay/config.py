@@ -87,9 +87,14 @@ class SampleConfig(Section):
 
 
 class JudgeConfig(Section):
-    backend: Literal["local", "openai"] = Field("local", description="'local': a transformers model in-process; 'openai': any OpenAI-compatible endpoint.")
-    model: str = Field("reference", description="local backend: 'reference' (the round's reference: the model judges itself) or a model spec as in policy.model.")
+    backend: Literal["local", "openai", "vllm"] = Field(
+        "local", description="'local': a transformers model; 'openai': any running OpenAI-compatible endpoint; 'vllm': a vLLM "
+        "server selfplay starts on judge.model for each judging step and stops after, so it takes turns with the policy on the GPU.")
+    model: str = Field("reference", description="local and vllm backends: 'reference' (the round's reference: the model judges itself) "
+                       "or a model (local: as in policy.model; vllm: a directory or hub id vLLM loads).")
     endpoint: EndpointConfig | None = Field(None, description="openai backend: the endpoint to ask.")
+    server: ServerSpec = Field(default_factory=ServerSpec, description="vllm backend: how to start and stop the judge's server.")
+    max_concurrency: int = Field(64, ge=1, description="vllm backend: requests in flight to the started server.")
     mode: Literal["auto", "logprobs", "choice", "text"] = Field(
         "auto", description="How the verdict is read: label logprobs, a structured A/B/tie choice, or a [[A]]/[[B]]/[[tie]] marker in text. 'auto' falls back in that order.")
     pairing: Literal["all_pairs", "random_pair", "tournament"] = Field(
@@ -217,7 +222,9 @@ NON_RESULT_FIELDS = frozenset({
     "name", "output_dir", "rounds", "isolation", "train.min_pairs", "train.launcher.args", "gate.early_stop_after", "judge.max_error_rate", "judge.cache",
     "judge.batch_size", *(f"{section}.endpoint.{field}" for section in ("judge", "sample") for field in (
         "timeout", "max_concurrency", "max_retries", "api_key_env", "api_key_secret", "price_input_per_mtok", "price_output_per_mtok")),
-    *(f"sample.server.{field}" for field in ("command", "host", "port", "container_port", "startup_timeout", "stop_timeout", "env", "cwd")),
+    *(f"{section}.server.{field}" for section in ("sample", "judge")
+      for field in ("command", "host", "port", "container_port", "startup_timeout", "stop_timeout", "env", "cwd")),
+    "judge.max_concurrency",
 })
 
 # DPOConfig fields the train stage sets itself.

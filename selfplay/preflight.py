@@ -40,12 +40,14 @@ def preflight(cfg: RunConfig) -> Path:
         raise ConfigError(str(exc)) from None
     base = resolve_model(cfg.policy.model)
     load_tokenizer(base)  # a chat template is required
-    if cfg.sample.backend == "vllm" and shutil.which(cfg.sample.server.command[0]) is None:
-        raise ConfigError(
-            f"sample.server.command: {cfg.sample.server.command[0]!r} is not an executable on PATH. vLLM cannot share this "
-            f"environment (it pins other torch/transformers/fastapi versions): install it in its own virtualenv and set "
-            f"sample.server.command to [/path/to/vllm-venv/bin/vllm, serve], or use a docker run of vllm/vllm-openai."
-        )
+    for section, spec in (("sample", cfg.sample.server if cfg.sample.backend == "vllm" else None),
+                          ("judge", cfg.judge.server if cfg.judge.backend == "vllm" else None)):
+        if spec is not None and shutil.which(spec.command[0]) is None:
+            raise ConfigError(
+                f"{section}.server.command: {spec.command[0]!r} is not an executable on PATH. vLLM cannot share this "
+                f"environment (it pins other torch/transformers/fastapi versions): install it in its own virtualenv and set "
+                f"{section}.server.command to [/path/to/vllm-venv/bin/vllm, serve], or use a docker run of vllm/vllm-openai."
+            )
     if cfg.sample.backend == "endpoint":
         from selfplay.judges.openai import EndpointError, check_endpoint, resolve_api_key
 
@@ -60,7 +62,12 @@ def preflight(cfg: RunConfig) -> Path:
             check_endpoint(cfg.judge.endpoint, resolve_api_key(cfg.judge.endpoint))
         except EndpointError as exc:
             raise ConfigError(str(exc)) from None
-    else:
+    elif cfg.judge.backend == "vllm":
+        path = Path(cfg.judge.model).expanduser()
+        if cfg.judge.model != "reference" and (path.is_absolute() or cfg.judge.model.startswith(".")) and not path.exists():
+            raise ConfigError(f"judge.model {cfg.judge.model!r}: no such directory for the judge's vLLM server to load "
+                              f"(a local directory, or a hub id such as Qwen/Qwen2.5-7B-Instruct that vLLM downloads)")
+    elif cfg.judge.backend == "local":
         judge_model = base if cfg.judge.model == "reference" else resolve_model(cfg.judge.model)
         from selfplay.judges.local import label_token_ids
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import errno
+import json
 import os
 import random
 import re
@@ -716,6 +717,18 @@ def lora_args(name: str, adapter: str | os.PathLike, rank: int) -> list[str]:
     """
     max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), rank)
     return ["--enable-lora", "--max-lora-rank", str(max_rank), "--lora-modules", f"{name}={adapter}"]
+
+
+def serving_plan(spec: ServerSpec, model: str | os.PathLike, lora_name: str) -> tuple[ServerSpec, str, str | None]:
+    """How to serve a checkpoint: (the server spec, the model to start it on, the model name to request or None
+    for the served name). A LoRA adapter directory is served over its base model, as `lora_name`."""
+    from selfplay.models import adapter_base, is_adapter
+
+    if not is_adapter(model):
+        return spec, str(model), None
+    adapter = Path(model).resolve()
+    rank = json.loads((adapter / "adapter_config.json").read_text())["r"]
+    return spec.model_copy(update={"extra_args": [*spec.extra_args, *lora_args(lora_name, adapter, rank)]}), adapter_base(adapter), lora_name
 
 
 def load_lora_adapter(base_url: str, name: str, path: str | os.PathLike, api_key: str = "EMPTY", timeout: float = 300.0) -> None:

@@ -133,7 +133,8 @@ def evaluate(cfg: RunConfig, k: int, previous: str, base: str | None = None) -> 
     first = generated.pop(0) if against_base and first is None else first
 
     tables = [comparison_pairs(new, old)] + ([comparison_pairs(new, first)] if against_base else [])
-    judged, judge_peak = run_judge(cfg, previous, tables, run.round_dir(k), f"round {k} eval judge", log)
+    judged, judge_peak = run_judge(cfg, previous, tables, run.round_dir(k), f"round {k} eval judge", log,
+                                   server_log=run.round_dir(k) / "eval-judge-server.log")
     (table, _, stats), base_table = judged[0], judged[1][0] if against_base else None
     check_error_rate(table, cfg.judge.max_error_rate, k)  # an outage must fail the stage, not decide the gate
     if base_table is not None:

@@ -290,14 +290,40 @@ def judge_tables(cfg: JudgeConfig, reference: str, tables: list[pd.DataFrame], *
 
 
 def run_judge(cfg: RunConfig, reference: str, tables: list[pd.DataFrame], scratch: Path, label: str, log,
-              progress: Callable[[int, int], None] | None = None) -> tuple[list[tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]], float | None]:
-    """`judge_tables` where it belongs, and the peak GPU memory it took: a local judge is a model on the GPU, so it
-    holds the `gpu` limit (and, with process isolation, runs in its own process); an endpoint judge runs here."""
-    if cfg.judge.backend != "local":
-        return judge_tables(cfg.judge, reference, tables, log=log, progress=progress), None
+              progress: Callable[[int, int], None] | None = None,
+              server_log: Path | None = None) -> tuple[list[tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]], float | None]:
+    """`judge_tables` where it belongs, and the peak GPU memory it took. A local judge is a model on the GPU: it
+    holds the `gpu` limit (and, with process isolation, runs in its own process). A `vllm` judge is a server started
+    here on the judge model for these tables and stopped after (holding the limit; its log is `server_log`). An
+    endpoint judge runs here."""
+    j = cfg.judge
+    if j.backend == "openai":
+        return judge_tables(j, reference, tables, log=log, progress=progress), None
+    if j.backend == "vllm":
+        return serve_and_judge(j, reference, tables, server_log or scratch / "judge-server.log", f"{cfg.name}-judge", log, progress), None
     with gpu_slot():
-        return isolate.call("tasks.judge:judge_tables", cfg.judge, reference, tables, isolated=isolated(cfg.isolation),
+        return isolate.call("tasks.judge:judge_tables", j, reference, tables, isolated=isolated(cfg.isolation),
                             scratch=scratch, label=label, log=log, progress=progress)
+
+
+def serve_and_judge(cfg: JudgeConfig, reference: str, tables: list[pd.DataFrame], log_path: Path, lora_name: str, log,
+                    progress: Callable[[int, int], None] | None = None) -> list[tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]]:
+    """Start a vLLM server on the judge model, judge every table through it, stop it and wait for the GPU."""
+    from selfplay.config import EndpointConfig
+    from selfplay.judges.openai import OpenAIJudge
+    from selfplay.serving import ModelServer, serving_plan
+
+    spec, model, request_name = serving_plan(cfg.server, reference if cfg.model == "reference" else cfg.model, lora_name)
+    with gpu_slot():
+        with ModelServer(spec, model, log_path, served_name="judge") as server:
+            log.info("judge server on %s up at %s (log %s)", model, server.base_url, log_path)
+            endpoint = EndpointConfig(base_url=server.base_url, model=request_name or server.served_name,
+                                      max_concurrency=cfg.max_concurrency, timeout=300)
+            judge = OpenAIJudge(endpoint, mode=cfg.mode, cache=None)  # a new port each time: nothing to key a cache on
+            results = [judge_pairs(judge, pairs, cfg, progress=progress) for pairs in tables]
+        if not server.wait_gpu_free(120):
+            log.warning("GPU memory was not all given back 120 s after the judge server stopped")
+    return results
 
 
 # ---------------------------------------------------------------- task
@@ -323,7 +349,8 @@ def judge(cfg: RunConfig, k: int, reference: str) -> dict[str, Any]:
         bar.update(done, total)
         log.info("round %d: judge calls %d/%d (%.0f s)", k, done, total, time.time() - started)
 
-    [(table, calls, stats)], peak = run_judge(cfg, reference, [pairs], run.round_dir(k), f"round {k} judge", log, progress)
+    [(table, calls, stats)], peak = run_judge(cfg, reference, [pairs], run.round_dir(k), f"round {k} judge", log, progress,
+                                              server_log=run.round_dir(k) / "judge-server.log")
     stats["peak_gpu_gb"] = peak
     stats["seconds"] = time.time() - started
     check_error_rate(table, cfg.judge.max_error_rate, k)

@@ -8,7 +8,6 @@ The policy is always loaded from its saved checkpoint, never reused from the tra
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ from prefect.cache_policies import NONE
 from selfplay import isolate
 from selfplay.config import RunConfig
 from selfplay.isolate import isolated
-from selfplay.models import adapter_base, is_adapter, load_causal_lm, load_tokenizer, release_memory
+from selfplay.models import is_adapter, load_causal_lm, load_tokenizer, release_memory
 from selfplay.orchestration import Progress, gpu_slot
 from selfplay.prompts import draw_prompts, load_prompts
 from selfplay.rundir import RunDir
@@ -117,18 +116,14 @@ def sample_from_server(cfg: RunConfig, k: int, policy: str, prompts: list[str], 
     `--enable-lora --lora-modules <name>=<adapter>`; a running endpoint is asked to load it (vLLM's
     /v1/load_lora_adapter) and to unload it afterwards. Requests then name the adapter as their model.
     """
-    from selfplay.serving import ModelServer, adapter_name, lora_args, sample_chat
+    from selfplay.serving import ModelServer, adapter_name, sample_chat, serving_plan
 
     s = cfg.sample
     params = dict(n=s.num_samples, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, seed=s.seed + k, exact_tokens=True)
     adapter = Path(policy).resolve() if is_adapter(policy) else None
     name = adapter_name(cfg.name, adapter) if adapter else None
     if s.backend == "vllm":
-        spec, model_path = s.server, policy
-        if adapter:
-            rank = json.loads((adapter / "adapter_config.json").read_text())["r"]
-            spec = spec.model_copy(update={"extra_args": [*spec.extra_args, *lora_args(name, adapter, rank)]})
-            model_path = adapter_base(adapter)
+        spec, model_path, _ = serving_plan(s.server, policy, name or "policy")
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with gpu_slot():
             with ModelServer(spec, model_path, log_path) as server:

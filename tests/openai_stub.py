@@ -148,11 +148,21 @@ def _message_text(content: Any) -> str:
     return ""
 
 
-def default_handler(model: str = "stub") -> Callable[[dict, int], Reply]:
+def _varied_logprobs(messages: list) -> dict[str, float]:
+    import hashlib
+    import math
+
+    x = int(hashlib.sha256(jsonlib.dumps(messages, sort_keys=True).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    p_a = 0.05 + 0.9 * x
+    return {"A": math.log(p_a), "B": math.log(1 - p_a)}
+
+
+def default_handler(model: str = "stub", varied: bool = False) -> Callable[[dict, int], Reply]:
     """The CLI mode handler: deterministic short answers derived from the request.
 
     ``n`` choices "answer {i} to: {last user message[:40]}" (plus " [seed S]" when the request has a
-    seed); logprobs {"A": -0.2, "B": -1.8} when the request asks for logprobs; word-count usage.
+    seed); logprobs {"A": -0.2, "B": -1.8} when the request asks for logprobs (`varied`: a preference between A and
+    B derived from a hash of the whole request, so a judge's swapped orders disagree as a real judge's may); word-count usage.
     """
 
     def handle(body: dict, n: int) -> Reply:
@@ -169,7 +179,7 @@ def default_handler(model: str = "stub") -> Callable[[dict, int], Reply]:
         completion_tokens = max(len(t.split()) for t in texts)
         resp = chat_completion(
             texts[0],
-            logprobs={"A": -0.2, "B": -1.8} if body.get("logprobs") else None,
+            logprobs=(_varied_logprobs(messages) if varied else {"A": -0.2, "B": -1.8}) if body.get("logprobs") else None,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             model=str(body.get("model") or model),
@@ -441,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fail-start", action="store_true", help="log an error and exit 1 before binding")
     p.add_argument("--never-healthy", action="store_true", help="serve, but /health always answers 503")
     p.add_argument("--latency", type=float, default=0.0, help="seconds added to every chat completion")
+    p.add_argument("--varied-logprobs", action="store_true", help="A/B logprobs from a hash of the request, not fixed")
     # vLLM's LoRA flags, accepted and logged so that tests can assert what a server was started with.
     p.add_argument("--enable-lora", action="store_true")
     p.add_argument("--max-lora-rank", type=int)
@@ -458,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    state = _State(default_handler(args.model), args.latency, args.model, args.startup_delay, args.never_healthy)
+    state = _State(default_handler(args.model, args.varied_logprobs), args.latency, args.model, args.startup_delay, args.never_healthy)
     print(f"stub: serving {args.model} on http://{args.host}:{args.port}", flush=True)
     server = uvicorn.Server(_uvicorn_config(build_app(state), args.host, args.port, log_level="info"))
     # Main thread: uvicorn catches SIGTERM/SIGINT, shuts down gracefully ("Finished server process"),

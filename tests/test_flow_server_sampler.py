@@ -105,3 +105,27 @@ def test_vllm_backend_serves_an_adapter_policy_over_its_base(prefect_server, tin
     assert f"--model {base} " in log  # the base model, not the adapter directory
     assert f"stub: LoRA module vllm-lora-round_1={run.checkpoint(1).resolve()} (max rank 8, enabled True)" in log
     assert len(pd.read_parquet(run.stage_dir(2, "sample") / "samples.parquet")) == cfg["prompts"]["per_round"] * cfg["sample"]["num_samples"]
+
+
+def test_vllm_judge_is_started_for_each_judging_step_and_stopped(prefect_server, tiny_model, tmp_path):
+    """judge.backend vllm: a server on the judge model (here the reference) for the judge stage and again for the
+    evaluation's judging, each stopped before the next GPU stage: the judge takes turns with the policy."""
+    judge_server = {**STUB_AS_VLLM, "extra_args": ["--varied-logprobs"]}
+    cfg = tiny_config(tiny_model, tmp_path / "runs", name="vllm-judge", rounds=1,
+                      judge={"backend": "vllm", "mode": "logprobs", "margin": 0.05, "server": judge_server})
+    [summary] = run_self_play(cfg, tmp_path / "vllm-judge.yaml")
+    run = RunDir(Path(cfg["output_dir"]) / "vllm-judge")
+    base = str(Path(tiny_model).resolve())
+    for name in ("judge-server.log", "eval-judge-server.log"):
+        log = (run.round_dir(1) / name).read_text()
+        assert f"--model {base} " in log and "--varied-logprobs" in log  # the reference, served as the judge
+        port = int(log.split("--port", 1)[1].split()[0])
+        assert port_free(port)
+    calls = pd.read_parquet(run.stage_dir(1, "judge") / "calls.parquet")
+    assert (calls["mode"] == "logprobs").all() and calls["error"].isna().all()
+    judged = pd.read_parquet(run.stage_dir(1, "judge") / "judgments.parquet")
+    judged = judged[judged["verdict"] != "not_judged"]
+    assert judged["p_a_order1"].between(0.05, 0.95).all() and judged["p_a_order1"].nunique() > 1
+    assert summary["kept"] >= cfg["train"]["min_pairs"]
+    assert run.manifest(1, "evaluate")["metrics"]["wins"] + run.manifest(1, "evaluate")["metrics"]["losses"] > 0
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "tests.openai_stub" in " ".join(p.info["cmdline"] or [])]
