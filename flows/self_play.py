@@ -1,4 +1,4 @@
-"""Self-play over rounds: round k's merged checkpoint is round k+1's policy and its reference.
+"""Self-play over rounds: round k's checkpoint is round k+1's policy and its reference.
 
     selfplay run --config deployments/recipes/cpu-demo.yaml          # the CLI calls this flow
     prefect deployment run self-play/manual -p rounds=3               # so do the deployments in prefect.yaml
