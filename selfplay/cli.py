@@ -34,6 +34,7 @@ def _quiet_environment() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from selfplay.config import ConfigError, load_config
+    from selfplay.isolate import StageProcessError
     from selfplay.models import ModelError
     from selfplay.preflight import preflight
     from selfplay.prompts import PromptError
@@ -48,7 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # Fail now, not after the server starts, if another process holds the run or a resume would mix configs.
         with locked(cfg.run_dir):
             open_run(cfg, str(base))
-    except (ConfigError, ModelError, PromptError, RunDirError) as exc:
+    except (ConfigError, ModelError, PromptError, RunDirError, StageProcessError) as exc:
         print(f"selfplay: {exc}", file=sys.stderr)
         return 2
 
@@ -56,7 +57,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from flows.self_play import self_play
     from selfplay.report import format_table
-    from selfplay.isolate import StageProcessError
     from tasks.train import NotEnoughPairs
 
     transformers.logging.disable_progress_bar()

@@ -223,7 +223,8 @@ NON_RESULT_FIELDS = frozenset({
     "judge.batch_size", *(f"{section}.endpoint.{field}" for section in ("judge", "sample") for field in (
         "timeout", "max_concurrency", "max_retries", "api_key_env", "api_key_secret", "price_input_per_mtok", "price_output_per_mtok")),
     *(f"{section}.server.{field}" for section in ("sample", "judge")
-      for field in ("command", "host", "port", "container_port", "startup_timeout", "stop_timeout", "env", "cwd")),
+      for field in ("command", "host", "port", "container_port", "startup_timeout", "stop_timeout", "env", "cwd",
+                    "gpu_memory_utilization")),  # sizes the KV cache only: lowered after an out-of-memory start
     "judge.max_concurrency",
 })
 

@@ -64,9 +64,12 @@ def preflight(cfg: RunConfig) -> Path:
             raise ConfigError(str(exc)) from None
     elif cfg.judge.backend == "vllm":
         path = Path(cfg.judge.model).expanduser()
-        if cfg.judge.model != "reference" and (path.is_absolute() or cfg.judge.model.startswith(".")) and not path.exists():
+        if cfg.judge.model != "reference" and (path.is_absolute() or cfg.judge.model.startswith((".", "~"))) and not path.exists():
             raise ConfigError(f"judge.model {cfg.judge.model!r}: no such directory for the judge's vLLM server to load "
                               f"(a local directory, or a hub id such as Qwen/Qwen2.5-7B-Instruct that vLLM downloads)")
+        from tasks.judge import judge_server_model
+
+        judge_server_model(cfg.judge, str(base))  # converts a .gguf or 'bundled' now, not mid-run
     elif cfg.judge.backend == "local":
         judge_model = base if cfg.judge.model == "reference" else resolve_model(cfg.judge.model)
         from selfplay.judges.local import label_token_ids

@@ -310,6 +310,18 @@ class ModelServer:
         return f"{self.url}/v1"
 
     @property
+    def api_model(self) -> str:
+        """The model name requests must use: the served name when the command sets one, else the model path (what
+        vLLM calls a model it was given no name for)."""
+        return self.served_name if self.spec.served_name_flag else self.model_path
+
+    @property
+    def api_key(self) -> str:
+        """The key the started server expects: vLLM reads VLLM_API_KEY from the environment it inherits (or from
+        `spec.env`); 'EMPTY' when neither sets one."""
+        return self.spec.env.get("VLLM_API_KEY") or os.environ.get("VLLM_API_KEY") or "EMPTY"
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 

@@ -256,7 +256,7 @@ def check_error_rate(table: pd.DataFrame, max_error_rate: float, k: int) -> None
     raise JudgeFailed(
         f"round {k}: {len(errors)} of {len(judged)} judged pairs ({len(errors) / len(judged):.0%}) ended in judge_error, "
         f"above judge.max_error_rate={max_error_rate}. Errors by kind: {kinds}. First: {errors['error'].iloc[0]}. "
-        f"Successful calls are cached; fix the endpoint and rerun to resume."
+        f"Fix the judge and rerun to resume (with judge.cache on, calls that succeeded are not asked again)."
     )
 
 
@@ -306,6 +306,19 @@ def run_judge(cfg: RunConfig, reference: str, tables: list[pd.DataFrame], scratc
                             scratch=scratch, label=label, log=log, progress=progress)
 
 
+def judge_server_model(cfg: JudgeConfig, reference: str) -> str:
+    """What a `vllm` judge server loads: the reference, a local model as selfplay resolves it (a directory, a .gguf
+    converted once, 'bundled'), or a hub id as given (vLLM downloads it)."""
+    from selfplay.models import resolve_model
+
+    if cfg.model == "reference":
+        return reference
+    path = Path(cfg.model).expanduser()
+    if cfg.model == "bundled" or path.exists():
+        return str(Path(resolve_model(str(path) if path.exists() else cfg.model)).resolve())
+    return cfg.model
+
+
 def serve_and_judge(cfg: JudgeConfig, reference: str, tables: list[pd.DataFrame], log_path: Path, lora_name: str, log,
                     progress: Callable[[int, int], None] | None = None) -> list[tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]]:
     """Start a vLLM server on the judge model, judge every table through it, stop it and wait for the GPU."""
@@ -313,13 +326,14 @@ def serve_and_judge(cfg: JudgeConfig, reference: str, tables: list[pd.DataFrame]
     from selfplay.judges.openai import OpenAIJudge
     from selfplay.serving import ModelServer, serving_plan
 
-    spec, model, request_name = serving_plan(cfg.server, reference if cfg.model == "reference" else cfg.model, lora_name)
+    spec, model, request_name = serving_plan(cfg.server, judge_server_model(cfg, reference), lora_name)
     with gpu_slot():
         with ModelServer(spec, model, log_path, served_name="judge") as server:
             log.info("judge server on %s up at %s (log %s)", model, server.base_url, log_path)
-            endpoint = EndpointConfig(base_url=server.base_url, model=request_name or server.served_name,
+            endpoint = EndpointConfig(base_url=server.base_url, model=request_name or server.api_model,
                                       max_concurrency=cfg.max_concurrency, timeout=300)
-            judge = OpenAIJudge(endpoint, mode=cfg.mode, cache=None)  # a new port each time: nothing to key a cache on
+            # A new port each time: nothing to key a cache on.
+            judge = OpenAIJudge(endpoint, mode=cfg.mode, cache=None, api_key=server.api_key)
             results = [judge_pairs(judge, pairs, cfg, progress=progress) for pairs in tables]
         if not server.wait_gpu_free(120):
             log.warning("GPU memory was not all given back 120 s after the judge server stopped")

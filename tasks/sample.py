@@ -127,7 +127,7 @@ def sample_from_server(cfg: RunConfig, k: int, policy: str, prompts: list[str], 
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with gpu_slot():
             with ModelServer(spec, model_path, log_path) as server:
-                out = sample_chat(server.base_url, name or server.served_name, prompts, **params)
+                out = sample_chat(server.base_url, name or server.api_model, prompts, api_key=server.api_key, **params)
             if not server.wait_gpu_free(120):
                 get_run_logger().warning("round %d: GPU memory was not all given back 120 s after the sampling server stopped", k)
     else:

@@ -281,3 +281,10 @@ def test_launcher_options_belong_to_accelerate():
     assert cfg.train.launcher.num_processes is None
     with pytest.raises(ConfigError, match="train.quantization"):
         load_config(None, ["train.quantization=8bit"])
+
+
+def test_a_resume_may_lower_a_servers_gpu_memory_share():
+    old = load_config(None, ["sample.backend=vllm"])
+    new = load_config(None, ["sample.backend=vllm", "sample.server.gpu_memory_utilization=0.6", "judge.server.gpu_memory_utilization=0.5"])
+    assert result_differences(old, new) == []
+    assert result_differences(old, load_config(None, ["sample.backend=vllm", "sample.server.max_model_len=2048"])) != []

@@ -441,3 +441,13 @@ def test_win_rate_property():
             assert 0.0 <= t["win_rate"] <= 1.0
             mirrored = score([{"first": "second", "second": "first"}.get(v, v) for v in verdicts])[1]
             assert t["win_rate"] + mirrored["win_rate"] == pytest.approx(1.0)
+
+
+def test_judge_server_model_resolves_local_models_and_passes_hub_ids(tmp_path, tiny_model, monkeypatch):
+    from tasks.judge import judge_server_model
+
+    assert judge_server_model(JudgeConfig(backend="vllm"), "/runs/r/round_1/train/checkpoint") == "/runs/r/round_1/train/checkpoint"
+    assert judge_server_model(JudgeConfig(backend="vllm", model="Qwen/Qwen2.5-7B-Instruct"), "/ref") == "Qwen/Qwen2.5-7B-Instruct"
+    monkeypatch.chdir(tiny_model.parent)
+    relative = JudgeConfig(backend="vllm", model=f"./{tiny_model.name}")
+    assert judge_server_model(relative, "/ref") == str(tiny_model.resolve())  # absolute: the server may run elsewhere

@@ -383,3 +383,15 @@ def test_gpu_memory_follows_cuda_visible_devices(fake_nvidia_smi, monkeypatch):
     assert gpu_memory_mib() == {1: (900, 1000)}
     fake_nvidia_smi.write_text("garbage\n")
     assert gpu_memory_mib() is None
+
+
+def test_requests_name_the_model_as_the_started_server_knows_it(tmp_path, monkeypatch):
+    named = ModelServer(ServerSpec(), "/models/m", tmp_path / "a.log", served_name="judge")
+    unnamed = ModelServer(stub_spec(), "/models/m", tmp_path / "b.log", served_name="judge")  # no --served-model-name
+    assert (named.api_model, unnamed.api_model) == ("judge", "/models/m")
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    assert named.api_key == "EMPTY"
+    monkeypatch.setenv("VLLM_API_KEY", "sk-local")  # the server inherits it and will demand it
+    assert named.api_key == "sk-local"
+    own = ModelServer(ServerSpec(env={"VLLM_API_KEY": "sk-spec"}), "/models/m", tmp_path / "c.log")
+    assert own.api_key == "sk-spec"
