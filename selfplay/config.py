@@ -339,12 +339,27 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def result_differences(old: RunConfig, new: RunConfig) -> list[str]:
     """Dotted keys whose change would change results, as 'key: old -> new'."""
     a, b = flatten(old.model_dump(mode="json")), flatten(new.model_dump(mode="json"))
+    unused = unused_sections(old) & unused_sections(new)
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if key in NON_RESULT_FIELDS or a.get(key) == b.get(key):
+        if key in NON_RESULT_FIELDS or a.get(key) == b.get(key) or key.startswith(tuple(unused)):
             continue
         diffs.append(f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}")
     return diffs
+
+
+def unused_sections(cfg: RunConfig) -> set[str]:
+    """Key prefixes of settings the configured backends never read (a server for a backend that starts none)."""
+    unused = set()
+    if cfg.sample.backend != "vllm":
+        unused.add("sample.server.")
+    if cfg.sample.backend != "endpoint":
+        unused.add("sample.endpoint.")
+    if cfg.judge.backend != "vllm":
+        unused.update({"judge.server.", "judge.max_concurrency"})
+    if cfg.judge.backend != "openai":
+        unused.add("judge.endpoint.")
+    return unused
 
 
 def scheduled(value: list[float] | Decay, k: int) -> float:

@@ -288,3 +288,13 @@ def test_a_resume_may_lower_a_servers_gpu_memory_share():
     new = load_config(None, ["sample.backend=vllm", "sample.server.gpu_memory_utilization=0.6", "judge.server.gpu_memory_utilization=0.5"])
     assert result_differences(old, new) == []
     assert result_differences(old, load_config(None, ["sample.backend=vllm", "sample.server.max_model_len=2048"])) != []
+
+
+def test_a_resume_ignores_settings_of_backends_not_in_use():
+    old = load_config(None)  # transformers sampler, local judge
+    unused = load_config(None, ["judge.server.max_model_len=2048", "sample.server.tensor_parallel_size=4", "judge.max_concurrency=8"])
+    assert result_differences(old, unused) == []
+    served = ["judge.backend=vllm"]
+    assert result_differences(load_config(None, served), load_config(None, served + ["judge.server.max_model_len=2048"])) == [
+        "judge.server.max_model_len: None -> 2048"]
+    assert result_differences(old, load_config(None, served)) == ["judge.backend: 'local' -> 'vllm'"]
