@@ -85,7 +85,6 @@ def call(
     launcher: Sequence[str] | None = None,
     scratch: Path | None = None,
     label: str = "stage",
-    env: dict[str, str] | None = None,
     **kwargs: Any,
 ) -> tuple[Any, float | None]:
     """Call `target(*args, log=..., progress=..., **kwargs)`; return (its value, peak GPU GiB or None).
@@ -108,7 +107,7 @@ def call(
         command = [*(launcher or [sys.executable]), "-m", "selfplay.isolate", str(spec)]
         log.info("%s: starting its own process: %s", label, " ".join(command))
         started = time.time()
-        child_env = {**os.environ, **CHILD_ENV, **(env or {}), "SELFPLAY_RESULT": str(result)}
+        child_env = {**os.environ, **CHILD_ENV, "SELFPLAY_RESULT": str(result)}
         code, tail = _run(command, child_env, log, progress, label)
         failure = pickle.loads(result.read_bytes()).get("error") if result.exists() else None
         if code != 0 or failure:
