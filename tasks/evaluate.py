@@ -126,8 +126,9 @@ def evaluate(cfg: RunConfig, k: int, previous: str, base: str | None = None) -> 
     first = find_generations(run, base, k, held_out) if against_base else None
     todo = [checkpoint] + ([previous] if old is None else []) + ([base] if against_base and first is None else [])
     with gpu_slot():
-        generated, generation_peak = isolate.call("tasks.evaluate:eval_generations", cfg, todo, held_out, isolated=isolated(cfg.isolation),
-                                    scratch=run.round_dir(k), label=f"round {k} eval generation", log=log)
+        generated, generation_peak = isolate.call("tasks.evaluate:eval_generations", cfg, todo, held_out,
+                                                  isolated=isolated(cfg.isolation), scratch=run.round_dir(k),
+                                                  label=f"round {k} eval generation", log=log)
     new = generated.pop(0)
     old = generated.pop(0) if old is None else old
     first = generated.pop(0) if against_base and first is None else first
