@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 from prefect import flow, get_run_logger
 
+from selfplay import shutdown
 from selfplay.config import RunConfig
 from selfplay.orchestration import publish_round
 from selfplay.quality import pathology_trend
@@ -28,6 +29,7 @@ from tasks.train import train
 def dpo_round(config: RunConfig, k: int, policy: str, base: str | None = None) -> dict[str, Any]:
     """Round k from `policy` (the current checkpoint: the last accepted round's, or the base model), which is also
     the reference; `base` is round 0, evaluated against too. The gate then accepts or rejects the new checkpoint."""
+    shutdown.arm()  # in front of the SIGTERM handler Prefect installed for this flow run
     run = RunDir(config.run_dir)
     sample(config, k, policy)
     judge(config, k, policy)

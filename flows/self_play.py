@@ -25,8 +25,9 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.dpo_round import dpo_round
+from selfplay import shutdown
 from selfplay.config import RunConfig, build_config, load_config
-from selfplay.orchestration import ensure_gpu_limit, publish_lineage
+from selfplay.orchestration import ensure_gpu_limit, publish_lineage, use_cluster_limit
 from selfplay.preflight import preflight
 from selfplay.rundir import locked, open_run, read_json, write_json_atomic
 
@@ -94,8 +95,11 @@ def with_rounds(cfg: RunConfig, rounds: int) -> RunConfig:
 def run_rounds(cfg: RunConfig) -> list[dict[str, Any]]:
     """Run (or resume) every round of `cfg` inside the current flow run."""
     log = get_run_logger()
+    shutdown.arm(f"Finished work is kept in {cfg.run_dir.resolve()}; run it again (or retry the flow run) to resume.")
     base = preflight(cfg)
-    ensure_gpu_limit()
+    if cfg.cluster_gpu_limit:
+        ensure_gpu_limit(name=cfg.cluster_gpu_limit)
+    use_cluster_limit(cfg.cluster_gpu_limit)
     with locked(cfg.run_dir):
         run = open_run(cfg, str(base))
         policy, summaries, rejected_in_a_row = str(base), [], 0

@@ -18,12 +18,15 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
 
 
 def _quiet_environment() -> None:
+    # Should Prefect start its own temporary server (a flow called from Python), give it time to create its database.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -33,39 +36,67 @@ def _quiet_environment() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from selfplay.config import ConfigError, load_config
-    from selfplay.isolate import StageProcessError
-    from selfplay.models import ModelError
+    from selfplay.errors import SelfplayError
     from selfplay.preflight import preflight
-    from selfplay.prompts import PromptError
-    from selfplay.rundir import RunDirError, locked, open_run
+    from selfplay.rundir import locked, open_run
 
     if not args.config:
         print("selfplay: --config is required (e.g. deployments/recipes/cpu-demo.yaml)", file=sys.stderr)
         return 2
-    try:
-        cfg = load_config(args.config, args.set or [])
-        base = preflight(cfg)
-        # Fail now, not after the server starts, if another process holds the run or a resume would mix configs.
-        with locked(cfg.run_dir):
-            open_run(cfg, str(base))
-    except (ConfigError, ModelError, PromptError, RunDirError, StageProcessError) as exc:
-        print(f"selfplay: {exc}", file=sys.stderr)
-        return 2
+    import contextlib
+
+    from selfplay.config import load_config
+
+    with contextlib.ExitStack() as held:
+        try:
+            cfg = load_config(args.config, args.set or [])
+            # Taken once, before anything starts, and held to the end: a second process on this run stops here.
+            held.enter_context(locked(cfg.run_dir))
+            base = preflight(cfg)
+            open_run(cfg, str(base))  # a resume that would mix configurations fails now, not after the server starts
+        except SelfplayError as exc:
+            print(f"selfplay: {exc}", file=sys.stderr)
+            return 2
+        return _run_flow(args, cfg, held)
+    return 1  # unreachable: the block returns
+
+
+def _run_flow(args: argparse.Namespace, cfg, held) -> int:
+    import shlex
 
     import transformers
 
-    from flows.self_play import self_play
+    from selfplay import shutdown
+    from selfplay.errors import SelfplayError
     from selfplay.report import format_table
-    from tasks.train import NotEnoughPairs
 
+    resume = (f"Finished work is kept in {cfg.run_dir.resolve()}; to resume, rerun: "
+              f"{shlex.join(['selfplay', *sys.argv[1:]]) if sys.argv[1:2] == ['run'] else 'the same command'}")
     transformers.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
     try:
-        summaries = self_play(recipe=args.config[0], overlays=args.config[1:], overrides=args.set or [])
-    except (NotEnoughPairs, RunDirError, ConfigError, ModelError, PromptError, StageProcessError) as exc:
-        print(f"\nselfplay: {exc}\nFinished work is kept in {cfg.run_dir.resolve()}; rerun the same command to resume.", file=sys.stderr)
+        with shutdown.guard(resume):
+            if not os.environ.get("PREFECT_API_URL"):
+                from selfplay.tempserver import temporary_server
+
+                held.enter_context(temporary_server(cfg.run_dir / "prefect-server"))
+            from flows.self_play import self_play
+
+            summaries = self_play(recipe=args.config[0], overlays=args.config[1:], overrides=args.set or [])
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM outside a flow run (shutdown.Stopped)
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"\nselfplay: stopped by {signal.Signals(signum).name}. {resume}", file=sys.stderr)
+        return shutdown.exit_code(signum)
+    except SelfplayError as exc:
+        print(f"\nselfplay: {exc}\n{resume}", file=sys.stderr)
         return 1
+    except BaseException as exc:
+        from prefect.exceptions import TerminationSignal
+
+        if isinstance(exc, TerminationSignal):  # SIGTERM inside the flow run, which Prefect reported
+            print(f"\nselfplay: stopped by {signal.Signals(exc.signal).name}. {resume}", file=sys.stderr)
+            return shutdown.exit_code(exc.signal)
+        raise
     print("\n" + format_table(summaries))
     print(f"\nrun files: {cfg.run_dir.resolve()}")
     return 0

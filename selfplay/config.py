@@ -17,15 +17,17 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WrapValidator, model_validator
+from typing_extensions import TypedDict
 
+from selfplay.errors import SelfplayError
 from selfplay.serving import ServerSpec
 
 
-class ConfigError(ValueError):
+class ConfigError(SelfplayError, ValueError):
     """A configuration problem, phrased as what to fix."""
 
 
@@ -107,7 +109,7 @@ class JudgeConfig(Section):
     system_prompt: str = Field("You are a careful, impartial judge of AI assistant responses.", description="Judge system prompt.")
     batch_size: int = Field(8, ge=1, description="local backend: judge prompts per forward pass.")
     max_length: int = Field(1024, ge=64, description="local backend: judge prompt token limit.")
-    max_error_rate: float = Field(0.05, ge=0, le=1, description="The judge stage fails when more than this fraction of pairs end in judge_error.")
+    max_error_rate: float = Field(0.05, ge=0, le=1, description="The judge stage fails when more than this fraction of pairs get no verdict: judge_error (the endpoint failed) or invalid (its replies were unreadable).")
     cache: bool = Field(True, description="Cache each call's judgment on disk ($SELFPLAY_CACHE/judge-cache.sqlite), so reruns pay nothing twice.")
 
     @model_validator(mode="after")
@@ -150,12 +152,39 @@ class LauncherConfig(Section):
         return self
 
 
+def _as_given(value: Any, check) -> Any:
+    """Check a value against its annotated type but keep it as written (YAML's 32 stays 32, not 32.0)."""
+    check(value)
+    return value
+
+
+def _names_a_module(value: str | list[str] | None) -> str | list[str] | None:
+    if value is not None and not value:
+        raise ValueError("must name at least one module, e.g. all-linear or [q_proj, v_proj]; PEFT finds nothing to adapt otherwise")
+    return value
+
+
+class LoraSettings(TypedDict, total=False):
+    """`train.lora`, passed to peft.LoraConfig as written. The fields below are checked here because peft.LoraConfig
+    accepts bad values for them and the train stage, after sampling and judging, fails on them (or trains nothing).
+    Any other LoraConfig field passes through unchecked here (`check_passthrough` checks it against PEFT)."""
+
+    __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
+    r: Annotated[int, Field(strict=True, gt=0, description="LoRA rank.")]
+    lora_alpha: Annotated[float, Field(strict=True, gt=0), WrapValidator(_as_given),
+                          Field(description="LoRA scaling numerator (scale = lora_alpha / r); 0 would make the adapter do nothing.")]
+    lora_dropout: Annotated[float, Field(strict=True, ge=0, lt=1), WrapValidator(_as_given),
+                            Field(description="Dropout on the adapter's input; 1 would drop everything, so nothing trains.")]
+    target_modules: Annotated[str | list[str] | None, AfterValidator(_names_a_module),
+                              Field(description="Modules to adapt: 'all-linear', or a list of module names.")]
+
+
 class TrainConfig(Section):
     min_pairs: int = Field(16, ge=1, description="A round with fewer kept pairs stops before training.")
     schedule: dict[str, list[float] | Decay] = Field(
         default_factory=dict,
         description="Per-round values of trl.DPOConfig fields, e.g. beta: [0.1, 0.2] (the last repeats) or learning_rate: {start: 5e-5, factor: 0.5}.")
-    lora: dict[str, Any] = Field(
+    lora: LoraSettings = Field(
         default_factory=lambda: {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
         description="Passed to peft.LoraConfig.",
     )
@@ -199,6 +228,11 @@ class RunConfig(Section):
     isolation: Literal["auto", "process", "inline"] = Field(
         "auto", description="Where GPU stages (transformers sampling, local judging, training, eval generation) run: 'process', each in its "
         "own process so its GPU memory is given back when it ends; 'inline', in the flow's process; 'auto', process on CUDA, inline on CPU.")
+    cluster_gpu_limit: str | None = Field(
+        None, description="Also hold a slot of this Prefect global concurrency limit in every GPU stage (e.g. 'gpu', which "
+        "`selfplay setup` creates): a cap across every machine reporting to one Prefect server. GPU stages on one machine "
+        "always take turns through a lock the OS frees when its holder dies; this limit's slots free themselves only when "
+        "their lease runs out ($SELFPLAY_GPU_LEASE_S, default 60 s), and need a long-lived server.")
 
     @model_validator(mode="after")
     def _endpoint_sees_each_round(self) -> "RunConfig":
@@ -219,7 +253,7 @@ class RunConfig(Section):
 # Fields that do not change any stage's output (how and where work runs, budgets, accounting): a resume may change
 # them (more rounds extends a run).
 NON_RESULT_FIELDS = frozenset({
-    "name", "output_dir", "rounds", "isolation", "train.min_pairs", "train.launcher.args", "gate.early_stop_after", "judge.max_error_rate", "judge.cache",
+    "name", "output_dir", "rounds", "isolation", "cluster_gpu_limit", "train.min_pairs", "train.launcher.args", "gate.early_stop_after", "judge.max_error_rate", "judge.cache",
     "judge.batch_size", *(f"{section}.endpoint.{field}" for section in ("judge", "sample") for field in (
         "timeout", "max_concurrency", "max_retries", "api_key_env", "api_key_secret", "price_input_per_mtok", "price_output_per_mtok")),
     *(f"{section}.server.{field}" for section in ("sample", "judge")
@@ -275,7 +309,7 @@ def _describe(error: dict[str, Any]) -> str:
         section = _section_for(error["loc"][:-1])
         valid = ", ".join(section.model_fields) if section else ""
         return f"{where}: unknown key" + (f" (valid keys here: {valid})" if valid else "")
-    return f"{where}: {error['msg']} (got {error.get('input')!r})"
+    return f"{where}: {error['msg'].removeprefix('Value error, ')} (got {error.get('input')!r})"
 
 
 def _section_for(loc: tuple) -> type[BaseModel] | None:
@@ -296,7 +330,10 @@ def build_config(data: dict[str, Any]) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        lines = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+        errors = [_describe(e) for e in exc.errors()]
+        if len(errors) == 1:
+            raise ConfigError(f"invalid configuration: {errors[0]}") from None
+        lines = "\n".join(f"  - {e}" for e in errors)
         raise ConfigError(f"invalid configuration:\n{lines}") from None
 
 

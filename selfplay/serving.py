@@ -59,15 +59,15 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from selfplay import processes
+from selfplay.errors import SelfplayError
 from selfplay.retry import backoff_seconds, retry_after_seconds, transient_errors
 
 __all__ = [
@@ -182,7 +182,7 @@ def redact(argv: list[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------------- server
 
 
-class ServerStartError(RuntimeError):
+class ServerStartError(SelfplayError, RuntimeError):
     """The server did not come up: the port was taken, it exited, or it was not healthy in time."""
 
 
@@ -190,7 +190,7 @@ class PortInUseError(ServerStartError):
     """The port was already taken before anything was started."""
 
 
-class ServerStopError(RuntimeError):
+class ServerStopError(SelfplayError, RuntimeError):
     """The server was stopped but its port did not become free in time (something else still holds it)."""
 
 
@@ -225,41 +225,8 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
-# On Linux the server's leader gets SIGTERM when the thread that forked it dies. Forking from one long-lived
-# thread makes that "when this process dies" (a Prefect task thread may end long before the server should).
-_PR_SET_PDEATHSIG = 1
-_spawner: ThreadPoolExecutor | None = None
-_spawner_lock = threading.Lock()
 _live: "set[ModelServer]" = set()  # started and not yet stopped
 _live_lock = threading.Lock()
-
-
-def _pdeathsig_preexec():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-
-    def preexec() -> None:  # runs in the child between fork and exec: keep it to one syscall
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-    return preexec
-
-
-def _spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen:
-    global _spawner
-    preexec = _pdeathsig_preexec()
-    if preexec is None:
-        return subprocess.Popen(argv, **kwargs)
-    with _spawner_lock:
-        if _spawner is None:
-            _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="selfplay-server-spawner")
-    return _spawner.submit(subprocess.Popen, argv, preexec_fn=preexec, **kwargs).result()
 
 
 @atexit.register
@@ -347,8 +314,10 @@ class ModelServer:
             self._log_offset = log.tell()
             env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env}
             try:
-                self._proc = _spawn(self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True, cwd=spec.cwd, env=env)
+                # forked from one long-lived thread: the kernel's parent-death signal follows the forking thread, and a
+                # Prefect task thread may end long before the server should
+                self._proc = processes.spawn(self.command, long_lived=True, stdin=subprocess.DEVNULL, stdout=log,
+                                             stderr=subprocess.STDOUT, cwd=spec.cwd, env=env)
             except OSError as exc:
                 raise ServerStartError(f"cannot run {shlex.join(redact(self.command))}: {exc}") from None
         self.pid = self._proc.pid
@@ -413,13 +382,7 @@ class ModelServer:
         deadline = time.monotonic() + timeout
 
         def signal_group(sig: int) -> bool:
-            try:
-                os.killpg(pgid, sig)
-                return True
-            except ProcessLookupError:
-                return False  # nobody left in the group
-            except PermissionError:
-                return False
+            return processes.signal_group(pgid, sig)
 
         signal_group(signal.SIGTERM)
         try:
@@ -437,6 +400,7 @@ class ModelServer:
                 break
             time.sleep(0.05)
         self.returncode = proc.returncode
+        processes.forget(proc)
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the server's process group and wait for its port to be free; a no-op when not running."""
@@ -495,7 +459,7 @@ class ModelServer:
 # --------------------------------------------------------------------------------------------------- sampling
 
 
-class SamplingError(RuntimeError):
+class SamplingError(SelfplayError, RuntimeError):
     """A prompt's request failed after its retries, or was refused (4xx other than 429)."""
 
 
@@ -680,7 +644,7 @@ def gpu_memory_mib() -> dict[int, tuple[int, int]] | None:
 # --------------------------------------------------------------------------------------------------- LoRA
 
 
-class LoraAdapterError(RuntimeError):
+class LoraAdapterError(SelfplayError, RuntimeError):
     """The server refused to load or unload a LoRA adapter."""
 
 

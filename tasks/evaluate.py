@@ -125,7 +125,7 @@ def evaluate(cfg: RunConfig, k: int, previous: str, base: str | None = None) -> 
     old = find_generations(run, previous, k, held_out)
     first = find_generations(run, base, k, held_out) if against_base else None
     todo = [checkpoint] + ([previous] if old is None else []) + ([base] if against_base and first is None else [])
-    with gpu_slot():
+    with gpu_slot(f"{cfg.name} round {k} eval generation"):
         generated, generation_peak = isolate.call("tasks.evaluate:eval_generations", cfg, todo, held_out,
                                                   isolated=isolated(cfg.isolation), scratch=run.round_dir(k),
                                                   label=f"round {k} eval generation", log=log)
@@ -137,9 +137,10 @@ def evaluate(cfg: RunConfig, k: int, previous: str, base: str | None = None) -> 
     judged, judge_peak = run_judge(cfg, previous, tables, run.round_dir(k), f"round {k} eval judge", log,
                                    server_log=run.round_dir(k) / "eval-judge-server.log")
     (table, _, stats), base_table = judged[0], judged[1][0] if against_base else None
-    check_error_rate(table, cfg.judge.max_error_rate, k)  # an outage must fail the stage, not decide the gate
+    # an outage must fail the stage, not decide the gate
+    check_error_rate(table, cfg.judge.max_error_rate, k, cfg.judge, stats.get("unreadable_replies", ()))
     if base_table is not None:
-        check_error_rate(base_table, cfg.judge.max_error_rate, k)
+        check_error_rate(base_table, cfg.judge.max_error_rate, k, cfg.judge, judged[1][2].get("unreadable_replies", ()))
     table, vs_current = comparison(table, new, old)
     metrics: dict[str, Any] = {
         **vs_current,

@@ -22,10 +22,11 @@ import itertools
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pandas as pd
 from prefect import get_run_logger, task
@@ -33,6 +34,7 @@ from prefect.cache_policies import NONE
 
 from selfplay import isolate
 from selfplay.config import FilterConfig, JudgeConfig, RunConfig
+from selfplay.errors import SelfplayError
 from selfplay.isolate import isolated
 from selfplay.judges import Judge, JudgeCall, JudgeResult, make_judge
 from selfplay.models import release_memory
@@ -43,6 +45,7 @@ from tasks.filter import screen, similarity
 PAIR_COLUMNS = ["prompt_id", "prompt", "i", "j", "response_1", "response_2", "truncated_1", "truncated_2", "similarity", "screened"]
 COLUMNS = PAIR_COLUMNS + ["p_a_order1", "p_a_order2", "p_first", "margin", "verdict", "consistent", "mode", "error"]
 VERDICTS = ("first", "second", "tie", "inconsistent", "invalid", "judge_error", "not_judged")
+QUOTED_REPLIES, QUOTE_CHARS = 3, 200  # how much of the judge's unreadable replies a failure quotes
 PLACEHOLDERS = ("prompt", "response_a", "response_b", "rubric")
 FENCE_TAGS = ("request", "response_A", "response_B")
 
@@ -216,13 +219,15 @@ def calls_table(pairs: pd.DataFrame, results: list[JudgeResult]) -> pd.DataFrame
 
 def judge_stats(table: pd.DataFrame, results: list[JudgeResult]) -> dict[str, Any]:
     """Per-round judge statistics over the judged pairs: position consistency and bias, tie / invalid / error
-    rates, modes, tokens, latency, cache hits and estimated cost."""
+    rates, modes, tokens, latency, cache hits and estimated cost, and the first few distinct replies read as
+    `invalid` (cut short), which `check_error_rate` quotes."""
     judged = table[table["verdict"] != "not_judged"]
     n = len(judged)
     answered = judged[~judged["verdict"].isin(["judge_error", "invalid"])]
     firsts = [r.p_a > 0.5 if r.label is None else r.label == "A" for r in results if r.p_a is not None and r.label != "invalid"]
     counts = table["verdict"].value_counts().to_dict()
     live = [r for r in results if not r.cached and r.error is None]
+    unreadable = dict.fromkeys(r.extra.get("reply", "")[:QUOTE_CHARS] for r in results if r.label == "invalid")
     return {
         "pairs": len(table),
         "judged": n,
@@ -240,24 +245,55 @@ def judge_stats(table: pd.DataFrame, results: list[JudgeResult]) -> dict[str, An
         "tokens_out": int(sum(r.tokens_out for r in results)),
         "mean_latency_s": float(sum(r.latency_s for r in live) / len(live)) if live else None,
         "cost": float(sum(r.cost for r in results)),
+        "unreadable_replies": list(unreadable)[:QUOTED_REPLIES],
     }
 
 
-class JudgeFailed(RuntimeError):
-    """Too many pairs ended in judge_error: the stage fails, with a summary of what went wrong."""
+class JudgeFailed(SelfplayError, RuntimeError):
+    """Too many pairs got no verdict (judge_error or invalid): the stage fails, with a summary of what went wrong."""
 
 
-def check_error_rate(table: pd.DataFrame, max_error_rate: float, k: int) -> None:
+def judge_source(cfg: JudgeConfig) -> str:
+    """Which judge answered, for messages: the endpoint's model and URL (without any credentials in it)."""
+    if cfg.backend == "openai":
+        url = urlsplit(cfg.endpoint.base_url)
+        bare = url._replace(netloc=url.netloc.rpartition("@")[2], query="", fragment="").geturl()
+        return f"model {cfg.endpoint.model!r} at {bare}"
+    return f"the {cfg.backend} judge on {cfg.model!r}"
+
+
+def check_error_rate(table: pd.DataFrame, max_error_rate: float, k: int, judge: JudgeConfig | None = None,
+                     replies: Sequence[str] = ()) -> None:
+    """Fail when more than `max_error_rate` of the judged pairs got no verdict: `judge_error` (the endpoint failed)
+    or `invalid` (it answered, but nothing could be read from its `replies`). Either is the judge's fault; let
+    through, it would surface later as too few pairs to train on, with advice about pairs, not the judge."""
     judged = table[table["verdict"] != "not_judged"]
-    errors = judged[judged["verdict"] == "judge_error"]
-    if not len(judged) or len(errors) / len(judged) <= max_error_rate:
+    failed = judged[judged["verdict"].isin(["judge_error", "invalid"])]
+    if not len(judged) or len(failed) / len(judged) <= max_error_rate:
         return
-    kinds = errors["error"].fillna("unknown").str.split(":").str[0].value_counts().to_dict()
-    raise JudgeFailed(
-        f"round {k}: {len(errors)} of {len(judged)} judged pairs ({len(errors) / len(judged):.0%}) ended in judge_error, "
-        f"above judge.max_error_rate={max_error_rate}. Errors by kind: {kinds}. First: {errors['error'].iloc[0]}. "
-        f"Fix the judge and rerun to resume (with judge.cache on, calls that succeeded are not asked again)."
-    )
+    errors = failed[failed["verdict"] == "judge_error"]
+    n_invalid = len(failed) - len(errors)
+    what = ("judge_error" if not n_invalid else "invalid" if not len(errors)
+            else f"invalid ({n_invalid}) or judge_error ({len(errors)})")
+    message = (f"round {k}: {len(failed)} of {len(judged)} judged pairs ({len(failed) / len(judged):.0%}) ended in {what}, "
+               f"above judge.max_error_rate={max_error_rate}.")
+    if n_invalid:
+        source = judge_source(judge) if judge is not None else "the judge"
+        modes = ", ".join(sorted(set(failed.loc[failed["verdict"] == "invalid", "mode"].dropna()))) or "unknown"
+        configured = f", judge.mode={judge.mode}" if judge is not None else ""
+        model_field = "judge.model" if judge is not None and judge.backend != "openai" else "judge.endpoint.model"
+        quoted = "; ".join(repr(r[:QUOTE_CHARS]) for r in list(replies)[:QUOTED_REPLIES])
+        message += (
+            f" The judge's replies were unreadable: {source} answered {n_invalid} pair(s), but no verdict could be read "
+            f"from its replies (mode {modes}{configured}).{f' It replied: {quoted}.' if quoted else ''} Check that the "
+            f"endpoint serves a model that can judge ({model_field}), that judge.template asks for the verdict "
+            f"the mode reads, and judge.mode (text wants a final [[A]], [[B]] or [[tie]]; choice a JSON verdict; "
+            f"logprobs a first token A or B; auto tries all three)."
+        )
+    if len(errors):
+        kinds = errors["error"].fillna("unknown").str.split(":").str[0].value_counts().to_dict()
+        message += f" Errors by kind: {kinds}. First: {errors['error'].iloc[0]}."
+    raise JudgeFailed(message + " Fix the judge and rerun to resume (with judge.cache on, calls that succeeded are not asked again).")
 
 
 def judge_pairs(
@@ -301,7 +337,7 @@ def run_judge(cfg: RunConfig, reference: str, tables: list[pd.DataFrame], scratc
         return judge_tables(j, reference, tables, log=log, progress=progress), None
     if j.backend == "vllm":
         return serve_and_judge(j, reference, tables, server_log or scratch / "judge-server.log", f"{cfg.name}-judge", log, progress), None
-    with gpu_slot():
+    with gpu_slot(f"{cfg.name} {label}"):
         return isolate.call("tasks.judge:judge_tables", j, reference, tables, isolated=isolated(cfg.isolation),
                             scratch=scratch, label=label, log=log, progress=progress)
 
@@ -327,7 +363,7 @@ def serve_and_judge(cfg: JudgeConfig, reference: str, tables: list[pd.DataFrame]
     from selfplay.serving import ModelServer, serving_plan
 
     spec, model, request_name = serving_plan(cfg.server, judge_server_model(cfg, reference), lora_name)
-    with gpu_slot():
+    with gpu_slot(f"{lora_name} server"):
         with ModelServer(spec, model, log_path, served_name="judge") as server:
             log.info("judge server on %s up at %s (log %s)", model, server.base_url, log_path)
             endpoint = EndpointConfig(base_url=server.base_url, model=request_name or server.api_model,
@@ -367,7 +403,7 @@ def judge(cfg: RunConfig, k: int, reference: str) -> dict[str, Any]:
                                               server_log=run.round_dir(k) / "judge-server.log")
     stats["peak_gpu_gb"] = peak
     stats["seconds"] = time.time() - started
-    check_error_rate(table, cfg.judge.max_error_rate, k)
+    check_error_rate(table, cfg.judge.max_error_rate, k, cfg.judge, stats["unreadable_replies"])  # before anything is published
     judge_model = cfg.judge.endpoint.model if cfg.judge.backend == "openai" else cfg.judge.model
     with run.stage_output(k, "judge", {"judge": cfg.judge.backend, "judge_model": judge_model, "reference": reference}) as (out, manifest):
         calls.to_parquet(out / "calls.parquet", index=False)

@@ -125,7 +125,7 @@ def sample_from_server(cfg: RunConfig, k: int, policy: str, prompts: list[str], 
     if s.backend == "vllm":
         spec, model_path, _ = serving_plan(s.server, policy, name or "policy")
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with gpu_slot():
+        with gpu_slot(f"{cfg.name} round {k} sample (vLLM server)"):
             with ModelServer(spec, model_path, log_path) as server:
                 out = sample_chat(server.base_url, name or server.api_model, prompts, api_key=server.api_key, **params)
             if not server.wait_gpu_free(120):
@@ -194,7 +194,7 @@ def sample(cfg: RunConfig, k: int, policy: str) -> dict[str, Any]:
 
     peak = None
     if s.backend == "transformers":
-        with gpu_slot():
+        with gpu_slot(f"{cfg.name} round {k} sample"):
             rows, peak = isolate.call("tasks.sample:sample_local", policy, [p["prompt"] for p in prompts], s, s.seed + k,
                                       isolated=isolated(cfg.isolation), scratch=run.round_dir(k), label=f"round {k} sample",
                                       log=log, progress=progress)

@@ -29,6 +29,7 @@ from prefect.cache_policies import NONE
 
 from selfplay import isolate
 from selfplay.config import RunConfig, scheduled
+from selfplay.errors import SelfplayError
 from selfplay.isolate import accelerate_command, isolated
 from selfplay.orchestration import Progress, gpu_slot
 from selfplay.quality import warning
@@ -50,7 +51,7 @@ DPO_DEFAULTS: dict[str, Any] = {
 CURVE_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "grad_norm")
 
 
-class NotEnoughPairs(RuntimeError):
+class NotEnoughPairs(SelfplayError, RuntimeError):
     """Too few kept pairs to train on; says why and what to change."""
 
 
@@ -320,7 +321,7 @@ def train(cfg: RunConfig, k: int, policy: str) -> dict[str, Any]:
     bar = Progress(f"{cfg.name} round {k}: DPO training")
     launcher = cfg.train.launcher
     command = accelerate_command(launcher.config_file, launcher.num_processes, launcher.args) if launcher.kind == "accelerate" else None
-    with run.stage_output(k, "train", {"policy": policy, "reference": policy}) as (out, manifest), gpu_slot():
+    with run.stage_output(k, "train", {"policy": policy, "reference": policy}) as (out, manifest), gpu_slot(f"{cfg.name} round {k} train"):
         metrics, peak = isolate.call(
             "tasks.train:train_dpo", cfg, k, policy, str(run.stage_dir(k, "filter") / "pairs.parquet"), str(out),
             isolated=command is not None or isolated(cfg.isolation), launcher=command, scratch=out, label=f"round {k} train",

@@ -298,3 +298,31 @@ def test_a_resume_ignores_settings_of_backends_not_in_use():
     assert result_differences(load_config(None, served), load_config(None, served + ["judge.server.max_model_len=2048"])) == [
         "judge.server.max_model_len: None -> 2048"]
     assert result_differences(old, load_config(None, served)) == ["judge.backend: 'local' -> 'vllm'"]
+
+
+# ---------------------------------------------------------------- train.lora values PEFT takes now and refuses later
+
+@pytest.mark.parametrize("override,key", [
+    ("train.lora.r=-1", "train.lora.r"),
+    ("train.lora.r=0", "train.lora.r"),
+    ("train.lora.r=1.5", "train.lora.r"),
+    ("train.lora.lora_alpha=0", "train.lora.lora_alpha"),
+    ("train.lora.lora_alpha=-8", "train.lora.lora_alpha"),
+    ("train.lora.lora_dropout=1", "train.lora.lora_dropout"),
+    ("train.lora.lora_dropout=-0.1", "train.lora.lora_dropout"),
+    ("train.lora.target_modules=[]", "train.lora.target_modules"),
+])
+def test_lora_values_peft_would_refuse_in_the_train_stage_fail_at_load(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    msg = str(err.value)
+    assert msg.startswith(f"invalid configuration: {key}: ") and "got" in msg
+    assert "\n" not in msg  # one error, one line
+
+
+def test_lora_settings_pass_through_as_written():
+    cfg = load_config(None, ["train.lora.lora_alpha=16", "train.lora.lora_dropout=0", "train.lora.use_rslora=true"])
+    assert cfg.train.lora == {"lora_alpha": 16, "lora_dropout": 0, "use_rslora": True}
+    assert type(cfg.train.lora["lora_alpha"]) is int  # not turned into 16.0: a resume compares the saved config
+    assert load_config(None, ["train.lora.target_modules=[q_proj]"]).train.lora["target_modules"] == ["q_proj"]
+    assert TrainConfig(lora={"r": 8}).lora == {"r": 8}  # nothing filled in that the recipe did not set

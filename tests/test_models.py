@@ -5,12 +5,15 @@ Only the error paths and the local-directory path are exercised; the hub is forc
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import threading
 import time
 
 import pytest
 
-from selfplay.models import ModelError, cache_root, hub_reachable, is_hf_dir, resolve_model
+from selfplay.models import ModelError, cache_root, exclusive, hub_reachable, is_hf_dir, resolve_model
 
 
 @pytest.fixture
@@ -78,3 +81,64 @@ def test_offline_switch_values_are_honoured(monkeypatch, value):
 def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("SELFPLAY_CACHE", str(tmp_path / "cache"))
     assert cache_root() == tmp_path / "cache"
+
+
+# ---------------------------------------------------------------- .gguf files that are not GGUF, and the conversion lock
+
+@pytest.fixture
+def cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("SELFPLAY_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("content,what", [
+    (os.urandom(4096), "it starts with b'"),
+    (b"hello, I am a text file\n", "it starts with b'hell', not b'GGUF'"),
+    (b"", "the file is empty"),
+])
+def test_a_gguf_that_is_not_gguf_fails_in_one_line_and_leaves_no_lock(tmp_path, cache, content, what):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(content.replace(b"GGUF", b"gguf"))
+    with pytest.raises(ModelError) as err:
+        resolve_model(str(path))
+    msg = str(err.value)
+    assert msg.startswith(f"not a GGUF file: {path} (") and what in msg and "\n" not in msg
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".lock")]
+
+
+def test_the_conversion_lock_file_is_removed_even_when_the_holder_fails(tmp_path):
+    path = tmp_path / ".model.lock"
+    with exclusive(path):
+        assert path.exists()
+    assert not path.exists()
+    with pytest.raises(RuntimeError), exclusive(path):
+        raise RuntimeError("conversion failed")
+    assert not path.exists()
+
+
+def test_the_conversion_lock_excludes_across_the_removal_of_its_file(tmp_path):
+    """A process that waited on the file the first holder removed must lock the file now at the path, so a third
+    process is refused while it holds it (flock locks conflict between open() calls of one process too)."""
+    path = tmp_path / ".model.lock"
+    first = exclusive(path)
+    first.__enter__()
+    entered, release = threading.Event(), threading.Event()
+
+    def second():
+        with exclusive(path):
+            entered.set()
+            release.wait(10)
+
+    waiter = threading.Thread(target=second)
+    waiter.start()
+    try:
+        time.sleep(0.2)
+        assert not entered.is_set()  # waits while the first holds it
+        first.__exit__(None, None, None)
+        assert entered.wait(10)
+        with open(path, "a") as third, pytest.raises(BlockingIOError):
+            fcntl.flock(third, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        release.set()
+        waiter.join(10)
+    assert not path.exists()

@@ -17,12 +17,14 @@ import math
 import random
 import re
 import socket
+import sqlite3
 import sys
 import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -519,6 +521,61 @@ def test_judge_failed_breaks_errors_down_by_kind():
     assert "RateLimitError" in kinds and "InternalServerError" in kinds
 
 
+def test_invalid_verdicts_count_against_the_error_rate():
+    with ScriptedOpenAI(broken_on("BROKEN", Reply(json=chat_completion("no idea, honestly")))) as server:
+        table, _, stats = run(make_judge(server, mode="text"), FOUR)
+    assert col(table, "verdict") == ["first", "second", "first", "invalid"]
+    assert stats["unreadable_replies"] == ["no idea, honestly"]  # distinct replies only
+    check_error_rate(table, 0.25, k=1)
+    with pytest.raises(JudgeFailed) as info:
+        check_error_rate(table, 0.2, k=1, replies=stats["unreadable_replies"])
+    msg = str(info.value)
+    assert "1 of 4 judged pairs (25%) ended in invalid" in msg and "replies were unreadable" in msg
+    assert "'no idea, honestly'" in msg and "mode text" in msg and "Errors by kind" not in msg
+
+
+UNREADABLE = "Well, it depends on what one values in an answer; " * 10  # long, and no [[A]]/[[B]]/[[tie]] marker
+STAGE_KEY = "sk-stage-0123456789abcdefSECRET"
+
+
+def test_judge_stage_fails_on_unreadable_replies_and_publishes_nothing(tmp_path, monkeypatch):
+    """An endpoint that answers text without a verdict fails the judge stage itself, quoting its replies, naming
+    the endpoint and the mode, and never showing the key (even a reply that echoes it)."""
+    from prefect.logging import disable_run_logger
+
+    import tasks.judge
+    from selfplay.config import build_config
+    from selfplay.rundir import RunDir
+
+    # Outside a flow run, a progress artifact would start a temporary Prefect server: not what is under test.
+    monkeypatch.setattr(tasks.judge, "Progress", lambda description: SimpleNamespace(update=lambda done, total: None))
+
+    def handler(body, n):
+        return Reply(json=chat_completion(f"I was asked with the key {STAGE_KEY}." if n == 0 else UNREADABLE))
+
+    monkeypatch.setenv("STAGE_JUDGE_KEY", STAGE_KEY)
+    with ScriptedOpenAI(handler) as server:
+        cfg = build_config({
+            "name": "unreadable", "output_dir": str(tmp_path),
+            "judge": {"backend": "openai", "mode": "text", "cache": False, "max_error_rate": 0.05,
+                      "endpoint": {"base_url": server.base_url, "model": "judge", "api_key_env": "STAGE_JUDGE_KEY", "max_concurrency": 1}},
+        })
+        run_dir = RunDir(cfg.run_dir)
+        run_dir.stage_dir(1, "sample").mkdir(parents=True)
+        samples_frame(FOUR).to_parquet(run_dir.stage_dir(1, "sample") / "samples.parquet", index=False)
+        with disable_run_logger(), pytest.raises(JudgeFailed) as info:
+            tasks.judge.judge.fn(cfg, 1, reference="unused")
+        assert server.count == 8
+        assert all(r["headers"]["authorization"] == f"Bearer {STAGE_KEY}" for r in server.chat_requests)
+    msg = str(info.value)
+    assert "4 of 4 judged pairs (100%) ended in invalid" in msg and "replies were unreadable" in msg
+    assert repr(UNREADABLE[:200]) in msg and UNREADABLE[:201] not in msg  # quoted, cut at 200 characters
+    assert "[api key]" in msg and STAGE_KEY not in msg
+    assert f"model 'judge' at {server.base_url}" in msg and "mode text" in msg and "judge.mode" in msg and "judge.template" in msg
+    assert not run_dir.is_done(1, "judge") and not run_dir.stage_dir(1, "judge").exists()
+    assert not list(run_dir.round_dir(1).glob("judge.tmp-*"))
+
+
 # ---------------------------------------------------------------- 5. prompt injection
 
 GOOD = "GOOD: water boils at 100 C at sea level."
@@ -641,6 +698,64 @@ def test_failed_calls_are_not_cached_and_a_rerun_resumes(tmp_path):
         assert server.count == 10  # only the failed pair's two calls go out again
     assert col(t2, "verdict") == ["first", "second", "first", "first"]
     assert col(c2, "cached") == [True] * 6 + [False] * 2
+
+
+def empty(body, n) -> Reply:
+    """A 200 reply with an empty choice: no text, and no token among the logprobs."""
+    return Reply(json=chat_completion("", logprobs={} if mode_of(body) == "logprobs" else None))
+
+
+@pytest.mark.parametrize("fault", [junk, empty], ids=["garbage", "empty"])
+@pytest.mark.parametrize("mode", ["logprobs", "choice", "text", "auto"])
+def test_replies_without_a_verdict_are_not_cached_and_a_healthy_rerun_asks_again(tmp_path, mode, fault):
+    path = tmp_path / "c.sqlite"
+    with ScriptedOpenAI(fault) as server:
+        judge = make_judge(server, mode=mode, cache=JudgeCache(path))
+        t1, _, _ = run(judge, GROUPS)
+        judge.close()
+        assert col(t1, "verdict") == ["invalid", "invalid"]
+        sent = server.count
+
+        server.handler = prefer_good  # the endpoint is healthy again
+        judge = make_judge(server, mode=mode, cache=JudgeCache(path))
+        t2, c2, _ = run(judge, GROUPS)
+        judge.close()
+        assert server.count == sent + 4  # every call asked again
+        assert col(t2, "verdict") == ["first", "second"]
+        assert col(c2, "cached") == [False] * 4 and "invalid" not in col(c2, "label")
+
+        judge = make_judge(server, mode=mode, cache=JudgeCache(path))
+        t3, c3, _ = run(judge, GROUPS)  # the answers are what the cache holds now
+        judge.close()
+        assert server.count == sent + 4 and col(c3, "cached") == [True] * 4
+    pd.testing.assert_frame_equal(t2, t3)
+
+
+class OldCache(JudgeCache):
+    """The cache as older versions wrote it: every result, `invalid` ones included."""
+
+    def put(self, key, result):
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO calls (key, result) VALUES (?, ?)", (key, json.dumps(result)))
+
+
+def test_an_invalid_row_left_by_an_older_version_is_a_miss_and_is_replaced(tmp_path):
+    path = tmp_path / "c.sqlite"
+    with ScriptedOpenAI(junk) as server:
+        judge = make_judge(server, mode="text", cache=OldCache(path))
+        run(judge, GROUPS)
+        judge.close()
+        with sqlite3.connect(path) as db:
+            assert [json.loads(r)["label"] for (r,) in db.execute("SELECT result FROM calls")] == ["invalid"] * 4
+
+        server.handler = prefer_good
+        judge = make_judge(server, mode="text", cache=JudgeCache(path))
+        t2, c2, _ = run(judge, GROUPS)
+        judge.close()
+        assert server.count == 8 and col(c2, "cached") == [False] * 4
+        assert col(t2, "verdict") == ["first", "second"]
+        with sqlite3.connect(path) as db:
+            assert sorted(json.loads(r)["label"] for (r,) in db.execute("SELECT result FROM calls")) == ["A", "A", "B", "B"]
 
 
 # ---------------------------------------------------------------- 8. tournament

@@ -12,7 +12,7 @@ import re
 import pandas as pd
 import pytest
 
-from selfplay.prompts import BUNDLED_DIR, PromptError, draw_prompts, load_prompts, rows_to_prompts
+from selfplay.prompts import BUNDLED_DIR, PromptError, draw_prompts, load_prompts, rows_to_prompts, unreadable_reason
 
 CATEGORIES = {"question", "howto", "writing", "arithmetic", "coding"}
 
@@ -156,6 +156,43 @@ def test_unreadable_file_is_an_error(tmp_path):
     path.write_bytes(b"definitely not parquet")
     with pytest.raises(PromptError, match="cannot read .* as parquet"):
         load_prompts(str(path))
+
+
+@pytest.mark.parametrize("name,content,reason", [
+    ("empty.jsonl", "", "the file is empty"),
+    ("empty.json", "", "the file is empty"),
+    ("empty.csv", "", "the file is empty"),
+    ("blank.jsonl", "\n  \n", "the file holds only blank lines"),
+    ("bad.jsonl", '{"prompt": "a"}\n{"prompt": "b"}\nnot json\n', "line 3 is not valid JSON: Expecting value"),
+    ("cut.jsonl", '{"prompt": "a"}\n{"prompt": "b"\n', "line 2 is not valid JSON"),
+    ("cut.json", '[{"prompt": "a"}', "not valid JSON"),
+    ("none.json", "[]", "it holds an empty list"),
+    ("header.csv", "prompt\n", "it holds no rows"),
+])
+def test_an_unreadable_prompt_file_names_its_reason(tmp_path, name, content, reason):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(PromptError) as err:
+        load_prompts(str(path))
+    assert str(err.value).startswith(f"cannot read {path} as ")
+    assert reason in str(err.value)
+
+
+def test_an_unreadable_binary_file_names_the_error_type(tmp_path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"definitely not parquet")
+    with pytest.raises(PromptError, match=r"as parquet: ArrowInvalid: .*magic bytes"):
+        load_prompts(str(path))
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'\xff{"prompt": "caf\xe9"}\n')
+    with pytest.raises(PromptError, match=r"as json: it is not UTF-8 text"):
+        load_prompts(str(latin))
+
+
+def test_unreadable_reason_is_never_blank(tmp_path):
+    path = tmp_path / "p.parquet"
+    path.write_bytes(b"x")
+    assert unreadable_reason(path, StopIteration()) == "StopIteration"
 
 
 # ---------------------------------------------------------------- draws

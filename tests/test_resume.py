@@ -96,4 +96,33 @@ def test_second_process_on_same_run_is_refused(prefect_server, tiny_model, tmp_p
                                  env={**os.environ, "PREFECT_API_URL": prefect_server}, timeout=300)
     assert refused.returncode == 2
     assert f"in use by another process (pid {os.getpid()})" in refused.stderr
+    assert "resume" not in refused.stderr
     assert not (tmp_path / "runs" / "busy" / "round_1").exists()
+
+
+@pytest.mark.slow
+def test_a_second_run_of_a_busy_run_exits_2_at_once_naming_the_holder(tiny_model, tmp_path):
+    """The CLI takes the run lock before anything starts and holds it to the end: a second `selfplay run` of the
+    same run, while the first is mid-way (held inside its judge stage), is refused before it starts anything."""
+    cfg = tiny_config(tiny_model, tmp_path / "runs", name="twice", rounds=1)
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text(yaml.safe_dump(cfg))
+    held = tmp_path / "held.json"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "SELFPLAY_LOCK_DIR": str(tmp_path / "locks")}
+    env.pop("PREFECT_API_URL", None)
+    first = subprocess.Popen([SELFPLAY, "run", "--config", str(recipe)], env={**env, "SELFPLAY_HOLD": "gpu:round 1 judge",
+                             "SELFPLAY_HOLD_FILE": str(held)}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while not held.exists():
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        second = subprocess.run([SELFPLAY, "run", "--config", str(recipe)], env=env, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        assert f"in use by another process (pid {first.pid})" in second.stderr
+        assert "resume" not in second.stderr and "Traceback" not in second.stderr
+        assert "temporary Prefect server" not in second.stderr  # refused before anything started
+        assert first.poll() is None  # the holder is untouched
+    finally:
+        first.kill()
+        first.wait()

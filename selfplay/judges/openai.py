@@ -8,7 +8,8 @@ judge stage records it as `judge_error`): never a dropped pair, never a label.
 Verdict modes, in the order `mode: auto` tries them (see `verdicts.py`): `logprobs`, `choice`, `text`. When the
 endpoint does not give what a mode needs (no logprobs; a 400 for the structured-output request), the judge moves
 to the next mode for this and every later call; when one reply has no label in its logprobs or breaks the schema,
-only that call tries the next mode. Each result records the mode that produced it.
+only that call tries the next mode. Each result records the mode that produced it; a reply read as `invalid`
+keeps its raw text in `extra["reply"]`, so the judge stage can quote what the endpoint said.
 
 The API key is read once (environment variable or Prefect Secret block), handed to the client, and never logged
 or stored.
@@ -26,6 +27,7 @@ from typing import Any
 import openai
 
 from selfplay.config import EndpointConfig
+from selfplay.errors import SelfplayError
 from selfplay.judges import JudgeCall, JudgeResult
 from selfplay.judges.cache import JudgeCache, call_key
 from selfplay.retry import backoff_seconds, retry_after_seconds, transient_errors
@@ -37,7 +39,7 @@ from selfplay.judges.verdicts import (
 TOP_LOGPROBS = 20  # OpenAI's maximum; enough to hold every variant of both labels
 
 
-class EndpointError(RuntimeError):
+class EndpointError(SelfplayError, RuntimeError):
     """The endpoint cannot be used at all (unreachable, key rejected): said before any judging starts."""
 
 
@@ -48,9 +50,10 @@ class _ModeUnsupported(Exception):
 class _NoVerdictInReply(Exception):
     """This one reply carries no usable verdict in this mode: try the next mode for this call only."""
 
-    def __init__(self, message: str, spent: dict | None = None):
+    def __init__(self, message: str, spent: dict | None = None, reply: str = ""):
         super().__init__(message)
         self.spent = spent or {}
+        self.reply = reply
 
 
 def resolve_api_key(endpoint: EndpointConfig) -> str:
@@ -165,7 +168,7 @@ class OpenAIJudge:
         key = call_key(self.endpoint.model, self.configured_mode, call.system, call.user, self.endpoint.base_url)
         if self._cache is not None and (hit := self._cache.get(key)) is not None:
             return JudgeResult(**{**hit, "cached": True, "cost": 0.0, "latency_s": 0.0})
-        tried, spent = [], {"tokens_in": 0, "tokens_out": 0, "cost": 0.0}
+        tried, spent, reply = [], {"tokens_in": 0, "tokens_out": 0, "cost": 0.0}, ""
         for mode in list(self._modes):
             if mode not in self._modes and tried:
                 continue  # demoted by another call meanwhile
@@ -180,6 +183,7 @@ class OpenAIJudge:
                 tried.append(f"{mode}: {exc}")
                 for field, value in exc.spent.items():  # that reply was paid for too
                     spent[field] += value
+                reply = exc.reply
                 continue
             except _GaveUp as exc:
                 return JudgeResult(None, mode, error=str(exc), tokens_in=exc.tokens_in, latency_s=exc.latency)
@@ -191,7 +195,7 @@ class OpenAIJudge:
             return result
         if tried and all("no verdict" in t for t in tried):
             last_mode = tried[-1].split(":", 1)[0]
-            return JudgeResult(0.5, last_mode, label="invalid", extra={"tried": tried}, **spent)
+            return JudgeResult(0.5, last_mode, label="invalid", extra={"tried": tried, "reply": reply}, **spent)
         return JudgeResult(None, self._modes[-1], error="no verdict mode works with this endpoint: " + "; ".join(tried))
 
     def _request(self, call: JudgeCall, mode: str) -> dict[str, Any]:
@@ -240,6 +244,7 @@ class OpenAIJudge:
         common = dict(spent, latency_s=latency)
         choice = reply.choices[0]
         content = choice.message.content if choice.message else None
+        raw = self._redact(content or "")
         if mode == "logprobs":
             lp = getattr(choice, "logprobs", None)
             if lp is None or not lp.content:
@@ -247,15 +252,20 @@ class OpenAIJudge:
             top = [(t.token, t.logprob) for t in (lp.content[0].top_logprobs or [])] or [(lp.content[0].token, lp.content[0].logprob)]
             mass_a, mass_b = label_probabilities(top)
             if mass_a + mass_b <= 0:
-                raise _NoVerdictInReply(f"no verdict: no A/B label among the top logprobs (first token {lp.content[0].token!r})", spent)
+                raise _NoVerdictInReply(f"no verdict: no A/B label among the top logprobs (first token {lp.content[0].token!r})", spent,
+                                        raw or self._redact(lp.content[0].token))
             return JudgeResult(mass_a / (mass_a + mass_b), "logprobs", label_mass=mass_a + mass_b, **common)
         if mode == "choice":
             label = parse_choice(content)
             if label is None:
-                raise _NoVerdictInReply(f"no verdict: reply is not the structured choice ({(content or '')[:60]!r})", spent)
+                raise _NoVerdictInReply(f"no verdict: reply is not the structured choice ({raw[:60]!r})", spent, raw)
             return JudgeResult(P_OF_LABEL[label], "choice", label=label, **common)
         label = parse_text_verdict(content)
-        return JudgeResult(P_OF_LABEL.get(label, 0.5), "text", label=label, **common)
+        return JudgeResult(P_OF_LABEL.get(label, 0.5), "text", label=label, extra={"reply": raw} if label == "invalid" else {}, **common)
+
+    def _redact(self, text: str) -> str:
+        """A reply may echo anything, even the key it was asked with: never let it carry the key into a message."""
+        return text.replace(self._api_key, "[api key]") if len(self._api_key) >= 8 else text
 
 
 class _GaveUp(Exception):

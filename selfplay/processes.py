@@ -1,0 +1,113 @@
+"""Child processes that never outlive their owner: stage processes, model servers, the temporary Prefect server.
+
+    proc = processes.spawn(argv, stdout=log)        # its own process group; SIGTERM from the kernel if we die
+    ...
+    processes.kill_group(proc, grace=10)            # SIGTERM the group, SIGKILL what outlives the grace
+
+- `spawn` starts the command in a new session (its own process group, so a group signal aimed at us does not
+  reach it before we have shut down in order) and, on Linux, asks the kernel for SIGTERM when its owner dies,
+  even by SIGKILL (PR_SET_PDEATHSIG).
+- The kernel sends that signal when the *thread* that forked the child ends, not the process: a child that must
+  outlive the Prefect task thread that started it (a model server) is forked from one long-lived thread
+  (`long_lived=True`).
+- Every child spawned here is tracked until it is reaped, so `kill_all` can end them when a run is stopped in a
+  hurry (`selfplay.shutdown`), where neither `finally` blocks nor `atexit` hooks run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+_PR_SET_PDEATHSIG = 1
+_live: set[subprocess.Popen] = set()
+_live_lock = threading.Lock()
+_spawner: ThreadPoolExecutor | None = None
+_spawner_lock = threading.Lock()
+
+
+def _pdeathsig_preexec():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def preexec() -> None:  # runs in the child between fork and exec: keep it to one syscall
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+    return preexec
+
+
+def spawn(argv: list[str], *, long_lived: bool = False, **popen: Any) -> subprocess.Popen:
+    """Start `argv` in a new session that dies with this process; `popen` goes to `subprocess.Popen`."""
+    global _spawner
+    popen.setdefault("start_new_session", True)
+    preexec = _pdeathsig_preexec()
+    if preexec is not None:
+        popen["preexec_fn"] = preexec
+    if long_lived and preexec is not None:
+        with _spawner_lock:
+            if _spawner is None:
+                _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="selfplay-spawner")
+        proc = _spawner.submit(subprocess.Popen, argv, **popen).result()
+    else:
+        proc = subprocess.Popen(argv, **popen)
+    with _live_lock:
+        _live.add(proc)
+    return proc
+
+
+def forget(proc: subprocess.Popen) -> None:
+    with _live_lock:
+        _live.discard(proc)
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Send `sig` to process group `pgid`; False when nobody is left in it."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the child's process group, SIGKILL it after `grace` seconds, reap the leader (a no-op once the
+    child has exited)."""
+    try:
+        if proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            if not signal_group(proc.pid, sig):
+                break
+            try:
+                proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    finally:
+        if proc.poll() is not None:
+            forget(proc)
+
+
+def kill_all(grace: float = 3.0) -> None:
+    """End every live child's process group: SIGTERM all at once, then SIGKILL after `grace` seconds."""
+    with _live_lock:
+        procs = [p for p in _live if p.poll() is None]
+    for proc in procs:
+        signal_group(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+        time.sleep(0.05)
+    for proc in procs:
+        signal_group(proc.pid, signal.SIGKILL)

@@ -1,0 +1,134 @@
+"""The temporary Prefect API server of a `selfplay run` without PREFECT_API_URL, started and ended by selfplay.
+
+Prefect would start one itself (its "ephemeral" server), but on its terms: it gives the server 20 s to come up,
+and the first start on an empty PREFECT_HOME creates and migrates the database, which takes longer than that
+on 2 cores (the first run on a fresh machine failed); and the server outlives a run killed by SIGKILL. This is
+the same server (uvicorn on Prefect's app, UI and services off, on the same database) started as a child that:
+
+- gets `SELFPLAY_SERVER_STARTUP_TIMEOUT` seconds to come up (default 300; Prefect's own
+  PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS is honoured when set), saying why it waits when it is slow;
+- runs in its own session, so a signal sent to the run's process group (`timeout`, Ctrl-C in a terminal) reaches
+  the run first: the run can still tell the server it stopped, then stops the server;
+- dies with the run however the run ends (the kernel's parent-death signal).
+
+Its log is `server.log` in the directory given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from selfplay import processes
+from selfplay.errors import SelfplayError
+
+log = logging.getLogger("selfplay.tempserver")
+
+
+class ServerStartError(SelfplayError):
+    """The temporary Prefect server did not come up."""
+
+
+def startup_timeout() -> float:
+    for name in ("SELFPLAY_SERVER_STARTUP_TIMEOUT", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"):
+        if os.environ.get(name):
+            return float(os.environ[name])
+    return 300.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(port: int) -> list[str]:
+    import prefect
+
+    return [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).resolve().parents[1]), "--factory",
+            "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
+            "--lifespan", "on"]
+
+
+def api_alive(url: str, timeout: float = 1.0) -> bool:
+    """Whether the Prefect API at `url` answers its health check within `timeout` seconds."""
+    import httpx
+
+    try:
+        return httpx.get(f"{url.rstrip('/')}/health", timeout=timeout, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextlib.contextmanager
+def temporary_server(log_dir: Path) -> Iterator[str]:
+    """Start the server, point this process's Prefect settings at it, yield its API URL; stop it afterwards."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    env.pop("PREFECT_API_URL", None)
+    log_path = log_dir / "server.log"
+    with open(log_path, "ab") as out:
+        proc = processes.spawn(command(port), long_lived=True, stdin=subprocess.DEVNULL, stdout=out,
+                               stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait_healthy(proc, url, log_path)
+        os.environ["PREFECT_API_URL"] = url  # for child processes; this one reads the settings below
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            try:
+                yield url
+            finally:
+                _drain_logs()
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        processes.kill_group(proc, grace=5.0)
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, log_path: Path) -> None:
+    limit = startup_timeout()
+    started = time.monotonic()
+    said = False
+    while True:
+        if proc.poll() is not None:
+            raise ServerStartError(f"the temporary Prefect server exited with code {proc.returncode} while starting. "
+                                   f"Its log ({log_path}) ends:\n{_tail(log_path)}")
+        if api_alive(url):
+            log.info("temporary Prefect server up at %s after %.0f s", url.removesuffix("/api"), time.monotonic() - started)
+            return
+        waited = time.monotonic() - started
+        if waited > limit:
+            processes.kill_group(proc, grace=5.0)
+            raise ServerStartError(
+                f"the temporary Prefect server did not answer within {limit:g} s. Its log ({log_path}) ends:\n"
+                f"{_tail(log_path)}\nGive it longer with SELFPLAY_SERVER_STARTUP_TIMEOUT=<seconds>, or run a server "
+                f"(`selfplay server`) and set PREFECT_API_URL=http://127.0.0.1:4200/api.")
+        if waited > 5 and not said:
+            said = True
+            log.info("starting the temporary Prefect server (its first start on a machine creates its database, "
+                     "about 30 s on 2 cores; it waits up to %g s)", limit)
+        time.sleep(0.25)
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) or "(nothing)"
+    except OSError as exc:
+        return f"(cannot read it: {exc})"
+
+
+def _drain_logs() -> None:
+    """Send the run's buffered log lines before the server goes away."""
+    with contextlib.suppress(Exception):
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
