@@ -17,6 +17,7 @@ Its log is `server.log` in the directory given.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import socket
@@ -78,11 +79,16 @@ def temporary_server(log_dir: Path) -> Iterator[str]:
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
     env.pop("PREFECT_API_URL", None)
     log_path = log_dir / "server.log"
-    with open(log_path, "ab") as out:
-        proc = processes.spawn(command(port), long_lived=True, stdin=subprocess.DEVNULL, stdout=out,
-                               stderr=subprocess.STDOUT, env=env)
+    with _first_start_lock():
+        with open(log_path, "ab") as out:
+            proc = processes.spawn(command(port), long_lived=True, stdin=subprocess.DEVNULL, stdout=out,
+                                   stderr=subprocess.STDOUT, env=env)
+        try:
+            _wait_healthy(proc, url, log_path)
+        except BaseException:
+            processes.kill_group(proc, grace=5.0)
+            raise
     try:
-        _wait_healthy(proc, url, log_path)
         os.environ["PREFECT_API_URL"] = url  # for child processes; this one reads the settings below
         with temporary_settings(updates={PREFECT_API_URL: url}):
             try:
@@ -92,6 +98,26 @@ def temporary_server(log_dir: Path) -> Iterator[str]:
     finally:
         os.environ.pop("PREFECT_API_URL", None)
         processes.kill_group(proc, grace=5.0)
+
+
+@contextlib.contextmanager
+def _first_start_lock() -> Iterator[None]:
+    """One server starting at a time per PREFECT_HOME: a server's start migrates the database, and two runs
+    started at once on a fresh machine would both create it (sqlite: "index ... already exists")."""
+    from prefect.settings import get_current_settings
+
+    home = Path(get_current_settings().home).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".selfplay-server-start.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another run is starting its temporary Prefect server on %s; waiting for it", home)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _wait_healthy(proc: subprocess.Popen, url: str, log_path: Path) -> None:
