@@ -219,3 +219,24 @@ def test_report_renders_in_chromium(run_root, tmp_path):
     saved = REPO / "test-output" / "report-screenshot.png"
     saved.parent.mkdir(exist_ok=True)
     shutil.copyfile(shot, saved)
+
+
+def test_untrusted_text_is_escaped_wherever_it_appears(tmp_path):
+    """Every text the run supplies (name, model, gate reason, warning, checkpoint, prompt, responses) carries a
+    <script>; none reaches the page as markup, and each shows up escaped."""
+    root = tmp_path / "runs" / "hostile"
+    run = RunDir(root)
+    root.mkdir(parents=True)
+    write_json_atomic(root / "run.json", {"config": {"name": f"n{SCRIPT}", "rounds": 1}, "base_model": f"m{SCRIPT}"})
+    write_stages(run, 1, special=SCRIPT)
+    pairs = pairs_table(1, SCRIPT).assign(prompt=f"prompt {SCRIPT}")
+    pairs.to_parquet(run.stage_dir(1, "filter") / "pairs.parquet", index=False)
+    run.finish_round(1, {**round_summary(run, 1), "accepted": False, "gate_reason": f"rejected: {SCRIPT}", "checkpoint": f"c{SCRIPT}",
+                         "quality_warnings": [{"check": f"k{SCRIPT}", "message": f"w{SCRIPT}"}, f"plain {SCRIPT}"]})
+    text = write_report(root).read_text(encoding="utf-8")
+    assert "<script" not in text.lower()
+    escaped = re.escape(html.escape(SCRIPT, quote=False))
+    # title, h1, footer (name); model; reason in table, section and gate list; checkpoint; 2 warnings' 3 texts;
+    # the 3 shown pairs' prompts and the first one's chosen answer; the first shown eval prompt's new answer
+    found = len(re.findall(escaped, text))
+    assert found == 3 + 1 + 3 + 1 + 3 + 3 + 1 + 1, found
