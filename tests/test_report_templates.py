@@ -76,7 +76,7 @@ def test_templates_are_found_from_an_installed_wheel(tmp_path):
     for package in ("selfplay", "flows", "tasks"):
         shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                            str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+                            str(tmp_path / "dist"), str(src)], check=False, capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stdout + build.stderr
     (wheel,) = (tmp_path / "dist").glob("selfplay-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -97,6 +97,6 @@ def test_templates_are_found_from_an_installed_wheel(tmp_path):
         print([line for line in page.splitlines() if line.startswith("<h1>")][0])
     """)
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", probe], check=False, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.splitlines() == ["# installed: round 2", "<h1>Self-play run empty-run</h1>"]
