@@ -1,14 +1,19 @@
 """Round summaries, read from the stages' manifests, and their renderings: the end-of-run table, the round's
-markdown report with its training curves, the judged-pairs table, and the lineage table."""
+markdown report with its training curves, the judged-pairs table, and the lineage table.
+
+The markdown report and the HTML run report (selfplay/html_report.py) are Jinja2 templates shipped in
+selfplay/templates/; the functions here compute the values and the templates only lay them out.
+"""
 
 from __future__ import annotations
 
 import base64
+import functools
 import io
-import re
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import pandas as pd
 
 from selfplay.rundir import MANIFEST, RunDir, read_json
@@ -32,9 +37,15 @@ TABLE_COLUMNS = (
 )
 
 
-def artifact_key(run_name: str, what: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return re.sub(r"[^a-z0-9-]+", "-", f"{run_name}-{what}".lower()).strip("-")
+@functools.cache
+def templates() -> jinja2.Environment:
+    """The package's templates (selfplay/templates/*.j2): `.html.j2` autoescaped, markdown verbatim, and a value
+    the template names but the caller did not pass is an error rather than an empty string."""
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("selfplay", "templates"),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), default_for_string=False, default=False),
+        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+    )
 
 
 def round_summary(run: RunDir, k: int) -> dict[str, Any]:
@@ -143,37 +154,43 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def round_report_context(run_name: str, summary: dict[str, Any], judge: dict[str, Any], train: dict[str, Any],
+                         evaluate: dict[str, Any], png: bytes) -> dict[str, Any]:
+    """The values round_report.md.j2 lays out, each already formatted."""
+    wins, ties, losses = evaluate["wins"], evaluate["ties"], evaluate["losses"]
+    warnings = summary.get("quality_warnings", []) + summary.get("training_warnings", []) + summary.get("pathology_warnings", [])
+    return {
+        "run_name": run_name, "k": summary["round"], "gate": summary.get("gate_reason", "no decision recorded"),
+        "kept": summary["kept"], "candidate_pairs": summary["candidate_pairs"], "win_rate": _fmt(evaluate["win_rate"]),
+        "wins": wins, "ties": ties, "losses": losses,
+        "judge_rows": [(label, _fmt(value)) for label, value in [
+            ("pairs judged", judge["judged"]), ("position consistency", judge["position_consistency"]),
+            ("first-position win rate (bias)", judge["first_position_win_rate"]), ("tie rate", judge["tie_rate"]),
+            ("invalid rate", judge.get("invalid_rate")), ("error rate", judge["error_rate"]),
+            ("cache hits", judge.get("cache_hits")), ("cost", judge.get("cost"))]],
+        "train_rows": [(label, _fmt(value)) for label, value in [
+            ("steps", train.get("steps")), ("initial loss (ln 2 = 0.6931)", train.get("initial_loss")),
+            ("final loss", train.get("final_loss")), ("reward accuracy", train.get("reward_accuracy")),
+            ("reward margin", train.get("reward_margin"))]],
+        "curves": f"data:image/png;base64,{base64.b64encode(png).decode()}",
+        "evaluate_rows": [(label, _fmt(value)) for label, value in [
+            ("wins / ties / losses", f"{wins} / {ties} / {losses}"),
+            ("win rate (ties count half)", evaluate["win_rate"]),
+            ("95% Wilson interval", f"[{_fmt(evaluate.get('ci_low'))}, {_fmt(evaluate.get('ci_high'))}]"),
+            ("length-controlled win rate", evaluate.get("lc_win_rate")),
+            ("win rate vs round 0", (evaluate.get("vs_base") or {}).get("win_rate")),
+            ("mean answer tokens (new / current)",
+             f"{_fmt(evaluate.get('mean_tokens_new'))} / {_fmt(evaluate.get('mean_tokens_previous'))}")]],
+        "warnings": [{"check": w["check"], "value": _fmt(w["value"]), "threshold": w["threshold"], "message": w["message"]}
+                     for w in warnings],
+        "checkpoint": summary["checkpoint"],
+    }
+
+
 def round_report(run_name: str, summary: dict[str, Any], judge: dict[str, Any], train: dict[str, Any], evaluate: dict[str, Any], png: bytes) -> str:
     """The round's markdown report; the curves are an inline data-URI PNG, so it renders wherever the text goes."""
-    k = summary["round"]
-    judge_rows = [("pairs judged", judge["judged"]), ("position consistency", judge["position_consistency"]),
-                  ("first-position win rate (bias)", judge["first_position_win_rate"]), ("tie rate", judge["tie_rate"]),
-                  ("invalid rate", judge.get("invalid_rate")), ("error rate", judge["error_rate"]),
-                  ("cache hits", judge.get("cache_hits")), ("cost", judge.get("cost"))]
-    train_rows = [("steps", train.get("steps")), ("initial loss (ln 2 = 0.6931)", train.get("initial_loss")),
-                  ("final loss", train.get("final_loss")), ("reward accuracy", train.get("reward_accuracy")),
-                  ("reward margin", train.get("reward_margin"))]
-    table = lambda rows: "| | |\n|---|---|\n" + "\n".join(f"| {a} | {_fmt(b)} |" for a, b in rows)  # noqa: E731
-    return "\n\n".join([
-        f"# {run_name}: round {k}",
-        f"**Gate:** {summary.get('gate_reason', 'no decision recorded')}",
-        f"Kept **{summary['kept']}** of {summary['candidate_pairs']} candidate pairs; win rate against the previous "
-        f"checkpoint **{_fmt(evaluate['win_rate'])}** ({evaluate['wins']} wins, {evaluate['ties']} ties, {evaluate['losses']} losses).",
-        "## Judge", table(judge_rows),
-        "## Training", table(train_rows),
-        f"![training curves](data:image/png;base64,{base64.b64encode(png).decode()})",
-        "## Evaluation", table([("wins / ties / losses", f"{evaluate['wins']} / {evaluate['ties']} / {evaluate['losses']}"),
-                               ("win rate (ties count half)", evaluate["win_rate"]),
-                               ("95% Wilson interval", f"[{_fmt(evaluate.get('ci_low'))}, {_fmt(evaluate.get('ci_high'))}]"),
-                               ("length-controlled win rate", evaluate.get("lc_win_rate")),
-                               ("win rate vs round 0", (evaluate.get("vs_base") or {}).get("win_rate")),
-                               ("mean answer tokens (new / current)", f"{_fmt(evaluate.get('mean_tokens_new'))} / {_fmt(evaluate.get('mean_tokens_previous'))}")]),
-        "## Warnings",
-        "\n".join(f"- **{w['check']}** ({_fmt(w['value'])}, threshold {w['threshold']}): {w['message']}"
-                  for w in summary.get("quality_warnings", []) + summary.get("training_warnings", []) + summary.get("pathology_warnings", []))
-        or "none",
-        f"Checkpoint: `{summary['checkpoint']}`",
-    ])
+    context = round_report_context(run_name, summary, judge, train, evaluate, png)
+    return templates().get_template("round_report.md.j2").render(context)
 
 
 def lineage_rows(output_dir: Path) -> list[dict[str, Any]]:

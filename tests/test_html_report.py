@@ -8,7 +8,6 @@ only). A last test renders the page in headless Chromium and checks the screensh
 from __future__ import annotations
 
 import base64
-import html
 import json
 import os
 import re
@@ -19,6 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import markupsafe
 import pandas as pd
 import pytest
 
@@ -158,8 +158,8 @@ def test_report_contents(run_root):
     assert "<b>3</b> completed round(s)" in text
     for k in (1, 2, 3, 4):
         assert f'id="round-{k}"' in text and f"Round {k}" in text
-    # the gate reason, escaped, in the table, the round section and the gate-decisions section
-    assert text.count(html.escape(GATE_REASON)) >= 3
+    # the gate reason, escaped (its apostrophe too, as Jinja2 writes it), in the table, the round section and the gate-decisions section
+    assert text.count(str(markupsafe.escape(GATE_REASON))) >= 3 and "gate&#39;s" in text
     assert "no gate decision recorded" in text  # round 3
     assert "incomplete" in text  # round 4
     assert "[0.21, 0.56]" in text and "0.400" in text  # CI, LC win rate
@@ -219,3 +219,24 @@ def test_report_renders_in_chromium(run_root, tmp_path):
     saved = REPO / "test-output" / "report-screenshot.png"
     saved.parent.mkdir(exist_ok=True)
     shutil.copyfile(shot, saved)
+
+
+def test_untrusted_text_is_escaped_wherever_it_appears(tmp_path):
+    """Every text the run supplies (name, model, gate reason, warning, checkpoint, prompt, responses) carries a
+    <script>; none reaches the page as markup, and each shows up escaped."""
+    root = tmp_path / "runs" / "hostile"
+    run = RunDir(root)
+    root.mkdir(parents=True)
+    write_json_atomic(root / "run.json", {"config": {"name": f"n{SCRIPT}", "rounds": 1}, "base_model": f"m{SCRIPT}"})
+    write_stages(run, 1, special=SCRIPT)
+    pairs = pairs_table(1, SCRIPT).assign(prompt=f"prompt {SCRIPT}")
+    pairs.to_parquet(run.stage_dir(1, "filter") / "pairs.parquet", index=False)
+    run.finish_round(1, {**round_summary(run, 1), "accepted": False, "gate_reason": f"rejected: {SCRIPT}", "checkpoint": f"c{SCRIPT}",
+                         "quality_warnings": [{"check": f"k{SCRIPT}", "message": f"w{SCRIPT}"}, f"plain {SCRIPT}"]})
+    text = write_report(root).read_text(encoding="utf-8")
+    assert "<script" not in text.lower()
+    escaped = re.escape(str(markupsafe.escape(SCRIPT)))
+    # title, h1, footer (name); model; reason in table, section and gate list; checkpoint; 2 warnings' 3 texts;
+    # the 3 shown pairs' prompts and the first one's chosen answer; the first shown eval prompt's new answer
+    found = len(re.findall(escaped, text))
+    assert found == 3 + 1 + 3 + 1 + 3 + 3 + 1 + 1, found
