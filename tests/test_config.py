@@ -443,3 +443,13 @@ def test_lora_settings_pass_through_as_written():
     assert type(cfg.train.lora["lora_alpha"]) is int  # not turned into 16.0: a resume compares the saved config
     assert load_config(None, ["train.lora.target_modules=[q_proj]"]).train.lora["target_modules"] == ["q_proj"]
     assert TrainConfig(lora={"r": 8}).lora == {"r": 8}  # nothing filled in that the recipe did not set
+
+
+def test_the_flows_judge_endpoint_parameters_switch_the_recipes_judge_to_an_endpoint():
+    from flows.self_play import typed_updates
+
+    updates = typed_updates(judge_base_url="http://judge:8000/v1", judge_model="j", judge_api_key_secret="key")
+    cfg = load_config(RECIPES[[p.name for p in RECIPES].index("cpu-demo.yaml")], updates=updates)
+    assert isinstance(cfg.judge, EndpointJudgeConfig)
+    assert (cfg.judge.endpoint.base_url, cfg.judge.endpoint.model, cfg.judge.endpoint.api_key_secret) == ("http://judge:8000/v1", "j", "key")
+    assert cfg.judge.margin == 0.01  # the recipe's settings every judge reads are kept
