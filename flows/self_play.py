@@ -54,7 +54,7 @@ def typed_updates(
     put("rounds", rounds)
     put("policy.model", model)
     if judge_base_url:
-        put("judge.backend", "openai")
+        put("judge.backend", "endpoint")
         put("judge.endpoint.base_url", judge_base_url)
     put("judge.endpoint.model", judge_model)
     put("judge.endpoint.api_key_secret", judge_api_key_secret)

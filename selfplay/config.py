@@ -5,6 +5,14 @@ and wrong types are errors that name the key. TRL's DPO hyper-parameters and PEF
 here: `train.dpo` and `train.lora` are passed through to `trl.DPOConfig` and `peft.LoraConfig`, and checked
 against them before any expensive work starts (`check_passthrough`).
 
+`sample` and `judge` each hold one backend (`transformers`, `vllm` or `endpoint`), chosen by its `backend` key:
+the models are in `selfplay/backends.py`, which also reads older recipes. A recipe layered over another that names
+another backend for a section leaves the old backend's settings behind (`deep_merge`).
+
+Whether a field changes results is declared on the field (`operational(...)`: it does not). A resume compares
+the saved config with the new one on the fields that do (`result_differences`), so rounds may grow, timeouts, keys
+and concurrency may change, and a vLLM server's gpu_memory_utilization may be lowered after an out-of-memory start.
+
     >>> cfg = load_config(None, ["rounds=3", "sample.temperature=0.7"])
     >>> cfg.rounds, cfg.sample.temperature
     (3, 0.7)
@@ -20,19 +28,33 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WrapValidator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, WrapValidator, field_validator, model_validator
 from typing_extensions import TypedDict
 
+from selfplay.backends import (  # noqa: F401  (re-exported: the sections' backend models)
+    BACKENDS,
+    EndpointConfig,
+    EndpointJudgeConfig,
+    EndpointSampleConfig,
+    JudgeBackend,
+    JudgeConfig,
+    SampleBackend,
+    SampleConfig,
+    Section,
+    TransformersJudgeConfig,
+    TransformersSampleConfig,
+    VllmJudgeConfig,
+    VllmSampleConfig,
+    affects_results,
+    operational,
+    prepare_section,
+    switch_backend,
+)
 from selfplay.errors import SelfplayError
-from selfplay.serving import ServerSpec
 
 
 class ConfigError(SelfplayError, ValueError):
     """A configuration problem, phrased as what to fix."""
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class PolicyConfig(Section):
@@ -51,72 +73,6 @@ class PromptsConfig(Section):
     split: str = Field("train", description="Split to read from a hub dataset.")
     per_round: int = Field(24, ge=1, description="Train prompts drawn (seeded, fresh each round) per round.")
     eval_size: int = Field(16, ge=1, description="Held-out prompts used by the evaluate stage.")
-
-
-class EndpointConfig(Section):
-    """An OpenAI-compatible HTTP endpoint (OpenAI, `vllm serve`, SGLang, TGI, llama.cpp, ...)."""
-
-    base_url: str = Field(..., description="API base URL, e.g. https://api.openai.com/v1 or http://localhost:8000/v1.")
-    model: str = Field(..., description="Model name as the endpoint knows it.")
-    api_key_env: str | None = Field(
-        None, description="Environment variable holding the API key (the key itself is never configured); unset, OpenAI's own API uses OPENAI_API_KEY and other hosts get no key.")
-    api_key_secret: str | None = Field(None, description="Name of a Prefect Secret block holding the API key; wins over api_key_env.")
-    timeout: float = Field(60.0, gt=0, description="Seconds per request before it counts as timed out (and is retried).")
-    max_concurrency: int = Field(16, ge=1, description="Requests in flight at most.")
-    max_retries: int = Field(6, ge=0, description="Retries of 429, 5xx, timeouts, connection errors and malformed replies.")
-    price_input_per_mtok: float = Field(0.0, ge=0, description="Estimated cost per million prompt tokens (for accounting only).")
-    price_output_per_mtok: float = Field(0.0, ge=0, description="Estimated cost per million completion tokens.")
-
-
-class SampleConfig(Section):
-    backend: Literal["transformers", "vllm", "endpoint"] = Field(
-        "transformers", description="'transformers' in-process (CPU default); 'vllm' starts a vLLM server on each round's policy; "
-        "'endpoint' samples from an already-running OpenAI-compatible server.")
-    server: ServerSpec = Field(default_factory=ServerSpec, description="vllm backend: how to start and stop the server.")
-    endpoint: EndpointConfig | None = Field(None, description="endpoint backend: the running server (base_url, model).")
-    num_samples: int = Field(4, ge=2, description="Completions per prompt (K).")
-    temperature: float = Field(0.8, gt=0, description="Sampling temperature.")
-    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
-    max_new_tokens: int = Field(96, ge=1, description="Generation budget; completions that hit it are marked truncated.")
-    batch_size: int = Field(32, ge=1, description="Sequences per generate() call.")
-    seed: int = Field(0, description="Base seed; each round adds its round number.")
-
-    @model_validator(mode="after")
-    def _endpoint_for_endpoint(self) -> "SampleConfig":
-        if self.backend == "endpoint" and self.endpoint is None:
-            raise ValueError("sample.backend 'endpoint' needs sample.endpoint (base_url, model)")
-        return self
-
-
-class JudgeConfig(Section):
-    backend: Literal["local", "openai", "vllm"] = Field(
-        "local", description="'local': a transformers model; 'openai': any running OpenAI-compatible endpoint; 'vllm': a vLLM "
-        "server selfplay starts on judge.model for each judging step and stops after, so it takes turns with the policy on the GPU.")
-    model: str = Field("reference", description="local and vllm backends: 'reference' (the round's reference: the model judges itself) "
-                       "or a model (local: as in policy.model; vllm: a directory or hub id vLLM loads).")
-    endpoint: EndpointConfig | None = Field(None, description="openai backend: the endpoint to ask.")
-    server: ServerSpec = Field(default_factory=ServerSpec, description="vllm backend: how to start and stop the judge's server.")
-    max_concurrency: int = Field(64, ge=1, description="vllm backend: requests in flight to the started server.")
-    mode: Literal["auto", "logprobs", "choice", "text"] = Field(
-        "auto", description="How the verdict is read: label logprobs, a structured A/B/tie choice, or a [[A]]/[[B]]/[[tie]] marker in text. 'auto' falls back in that order.")
-    pairing: Literal["all_pairs", "random_pair", "tournament"] = Field(
-        "all_pairs", description="Pairs judged among a prompt's K completions; 'tournament' judges all and trains on best vs worst.")
-    scoring: Literal["copeland", "bradley_terry"] = Field("copeland", description="Tournament scoring.")
-    max_calls_per_prompt: int | None = Field(None, ge=2, description="Cap on judge calls per prompt (2 per pair); pairs beyond it are not judged.")
-    margin: float = Field(0.1, ge=0, le=1, description="Keep a pair only when |2p-1| >= margin, p the swap-averaged preference.")
-    template: str | None = Field(None, description="Judge prompt template file ({prompt}, {response_a}, {response_b}, {rubric}); the shipped default when unset.")
-    rubric: str | None = Field(None, description="Rubric file filled into {rubric}; the shipped default when unset.")
-    system_prompt: str = Field("You are a careful, impartial judge of AI assistant responses.", description="Judge system prompt.")
-    batch_size: int = Field(8, ge=1, description="local backend: judge prompts per forward pass.")
-    max_length: int = Field(1024, ge=64, description="local backend: judge prompt token limit.")
-    max_error_rate: float = Field(0.05, ge=0, le=1, description="The judge stage fails when more than this fraction of pairs get no verdict: judge_error (the endpoint failed) or invalid (its replies were unreadable).")
-    cache: bool = Field(True, description="Cache each call's judgment on disk ($SELFPLAY_CACHE/judge-cache.sqlite), so reruns pay nothing twice.")
-
-    @model_validator(mode="after")
-    def _endpoint_for_openai(self) -> "JudgeConfig":
-        if self.backend == "openai" and self.endpoint is None:
-            raise ValueError("judge.backend 'openai' needs judge.endpoint (base_url, model)")
-        return self
 
 
 class FilterConfig(Section):
@@ -143,7 +99,7 @@ class LauncherConfig(Section):
     kind: Literal["python", "accelerate"] = Field("python", description="'python' (one process) or 'accelerate' (accelerate launch, multi-GPU).")
     config_file: str | None = Field(None, description="accelerate: its config file (deployments/accelerate/{ddp,zero2,zero3}.yaml, or your own).")
     num_processes: int | None = Field(None, ge=1, description="accelerate: processes (one per GPU); unset, every visible GPU.")
-    args: list[str] = Field(default_factory=list, description="accelerate: more `accelerate launch` arguments, e.g. ['--main_process_port', '29511'].")
+    args: list[str] = operational(default_factory=list, description="accelerate: more `accelerate launch` arguments, e.g. ['--main_process_port', '29511'].")
 
     @model_validator(mode="after")
     def _config_for_accelerate(self) -> "LauncherConfig":
@@ -180,7 +136,7 @@ class LoraSettings(TypedDict, total=False):
 
 
 class TrainConfig(Section):
-    min_pairs: int = Field(16, ge=1, description="A round with fewer kept pairs stops before training.")
+    min_pairs: int = operational(16, ge=1, description="A round with fewer kept pairs stops before training.")
     schedule: dict[str, list[float] | Decay] = Field(
         default_factory=dict,
         description="Per-round values of trl.DPOConfig fields, e.g. beta: [0.1, 0.2] (the last repeats) or learning_rate: {start: 5e-5, factor: 0.5}.")
@@ -209,30 +165,35 @@ class GateConfig(Section):
     enabled: bool = Field(True, description="Refuse to carry a worse checkpoint forward.")
     min_upper_bound: float = Field(
         0.5, ge=0, le=1, description="Reject a round when the upper end of the 95% Wilson interval of its win rate against the current checkpoint is below this.")
-    early_stop_after: int | None = Field(None, ge=1, description="Stop the run after this many rejected rounds in a row.")
+    early_stop_after: int | None = operational(None, ge=1, description="Stop the run after this many rejected rounds in a row.")
 
 
 class RunConfig(Section):
-    name: str = Field("selfplay", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name: runs/<name>/. Same name resumes.")
-    output_dir: str = Field("runs", description="Parent directory of run directories.")
-    rounds: int = Field(2, ge=1, description="Self-play rounds.")
+    name: str = operational("selfplay", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name: runs/<name>/. Same name resumes.")
+    output_dir: str = operational("runs", description="Parent directory of run directories.")
+    rounds: int = operational(2, ge=1, description="Self-play rounds (a resume may add more).")
     seed: int = Field(0, description="Seed for prompt draws and training.")
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
-    sample: SampleConfig = Field(default_factory=SampleConfig)
-    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    sample: SampleBackend = Field(default_factory=TransformersSampleConfig, description="The sampler: sample.backend transformers, vllm or endpoint, and its settings.")
+    judge: JudgeBackend = Field(default_factory=TransformersJudgeConfig, description="The judge: judge.backend transformers, vllm or endpoint, and its settings.")
     filter: FilterConfig = Field(default_factory=FilterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
-    isolation: Literal["auto", "process", "inline"] = Field(
+    isolation: Literal["auto", "process", "inline"] = operational(
         "auto", description="Where GPU stages (transformers sampling, local judging, training, eval generation) run: 'process', each in its "
         "own process so its GPU memory is given back when it ends; 'inline', in the flow's process; 'auto', process on CUDA, inline on CPU.")
-    cluster_gpu_limit: str | None = Field(
+    cluster_gpu_limit: str | None = operational(
         None, description="Also hold a slot of this Prefect global concurrency limit in every GPU stage (e.g. 'gpu', which "
         "`selfplay setup` creates): a cap across every machine reporting to one Prefect server. GPU stages on one machine "
         "always take turns through a lock the OS frees when its holder dies; this limit's slots free themselves only when "
         "their lease runs out ($SELFPLAY_GPU_LEASE_S, default 60 s), and need a long-lived server.")
+
+    @field_validator("sample", "judge", mode="before")
+    @classmethod
+    def _todays_shape(cls, value: Any, info: ValidationInfo) -> Any:
+        return prepare_section(info.field_name, value, recorded=bool(info.context and info.context.get("recorded")))
 
     @model_validator(mode="after")
     def _endpoint_sees_each_round(self) -> "RunConfig":
@@ -249,18 +210,6 @@ class RunConfig(Section):
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
-
-# Fields that do not change any stage's output (how and where work runs, budgets, accounting): a resume may change
-# them (more rounds extends a run).
-NON_RESULT_FIELDS = frozenset({
-    "name", "output_dir", "rounds", "isolation", "cluster_gpu_limit", "train.min_pairs", "train.launcher.args", "gate.early_stop_after", "judge.max_error_rate", "judge.cache",
-    "judge.batch_size", *(f"{section}.endpoint.{field}" for section in ("judge", "sample") for field in (
-        "timeout", "max_concurrency", "max_retries", "api_key_env", "api_key_secret", "price_input_per_mtok", "price_output_per_mtok")),
-    *(f"{section}.server.{field}" for section in ("sample", "judge")
-      for field in ("command", "host", "port", "container_port", "startup_timeout", "stop_timeout", "env", "cwd",
-                    "gpu_memory_utilization")),  # sizes the KV cache only: lowered after an out-of-memory start
-    "judge.max_concurrency",
-})
 
 # DPOConfig fields the train stage sets itself.
 MANAGED_DPO_FIELDS = frozenset({"output_dir"})
@@ -294,36 +243,58 @@ def _scalar(raw: str) -> Any:
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` layered on `base`, key by key. Where `over` names another `sample`/`judge` backend than `base`, the old
+    backend's settings the new one does not read are left behind (`switch_backend`): a judge overlay replaces the
+    recipe's judge, and `--set judge.backend=vllm` drops a transformers judge's batch_size."""
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+            below = switch_backend(key, out[key], value) if key in BACKENDS else out[key]
+            out[key] = _merge_dicts(below, value)
         else:
             out[key] = value
     return out
 
 
+def _merge_dicts(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge_dicts(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def _describe(error: dict[str, Any]) -> str:
-    where = ".".join(str(p) for p in error["loc"])
+    path, _ = _walk(error["loc"])
+    where = ".".join(path)
+    if error["type"] == "backend_field":
+        return error["msg"]
     if error["type"] == "extra_forbidden":
-        section = _section_for(error["loc"][:-1])
+        _, section = _walk(error["loc"][:-1])
         valid = ", ".join(section.model_fields) if section else ""
         return f"{where}: unknown key" + (f" (valid keys here: {valid})" if valid else "")
     return f"{where}: {error['msg'].removeprefix('Value error, ')} (got {error.get('input')!r})"
 
 
-def _section_for(loc: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] = RunConfig
-    for part in loc:
-        field = model.model_fields.get(str(part))
+def _walk(loc: tuple) -> tuple[list[str], type[BaseModel] | None]:
+    """An error location as the recipe's dotted key (without the union tags pydantic puts in it), and the section
+    it ends in."""
+    model: type[BaseModel] | None = RunConfig
+    path, parts = [], [str(p) for p in loc]
+    while parts:
+        part = parts.pop(0)
+        path.append(part)
+        field = model.model_fields.get(part) if model else None
         if field is None:
-            return None
-        # Unwrap `Section | None` to the section.
-        sub = next((t for t in (field.annotation, *get_args(field.annotation)) if isinstance(t, type) and issubclass(t, BaseModel)), None)
-        if sub is None:
-            return None
-        model = sub
-    return model
+            model = None
+            continue
+        # `Section | None` unwraps to the section; a backend union to the backend named by the tag that follows.
+        subs = [t for t in (field.annotation, *get_args(field.annotation)) if isinstance(t, type) and issubclass(t, BaseModel)]
+        tagged = BACKENDS.get(part) if model is RunConfig else None
+        if tagged and parts and parts[0] in tagged:
+            model = tagged[parts.pop(0)]
+        else:
+            model = subs[0] if len(subs) == 1 else None
+    return path, model
 
 
 def build_config(data: dict[str, Any]) -> RunConfig:
@@ -373,30 +344,33 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def result_fields(model: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """The settings of `model` that change results, as dotted keys: every field not made with `operational(...)`,
+    nested sections walked into, dicts (train.dpo, train.lora) flattened."""
+    dumped = model.model_dump(mode="json")
+    out: dict[str, Any] = {}
+    for name, field in type(model).model_fields.items():
+        if not affects_results(field):
+            continue
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            out.update(result_fields(value, f"{prefix}{name}."))
+        else:
+            out.update(flatten({name: dumped[name]}, prefix))
+    return out
+
+
 def result_differences(old: RunConfig, new: RunConfig) -> list[str]:
-    """Dotted keys whose change would change results, as 'key: old -> new'."""
-    a, b = flatten(old.model_dump(mode="json")), flatten(new.model_dump(mode="json"))
-    unused = unused_sections(old) & unused_sections(new)
+    """Dotted keys whose change would change results, as 'key: old -> new'. A section whose backend changed shows
+    that change, and its settings that both backends have; the others have nothing to compare with."""
+    a, b = result_fields(old), result_fields(new)
+    switched = tuple(f"{s}." for s in BACKENDS if getattr(old, s).backend != getattr(new, s).backend)
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if key in NON_RESULT_FIELDS or a.get(key) == b.get(key) or key.startswith(tuple(unused)):
+        if a.get(key) == b.get(key) or (key.startswith(switched) and (key not in a or key not in b)):
             continue
         diffs.append(f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}")
     return diffs
-
-
-def unused_sections(cfg: RunConfig) -> set[str]:
-    """Key prefixes of settings the configured backends never read (a server for a backend that starts none)."""
-    unused = set()
-    if cfg.sample.backend != "vllm":
-        unused.add("sample.server.")
-    if cfg.sample.backend != "endpoint":
-        unused.add("sample.endpoint.")
-    if cfg.judge.backend != "vllm":
-        unused.update({"judge.server.", "judge.max_concurrency"})
-    if cfg.judge.backend != "openai":
-        unused.add("judge.endpoint.")
-    return unused
 
 
 def scheduled(value: list[float] | Decay, k: int) -> float:

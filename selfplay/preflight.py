@@ -50,7 +50,7 @@ def preflight(cfg: RunConfig) -> Path:
             check_endpoint(cfg.sample.endpoint, resolve_api_key(cfg.sample.endpoint))
         except EndpointError as exc:
             raise ConfigError(str(exc).replace("judge.endpoint", "sample.endpoint")) from None
-    if cfg.judge.backend == "openai":
+    if cfg.judge.backend == "endpoint":
         from selfplay.judges.openai import EndpointError, check_endpoint, resolve_api_key
 
         try:
@@ -65,7 +65,7 @@ def preflight(cfg: RunConfig) -> Path:
         from tasks.judge import judge_server_model
 
         judge_server_model(cfg.judge, str(base))  # converts a .gguf or 'bundled' now, not mid-run
-    elif cfg.judge.backend == "local":
+    elif cfg.judge.backend == "transformers":
         judge_model = base if cfg.judge.model == "reference" else resolve_model(cfg.judge.model)
         from selfplay.judges.local import label_token_ids
 

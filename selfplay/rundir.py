@@ -194,7 +194,7 @@ def open_run(cfg: RunConfig, base_model: str) -> RunDir:
     record = run.root / "run.json"
     if record.is_file():
         saved = read_json(record)
-        old = RunConfig.model_validate(saved["config"])
+        old = RunConfig.model_validate(saved["config"], context={"recorded": True})  # older runs recorded every backend
         diffs = result_differences(old, cfg)
         if saved.get("base_model") != base_model:
             diffs.append(f"base model: {saved.get('base_model')} -> {base_model}")

@@ -91,20 +91,24 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------- spec
 
 
+OPERATIONAL = {"affects_results": False}  # how and where the server runs, not what it answers
+
+
 class ServerSpec(BaseModel):
-    """How to start an OpenAI-compatible model server; `None` on an option leaves its flag out."""
+    """How to start an OpenAI-compatible model server; `None` on an option leaves its flag out. Fields marked
+    OPERATIONAL change no result (selfplay.backends.operational): a resume may change them."""
 
     model_config = ConfigDict(extra="forbid")
 
     command: list[str] = Field(
         default_factory=lambda: ["vllm", "serve"], min_length=1,
-        description="Executable and subcommand, e.g. ['/opt/vllm-venv/bin/vllm', 'serve'] or ['docker', 'run', '--rm', "
+        json_schema_extra=OPERATIONAL, description="Executable and subcommand, e.g. ['/opt/vllm-venv/bin/vllm', 'serve'] or ['docker', 'run', '--rm', "
         "'--gpus', 'all', '-p', '{port}:8000', 'vllm/vllm-openai']; '{port}' in any item becomes the chosen port.")
-    host: str = Field("127.0.0.1", description="Address the server listens on and this process connects to.")
-    port: int | None = Field(None, ge=1, le=65535, description="Port on `host`; None picks a free one at start.")
+    host: str = Field("127.0.0.1", json_schema_extra=OPERATIONAL, description="Address the server listens on and this process connects to.")
+    port: int | None = Field(None, ge=1, le=65535, json_schema_extra=OPERATIONAL, description="Port on `host`; None picks a free one at start.")
     container_port: int | None = Field(
         None, ge=1, le=65535,
-        description="For a server in a container publishing '{port}:<container_port>': it is told to listen on "
+        json_schema_extra=OPERATIONAL, description="For a server in a container publishing '{port}:<container_port>': it is told to listen on "
         "0.0.0.0:<container_port> and is reached at host:port. None: it listens on host:port itself.")
     model_arg_style: Literal["positional", "flag"] = Field(
         "positional", description="How the model is passed: positionally (`vllm serve MODEL`) or as `--model MODEL` "
@@ -113,18 +117,18 @@ class ServerSpec(BaseModel):
         "--served-model-name", description="Flag naming the model in the API; None leaves it out (the server then "
         "uses its own default name, for vLLM the model path).")
     gpu_memory_utilization: float | None = Field(
-        0.85, gt=0, le=1, description="--gpu-memory-utilization: fraction of GPU memory vLLM may take; None leaves it out.")
+        0.85, gt=0, le=1, json_schema_extra=OPERATIONAL, description="--gpu-memory-utilization: fraction of GPU memory vLLM may take; None leaves it out.")
     tensor_parallel_size: int | None = Field(1, ge=1, description="--tensor-parallel-size; None leaves it out.")
     max_model_len: int | None = Field(None, ge=1, description="--max-model-len; None leaves it out (the model's own limit).")
     extra_args: list[str] = Field(
         default_factory=list, description="Appended as given, e.g. ['--enable-lora', '--max-lora-rank', '64']; "
         "'{port}' is substituted here too.")
     env: dict[str, str] = Field(
-        default_factory=dict, description="Variables added to the server's environment (never logged; keep secrets "
+        default_factory=dict, json_schema_extra=OPERATIONAL, description="Variables added to the server's environment (never logged; keep secrets "
         "in the inherited environment, e.g. VLLM_API_KEY, rather than in a recipe).")
-    cwd: str | None = Field(None, description="Working directory of the server process; None: the current one.")
-    startup_timeout: float = Field(600.0, gt=0, description="Seconds to wait for GET /health to answer 200.")
-    stop_timeout: float = Field(30.0, gt=0, description="Seconds `stop()` (and leaving the `with` block) waits after "
+    cwd: str | None = Field(None, json_schema_extra=OPERATIONAL, description="Working directory of the server process; None: the current one.")
+    startup_timeout: float = Field(600.0, gt=0, json_schema_extra=OPERATIONAL, description="Seconds to wait for GET /health to answer 200.")
+    stop_timeout: float = Field(30.0, gt=0, json_schema_extra=OPERATIONAL, description="Seconds `stop()` (and leaving the `with` block) waits after "
                                 "SIGTERM before SIGKILL, and again for the port to be free.")
 
 

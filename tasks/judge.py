@@ -255,7 +255,7 @@ class JudgeFailed(SelfplayError, RuntimeError):
 
 def judge_source(cfg: JudgeConfig) -> str:
     """Which judge answered, for messages: the endpoint's model and URL (without any credentials in it)."""
-    if cfg.backend == "openai":
+    if cfg.backend == "endpoint":
         url = urlsplit(cfg.endpoint.base_url)
         bare = url._replace(netloc=url.netloc.rpartition("@")[2], query="", fragment="").geturl()
         return f"model {cfg.endpoint.model!r} at {bare}"
@@ -281,7 +281,7 @@ def check_error_rate(table: pd.DataFrame, max_error_rate: float, k: int, judge: 
         source = judge_source(judge) if judge is not None else "the judge"
         modes = ", ".join(sorted(set(failed.loc[failed["verdict"] == "invalid", "mode"].dropna()))) or "unknown"
         configured = f", judge.mode={judge.mode}" if judge is not None else ""
-        model_field = "judge.model" if judge is not None and judge.backend != "openai" else "judge.endpoint.model"
+        model_field = "judge.model" if judge is not None and judge.backend != "endpoint" else "judge.endpoint.model"
         quoted = "; ".join(repr(r[:QUOTE_CHARS]) for r in list(replies)[:QUOTED_REPLIES])
         message += (
             f" The judge's replies were unreadable: {source} answered {n_invalid} pair(s), but no verdict could be read "
@@ -333,7 +333,7 @@ def run_judge(cfg: RunConfig, reference: str, tables: list[pd.DataFrame], scratc
     here on the judge model for these tables and stopped after (holding the limit; its log is `server_log`). An
     endpoint judge runs here."""
     j = cfg.judge
-    if j.backend == "openai":
+    if j.backend == "endpoint":
         return judge_tables(j, reference, tables, log=log, progress=progress), None
     if j.backend == "vllm":
         return serve_and_judge(j, reference, tables, server_log or scratch / "judge-server.log", f"{cfg.name}-judge", log, progress), None
@@ -404,7 +404,7 @@ def judge(cfg: RunConfig, k: int, reference: str) -> dict[str, Any]:
     stats["peak_gpu_gb"] = peak
     stats["seconds"] = time.time() - started
     check_error_rate(table, cfg.judge.max_error_rate, k, cfg.judge, stats["unreadable_replies"])  # before anything is published
-    judge_model = cfg.judge.endpoint.model if cfg.judge.backend == "openai" else cfg.judge.model
+    judge_model = cfg.judge.endpoint.model if cfg.judge.backend == "endpoint" else cfg.judge.model
     with run.stage_output(k, "judge", {"judge": cfg.judge.backend, "judge_model": judge_model, "reference": reference}) as (out, manifest):
         calls.to_parquet(out / "calls.parquet", index=False)
         table.to_parquet(out / "judgments.parquet", index=False)

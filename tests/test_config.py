@@ -12,19 +12,24 @@ from pathlib import Path
 import pytest
 
 from selfplay.config import (
-    NON_RESULT_FIELDS,
     ConfigError,
+    EndpointJudgeConfig,
     RunConfig,
-    SampleConfig,
     TrainConfig,
+    TransformersJudgeConfig,
+    TransformersSampleConfig,
+    VllmJudgeConfig,
     check_passthrough,
     fingerprint,
+    flatten,
     load_config,
     parse_overrides,
     result_differences,
+    result_fields,
 )
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "deployments" / "recipes").glob("*.yaml"))
+JUDGES = sorted((Path(__file__).resolve().parents[1] / "deployments" / "recipes" / "judges").glob("*.yaml"))
 
 
 # ---------------------------------------------------------------- unknown keys and wrong types
@@ -44,7 +49,7 @@ def test_unknown_nested_key_names_the_dotted_key_and_its_section_keys():
     msg = str(err.value)
     assert "sample.temprature: unknown key" in msg
     valid = msg.split("valid keys here:", 1)[1]
-    assert set(k.strip(" )") for k in valid.split(",")) == set(SampleConfig.model_fields)
+    assert set(k.strip(" )") for k in valid.split(",")) == set(TransformersSampleConfig.model_fields)
 
 
 def test_unknown_key_in_a_recipe_file_is_named(tmp_path):
@@ -189,12 +194,12 @@ def test_empty_recipe_means_defaults(tmp_path):
 def test_result_differences_ignore_non_result_fields():
     old = load_config(None)
     new = load_config(None, ["rounds=9", "name=other", "output_dir=/elsewhere", "train.min_pairs=99"])
-    assert {"rounds", "name", "output_dir", "train.min_pairs"} <= set(NON_RESULT_FIELDS)
+    assert not {"rounds", "name", "output_dir", "train.min_pairs"} & set(result_fields(old))
     assert result_differences(old, new) == []
 
 
 def test_a_resume_may_change_how_the_endpoint_is_reached_but_not_which_judge():
-    endpoint = ["judge.backend=openai", "judge.endpoint.base_url=http://x/v1", "judge.endpoint.model=m"]
+    endpoint = ["judge.backend=endpoint", "judge.endpoint.base_url=http://x/v1", "judge.endpoint.model=m"]
     old = load_config(None, endpoint)
     transport = load_config(None, endpoint + ["judge.endpoint.timeout=300", "judge.endpoint.max_retries=9",
                                               "judge.endpoint.api_key_secret=key", "judge.max_error_rate=0.5"])
@@ -284,20 +289,132 @@ def test_launcher_options_belong_to_accelerate():
 
 
 def test_a_resume_may_lower_a_servers_gpu_memory_share():
-    old = load_config(None, ["sample.backend=vllm"])
-    new = load_config(None, ["sample.backend=vllm", "sample.server.gpu_memory_utilization=0.6", "judge.server.gpu_memory_utilization=0.5"])
+    served = ["sample.backend=vllm", "judge.backend=vllm"]
+    old = load_config(None, served)
+    new = load_config(None, served + ["sample.server.gpu_memory_utilization=0.6", "judge.server.gpu_memory_utilization=0.5"])
     assert result_differences(old, new) == []
-    assert result_differences(old, load_config(None, ["sample.backend=vllm", "sample.server.max_model_len=2048"])) != []
+    assert result_differences(old, load_config(None, served + ["sample.server.max_model_len=2048"])) == [
+        "sample.server.max_model_len: None -> 2048"]
 
 
-def test_a_resume_ignores_settings_of_backends_not_in_use():
-    old = load_config(None)  # transformers sampler, local judge
-    unused = load_config(None, ["judge.server.max_model_len=2048", "sample.server.tensor_parallel_size=4", "judge.max_concurrency=8"])
-    assert result_differences(old, unused) == []
+def test_a_change_of_backend_is_a_result_difference_and_only_shared_settings_are_compared():
+    old = load_config(None)  # transformers sampler and judge
     served = ["judge.backend=vllm"]
     assert result_differences(load_config(None, served), load_config(None, served + ["judge.server.max_model_len=2048"])) == [
         "judge.server.max_model_len: None -> 2048"]
-    assert result_differences(old, load_config(None, served)) == ["judge.backend: 'local' -> 'vllm'"]
+    assert result_differences(old, load_config(None, served)) == ["judge.backend: 'transformers' -> 'vllm'"]
+    assert result_differences(old, load_config(None, served + ["judge.model=/judge", "judge.margin=0.3"])) == [
+        "judge.backend: 'transformers' -> 'vllm'", "judge.margin: 0.1 -> 0.3", "judge.model: 'reference' -> '/judge'"]
+
+
+# Which settings a resume may change, as they were before each field declared it (the list NON_RESULT_FIELDS
+# that selfplay/config.py kept by hand): the fields marked operational must stay exactly these.
+OPERATIONAL_BEFORE = {
+    "name", "output_dir", "rounds", "isolation", "cluster_gpu_limit", "train.min_pairs", "train.launcher.args",
+    "gate.early_stop_after", "judge.max_error_rate", "judge.cache", "judge.batch_size", "judge.max_concurrency",
+    *(f"{section}.endpoint.{field}" for section in ("judge", "sample") for field in (
+        "timeout", "max_concurrency", "max_retries", "api_key_env", "api_key_secret", "price_input_per_mtok", "price_output_per_mtok")),
+    *(f"{section}.server.{field}" for section in ("sample", "judge") for field in (
+        "command", "host", "port", "container_port", "startup_timeout", "stop_timeout", "env", "cwd", "gpu_memory_utilization")),
+}
+EVERY_BACKEND = [
+    [],
+    ["sample.backend=vllm", "judge.backend=vllm"],
+    ["sample.backend=endpoint", "sample.endpoint.base_url=http://x/v1", "sample.endpoint.model=m", "rounds=1",
+     "judge.backend=endpoint", "judge.endpoint.base_url=http://y/v1", "judge.endpoint.model=j"],
+]
+
+
+@pytest.mark.parametrize("overrides", EVERY_BACKEND, ids=["transformers", "vllm", "endpoint"])
+def test_the_fields_a_resume_may_change_are_declared_on_the_fields_and_unchanged(overrides):
+    cfg = load_config(None, overrides)
+    keys = set(flatten(cfg.model_dump(mode="json")))
+    assert keys - set(result_fields(cfg)) == OPERATIONAL_BEFORE & keys
+
+
+def test_the_run_form_shows_one_backend_per_section_chosen_by_its_name():
+    """Prefect builds the `dpo-round` flow's form from RunConfig's schema: `sample` and `judge` are a choice of
+    backend models, tagged by `backend`, each with only its own fields; operational fields say so in the schema."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.dpo_round import dpo_round
+
+    schema = parameter_schema(dpo_round).model_dump()
+    definitions = schema["definitions"]
+    for section, prefix in (("sample", "Sample"), ("judge", "Judge")):
+        prop = definitions["RunConfig"]["properties"][section]
+        choices = prop.get("oneOf") or prop.get("anyOf")
+        assert prop["discriminator"]["propertyName"] == "backend"
+        assert set(prop["discriminator"]["mapping"]) == {"transformers", "vllm", "endpoint"}
+        assert len(choices) == 3
+        assert {"server"} <= set(definitions[f"Vllm{prefix}Config"]["properties"]) and "endpoint" not in definitions[f"Vllm{prefix}Config"]["properties"]
+        assert {"server", "endpoint"}.isdisjoint(definitions[f"Transformers{prefix}Config"]["properties"])
+        assert "server" not in definitions[f"Endpoint{prefix}Config"]["properties"]
+    assert "batch_size" in definitions["TransformersJudgeConfig"]["properties"]
+    assert {"mode", "max_concurrency"}.isdisjoint(definitions["TransformersJudgeConfig"]["properties"])
+    assert definitions["EndpointConfig"]["properties"]["timeout"]["affects_results"] is False
+    assert "affects_results" not in definitions["EndpointConfig"]["properties"]["model"]
+
+
+# ---------------------------------------------------------------- backends: older spellings and misplaced settings
+
+def test_the_judges_old_backend_names_load_as_the_new_ones(tmp_path, caplog):
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("judge:\n  backend: local\n  batch_size: 16\n")
+    with caplog.at_level("WARNING", logger="selfplay.config"):
+        cfg = load_config(recipe)
+    assert isinstance(cfg.judge, TransformersJudgeConfig) and cfg.judge.batch_size == 16
+    assert "judge.backend 'local' is now spelled 'transformers'" in caplog.text
+    cfg = load_config(None, ["judge.backend=openai", "judge.endpoint.base_url=http://x/v1", "judge.endpoint.model=m"])
+    assert isinstance(cfg.judge, EndpointJudgeConfig) and cfg.judge.backend == "endpoint"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["judge.server.max_model_len=2048"], "judge.server: read only with judge.backend: vllm, and this judge has backend 'transformers'"),
+    (["judge.mode=text"], "judge.mode: read only with judge.backend: vllm or judge.backend: endpoint"),
+    (["judge.backend=vllm", "judge.batch_size=4"], "judge.batch_size: read only with judge.backend: transformers, and this judge has backend 'vllm'"),
+    (["sample.server.tensor_parallel_size=4"], "sample.server: read only with sample.backend: vllm"),
+    (["judge.backend=openai", "judge.endpoint.base_url=http://x/v1", "judge.endpoint.model=m", "judge.max_concurrency=8"],
+     "judge.max_concurrency: read only with judge.backend: vllm, and this judge has backend 'endpoint'"),
+    (["judge.backend=gpt"], "judge.backend: 'gpt' is not a backend (choose one of transformers, vllm, endpoint)"),
+])
+def test_a_setting_of_another_backend_fails_naming_the_backend_that_reads_it(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert str(err.value).startswith(f"invalid configuration: {message}")
+    assert "\n" not in str(err.value)
+
+
+def test_another_backends_setting_left_at_its_default_is_dropped():
+    """What older versions wrote for every backend (run.json recorded all of them)."""
+    judge = {"backend": "local", "model": "reference", "endpoint": None, "mode": "auto", "max_concurrency": 64,
+             "server": VllmJudgeConfig().server.model_dump(mode="json"), "cache": True}
+    cfg = RunConfig.model_validate({"judge": judge, "sample": {"backend": "transformers", "endpoint": None}})
+    assert cfg == RunConfig()
+
+
+def test_a_recorded_run_from_before_the_split_resumes_whatever_it_set_for_unused_backends():
+    old = {"judge": {"backend": "local", "endpoint": None, "max_concurrency": 8, "server": {"max_model_len": 2048}},
+           "sample": {"backend": "transformers", "server": {"tensor_parallel_size": 4}}}
+    with pytest.raises(ValueError, match="judge.max_concurrency: read only with judge.backend: vllm"):
+        RunConfig.model_validate(old)
+    recorded = RunConfig.model_validate(old, context={"recorded": True})  # as rundir.open_run reads run.json
+    assert result_differences(recorded, load_config(None)) == []
+
+
+@pytest.mark.parametrize("judge", JUDGES, ids=[p.name for p in JUDGES])
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
+def test_a_judge_overlay_replaces_the_recipes_judge_backend(recipe, judge):
+    cfg = load_config([recipe, judge])
+    assert isinstance(cfg.judge, EndpointJudgeConfig)
+    assert cfg.judge.margin == load_config(judge).judge.margin  # the overlay's own settings win
+
+
+def test_switching_a_backend_with_set_leaves_the_old_backends_settings_behind():
+    gpu = RECIPES[[p.name for p in RECIPES].index("gpu-1x-8b.yaml")]
+    cfg = load_config(gpu, ["judge.backend=vllm"])
+    assert isinstance(cfg.judge, VllmJudgeConfig) and cfg.judge.model == "reference" and cfg.judge.margin == 0.1
+    assert load_config(gpu, ["judge.backend=local"]).judge.batch_size == 16  # the same backend, old spelling: kept
 
 
 # ---------------------------------------------------------------- train.lora values PEFT takes now and refuses later
@@ -326,3 +443,13 @@ def test_lora_settings_pass_through_as_written():
     assert type(cfg.train.lora["lora_alpha"]) is int  # not turned into 16.0: a resume compares the saved config
     assert load_config(None, ["train.lora.target_modules=[q_proj]"]).train.lora["target_modules"] == ["q_proj"]
     assert TrainConfig(lora={"r": 8}).lora == {"r": 8}  # nothing filled in that the recipe did not set
+
+
+def test_the_flows_judge_endpoint_parameters_switch_the_recipes_judge_to_an_endpoint():
+    from flows.self_play import typed_updates
+
+    updates = typed_updates(judge_base_url="http://judge:8000/v1", judge_model="j", judge_api_key_secret="key")
+    cfg = load_config(RECIPES[[p.name for p in RECIPES].index("cpu-demo.yaml")], updates=updates)
+    assert isinstance(cfg.judge, EndpointJudgeConfig)
+    assert (cfg.judge.endpoint.base_url, cfg.judge.endpoint.model, cfg.judge.endpoint.api_key_secret) == ("http://judge:8000/v1", "j", "key")
+    assert cfg.judge.margin == 0.01  # the recipe's settings every judge reads are kept

@@ -57,7 +57,7 @@ def test_rejected_rounds_stay_on_disk_and_the_lineage_keeps_the_previous_checkpo
 
     with ScriptedOpenAI(judge) as server:
         cfg = tiny_config(tiny_model, tmp_path / "runs", name="gated", rounds=3,
-                          judge={"backend": "openai", "cache": False, "margin": 0.0,
+                          judge={"backend": "endpoint", "cache": False, "margin": 0.0,
                                  "endpoint": {"base_url": server.base_url, "model": "judge", "api_key_env": None}},
                           gate={"min_upper_bound": 0.9, "early_stop_after": 2})
         summaries = run_self_play(cfg, tmp_path / "gated.yaml")

@@ -13,7 +13,7 @@ import re
 import pandas as pd
 import pytest
 
-from selfplay.config import FilterConfig, JudgeConfig
+from selfplay.config import FilterConfig, JudgeConfig, VllmJudgeConfig
 from selfplay.judges import Judge, JudgeCall, JudgeResult
 from selfplay.quality import win_summary
 from tasks.evaluate import outcomes
@@ -446,8 +446,8 @@ def test_win_rate_property():
 def test_judge_server_model_resolves_local_models_and_passes_hub_ids(tmp_path, tiny_model, monkeypatch):
     from tasks.judge import judge_server_model
 
-    assert judge_server_model(JudgeConfig(backend="vllm"), "/runs/r/round_1/train/checkpoint") == "/runs/r/round_1/train/checkpoint"
-    assert judge_server_model(JudgeConfig(backend="vllm", model="Qwen/Qwen2.5-7B-Instruct"), "/ref") == "Qwen/Qwen2.5-7B-Instruct"
+    assert judge_server_model(VllmJudgeConfig(), "/runs/r/round_1/train/checkpoint") == "/runs/r/round_1/train/checkpoint"
+    assert judge_server_model(VllmJudgeConfig(model="Qwen/Qwen2.5-7B-Instruct"), "/ref") == "Qwen/Qwen2.5-7B-Instruct"
     monkeypatch.chdir(tiny_model.parent)
-    relative = JudgeConfig(backend="vllm", model=f"./{tiny_model.name}")
+    relative = VllmJudgeConfig(model=f"./{tiny_model.name}")
     assert judge_server_model(relative, "/ref") == str(tiny_model.resolve())  # absolute: the server may run elsewhere

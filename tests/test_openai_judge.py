@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import selfplay.retry as retry  # noqa: E402
-from selfplay.config import EndpointConfig, FilterConfig, JudgeConfig  # noqa: E402
+from selfplay.config import EndpointConfig, EndpointJudgeConfig, FilterConfig  # noqa: E402
 from selfplay.judges import JudgeCall  # noqa: E402
 from selfplay.judges.cache import JudgeCache  # noqa: E402
 from selfplay.judges.openai import (  # noqa: E402
@@ -149,7 +149,7 @@ def run(judge: OpenAIJudge, groups: dict[str, list[str]], pairing="all_pairs", m
     if max_calls is None:
         assert pairs["screened"].isna().all(), "test responses must not be screened out"
     extra = {"system_prompt": system} if system is not None else {}
-    cfg = JudgeConfig(backend="openai", endpoint=judge.endpoint, margin=0.1, mode=judge.configured_mode, pairing=pairing, **extra)
+    cfg = EndpointJudgeConfig(endpoint=judge.endpoint, margin=0.1, mode=judge.configured_mode, pairing=pairing, **extra)
     return judge_pairs(judge, pairs, cfg)
 
 
@@ -557,7 +557,7 @@ def test_judge_stage_fails_on_unreadable_replies_and_publishes_nothing(tmp_path,
     with ScriptedOpenAI(handler) as server:
         cfg = build_config({
             "name": "unreadable", "output_dir": str(tmp_path),
-            "judge": {"backend": "openai", "mode": "text", "cache": False, "max_error_rate": 0.05,
+            "judge": {"backend": "endpoint", "mode": "text", "cache": False, "max_error_rate": 0.05,
                       "endpoint": {"base_url": server.base_url, "model": "judge", "api_key_env": "STAGE_JUDGE_KEY", "max_concurrency": 1}},
         })
         run_dir = RunDir(cfg.run_dir)

@@ -49,13 +49,13 @@ def make_judge(cfg, reference: str) -> Judge:
     """Build the configured judge. `judge.model == "reference"` judges with the round's reference checkpoint."""
     from selfplay.models import cache_root, resolve_model
 
-    if cfg.backend == "openai":
+    if cfg.backend == "endpoint":
         from selfplay.judges.cache import JudgeCache
         from selfplay.judges.openai import OpenAIJudge
 
         cache = JudgeCache(cache_root() / "judge-cache.sqlite") if cfg.cache else None
         return OpenAIJudge(cfg.endpoint, mode=cfg.mode, cache=cache)
-    if cfg.backend == "local":
+    if cfg.backend == "transformers":
         from selfplay.judges.local import LocalJudge
 
         path = reference if cfg.model == "reference" else str(resolve_model(cfg.model))
