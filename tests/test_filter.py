@@ -14,8 +14,8 @@ import string
 import pandas as pd
 
 from selfplay.config import FilterConfig
-from tasks.filter import REASONS, drop_counts, drop_reason, screen, select_pairs, similarity
-from tasks.sample import completion_lengths
+from selfplay.generation import completion_lengths
+from selfplay.pairs import REASONS, drop_counts, drop_reason, screen, select_pairs, similarity
 
 
 def random_text(rng: random.Random, n: int) -> str:
