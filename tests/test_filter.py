@@ -1,4 +1,4 @@
-"""Fast tier: the filter stage's pure logic (tasks/filter.py) and the sampler's truncation flags (tasks/sample.py).
+"""Fast tier: the filter stage's pure logic (selfplay/pairs.py) and the sampler's truncation flags (selfplay/generation.py).
 
 similarity / screen decide which pairs are worth a judge call; select_pairs / drop_counts decide which judged pairs
 are kept and why the rest were dropped. completion_lengths produces the `truncated` flag the screen reads.

@@ -408,6 +408,27 @@ def test_judge_stats_on_an_empty_table():
     assert stats["tie_rate"] is None and stats["position_consistency"] is None
 
 
+def test_the_judge_takes_bare_comparisons_and_evaluation_tables_them_itself():
+    """No pair table and no sample indices: a comparison is (prompt, response_a, response_b), verdicts are about
+    response_a, and evaluation builds eval.parquet from the two models' answers and those verdicts."""
+    from selfplay.evaluation import EVAL_COLUMNS, comparisons, evaluation_table, win_rates
+
+    answers = lambda texts: pd.DataFrame({"prompt_id": ["e0", "e1", "e2"], "prompt": ["q0?", "q1?", "q2?"], "response": texts,  # noqa: E731
+                                          "n_tokens": [3, 3, 3], "truncated": [False, False, True]})
+    new, old = answers(["EVIDENCE a", "plain b", "plain c"]), answers(["plain x", "EVIDENCE y", "plain z"])
+    asked = comparisons(new, old)
+    assert asked == [Comparison("q0?", "EVIDENCE a", "plain x"), Comparison("q1?", "plain b", "EVIDENCE y"), Comparison("q2?", "plain c", "plain z")]
+    judge = KeywordJudge("EVIDENCE")
+    judged = judge_comparisons(judge, asked, JudgeConfig(margin=0.1))
+    assert len(judge.calls) == 2 * len(asked) and len(judged.results) == 2 * len(asked)
+    assert [v["verdict"] for v in judged.verdicts] == ["first", "second", "tie"]
+    table = evaluation_table(new, old, judged.verdicts)
+    assert list(table.columns) == EVAL_COLUMNS
+    assert table["outcome"].tolist() == ["win", "loss", "tie"]
+    assert table["response_new"].tolist() == new["response"].tolist() and table["truncated_2"].tolist() == [False, False, True]
+    assert win_rates(table, new, old)["win_rate"] == 0.5
+
+
 # ---------------------------------------------------------------- evaluate's outcomes and win rate
 
 def score(verdicts):

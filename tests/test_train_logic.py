@@ -1,4 +1,4 @@
-"""Fast tier: the train stage's pure helpers (tasks/train.py): the min-pairs gate, DPO records and arguments, and
+"""Fast tier: the train stage's pure helpers (selfplay/training.py): the min-pairs gate, DPO records and arguments, and
 the summary of a Trainer log history. No model, no trainer: synthetic tables and histories only.
 """
 
