@@ -12,8 +12,8 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE
 
-from selfplay.config import RunConfig
 from selfplay.conclusion import conclude_round
+from selfplay.config import RunConfig
 from selfplay.orchestration import publish_round, run_logger
 from selfplay.rundir import RunDir
 

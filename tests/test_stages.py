@@ -25,7 +25,6 @@ from tasks.sample import sample
 from tasks.train import train
 from tests.conftest import tiny_config
 
-
 ARTIFACTS = ("create_progress_artifact", "create_table_artifact", "create_markdown_artifact", "create_link_artifact")
 
 
