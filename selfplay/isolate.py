@@ -3,7 +3,7 @@
 A CUDA context, the allocator's cache, a leaked reference cycle holding a model: none of them survive the process.
 The next stage (or a vLLM server, or another run's stage waiting on the `gpu` limit) starts on an empty GPU.
 
-    value, peak_gb = isolate.call("tasks.train:train_dpo", cfg, k, ..., isolated=True, log=log, progress=bar.update)
+    value, peak_gb = isolate.call("selfplay.training:train_dpo", cfg, k, ..., isolated=True, log=log, progress=bar.update)
 
 The parent pickles the call to `spec.pkl` in a scratch directory and starts `python -m selfplay.isolate spec.pkl`
 (or a launcher in front of it: `accelerate launch ... -m selfplay.isolate spec.pkl` for multi-GPU training). The

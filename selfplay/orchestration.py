@@ -1,15 +1,23 @@
-"""Prefect plumbing the stages share: GPU turns (a machine-local lock, plus an optional cluster-wide Prefect limit),
-progress artifacts, and the artifacts a round publishes. Artifact keys are fixed, so the UI's Artifacts page shows each key's history across runs."""
+"""Prefect plumbing the stages share: "skip if complete" (`stage`), GPU turns (a machine-local lock, plus an optional
+cluster-wide Prefect limit), the run logger, progress artifacts, and the artifacts a round publishes. Artifact keys
+are fixed, so the UI's Artifacts page shows each key's history across runs.
+
+Artifacts belong to a flow run: outside one (a stage's `.fn` called in a test, a script) they are no-ops, since
+creating one there would start a temporary Prefect server; the logger falls back to a plain `logging` logger.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID
+
+from selfplay.rundir import RunDir
 
 GPU_LIMIT = "gpu"
 # Holding a cluster-wide Prefect limit: the holder renews its lease while it lives; a crashed one (SIGKILL, a lost
@@ -55,7 +63,7 @@ def gpu_slot(what: str) -> Iterator[None]:
     from selfplay import faults
     from selfplay.devicelock import device_turn
 
-    with device_turn(what, log=_run_logger()), _cluster_slot():
+    with device_turn(what, log=run_logger()), _cluster_slot():
         faults.trace_turn("take", what)
         try:
             faults.hold("gpu", what)
@@ -75,7 +83,8 @@ def _cluster_slot() -> Iterator[None]:
         yield
 
 
-def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run's logger inside a flow or task run, this module's logger outside one."""
     from prefect import get_run_logger
     from prefect.exceptions import MissingContextError
 
@@ -85,6 +94,35 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter:
         return log
 
 
+def in_run() -> bool:
+    """Whether this code runs inside a Prefect flow or task run (where artifacts have a run to belong to)."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def stage(name: str) -> Callable[[Callable[..., Any]], Callable[..., dict[str, Any]]]:
+    """Make a stage body `body(cfg, k, ...)` skip itself when round k's `name` stage is complete.
+
+    The decorated function returns the stage's manifest: the one on disk when the stage was done before (logged,
+    the body not called), or the one the body published through `RunDir.stage_output`.
+    """
+
+    def decorate(body: Callable[..., Any]) -> Callable[..., dict[str, Any]]:
+        @functools.wraps(body)
+        def run_stage(cfg, k: int, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            run = RunDir(cfg.run_dir)
+            if run.is_done(k, name):
+                run_logger().info("round %d: %s already complete, reusing %s", k, name, run.stage_dir(k, name))
+            else:
+                body(cfg, k, *args, **kwargs)
+            return run.manifest(k, name)
+
+        return run_stage
+
+    return decorate
+
+
 class Progress:
     """A progress artifact for one stage, updated as work completes (a no-op outside a flow run)."""
 
@@ -92,6 +130,8 @@ class Progress:
         from prefect.artifacts import create_progress_artifact
 
         self.id: UUID | None = None
+        if not in_run():
+            return
         try:
             self.id = create_progress_artifact(progress=0.0, description=description)
         except Exception as exc:  # never let reporting break the work
@@ -108,6 +148,8 @@ class Progress:
 def publish_round(run_name: str, k: int, summary: dict[str, Any], pairs_rows: list[dict[str, Any]], report_md: str, checkpoint: Path) -> None:
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+    if not in_run():
+        return
     create_table_artifact(key=KEYS["summary"], table=[summary], description=f"{run_name} round {k}: headline figures")
     create_table_artifact(key=KEYS["pairs"], table=pairs_rows, description=f"{run_name} round {k}: judged pairs (first {len(pairs_rows)})")
     create_markdown_artifact(key=KEYS["report"], markdown=report_md, description=f"{run_name} round {k}: report")
@@ -121,5 +163,5 @@ def publish_lineage(output_dir: Path) -> None:
     from selfplay.report import lineage_rows
 
     rows = lineage_rows(output_dir)
-    if rows:
+    if rows and in_run():
         create_table_artifact(key=KEYS["lineage"], table=rows, description=f"Every completed round under {output_dir.resolve()}")

@@ -16,7 +16,7 @@ from selfplay.prompts import load_prompts
 def preflight(cfg: RunConfig) -> Path:
     """Validate the pass-through settings, the prompts, the models and the judge template; return the base model."""
     from selfplay import isolate
-    from tasks.judge import load_rubric, load_template
+    from selfplay.judges.prompt import load_rubric, load_template
 
     check_passthrough(cfg.train)
     # Building TRL's arguments on a GPU machine creates a CUDA context, which this process would then hold for the
@@ -62,7 +62,7 @@ def preflight(cfg: RunConfig) -> Path:
         if cfg.judge.model != "reference" and (path.is_absolute() or cfg.judge.model.startswith((".", "~"))) and not path.exists():
             raise ConfigError(f"judge.model {cfg.judge.model!r}: no such directory for the judge's vLLM server to load "
                               f"(a local directory, or a hub id such as Qwen/Qwen2.5-7B-Instruct that vLLM downloads)")
-        from tasks.judge import judge_server_model
+        from selfplay.judging import judge_server_model
 
         judge_server_model(cfg.judge, str(base))  # converts a .gguf or 'bundled' now, not mid-run
     elif cfg.judge.backend == "transformers":
@@ -116,7 +116,7 @@ def check_dpo_settings(cfg: RunConfig, *, log=None, progress=None) -> dict[str, 
     from trl import DPOConfig
 
     from selfplay.models import device_and_dtype
-    from tasks.train import dpo_arguments
+    from selfplay.training import dpo_arguments
 
     device, dtype = device_and_dtype()
     error = None

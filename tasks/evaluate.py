@@ -2,12 +2,12 @@
 
 Every model answers the same held-out prompts (the first `prompts.eval_size`, the same every round) with the
 same seed and settings, so a checkpoint's answers are generated once and reused by later rounds
-(`generations*.parquet`). Each comparison is judged in both orders with the judge stage's swap rule and reported
+(`generations*.parquet`). Each comparison is judged in both orders with the judge stage's swap rule (`selfplay.judging`) and reported
 as wins / ties / losses, a win rate counting ties as half, its 95% Wilson interval, and a length-controlled win
 rate (`selfplay.quality.win_summary`). Pathology measures of the generations (verbosity, sycophantic openers,
 hedging, repetition, degenerate text) are recorded for their trend across rounds.
 
-The gate (`gate_decision`) then accepts or rejects the round: by default a round is rejected when even the upper
+The gate (`selfplay.evaluation.gate_decision`, applied by the publish task) then accepts or rejects the round: by default a round is rejected when even the upper
 end of the interval of its win rate against the current checkpoint is below 0.5.
 
 Output `round_<k>/evaluate/`: eval.parquet (vs the current checkpoint), eval_base.parquet (vs round 0, from
@@ -20,44 +20,18 @@ import time
 from typing import Any
 
 import pandas as pd
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NONE
 
 from selfplay import isolate
-from selfplay.config import GateConfig, RunConfig
+from selfplay.config import RunConfig
+from selfplay.evaluation import comparisons, evaluation_table, win_rates
 from selfplay.isolate import isolated
-from selfplay.models import load_causal_lm, load_tokenizer, release_memory
-from selfplay.orchestration import gpu_slot
+from selfplay.judging import check_error_rate, judge_stats, run_judge
+from selfplay.orchestration import gpu_slot, run_logger, stage
+from selfplay.pathologies import pathologies
 from selfplay.prompts import load_prompts
-from selfplay.quality import pathologies, win_summary
 from selfplay.rundir import RunDir
-from tasks.judge import PAIR_COLUMNS, check_error_rate, run_judge
-from tasks.sample import generate
-
-OUTCOME = {"first": "win", "second": "loss", "judge_error": "error", "invalid": "error"}
-GENERATION_COLUMNS = ["prompt_id", "prompt", "response", "n_tokens", "truncated"]
-
-
-def outcomes(verdicts: list[str]) -> list[str]:
-    """The new model's outcome per pair (it sits in position 'first'): win, tie, loss, or error (not counted).
-
-    >>> outcomes(["first", "tie", "second", "inconsistent", "judge_error"])
-    ['win', 'tie', 'loss', 'tie', 'error']
-    """
-    return [OUTCOME.get(v, "tie") for v in verdicts]
-
-
-def gate_decision(vs_current: dict[str, Any], gate: GateConfig) -> tuple[bool, str]:
-    """Accept or reject a round from its win summary against the current checkpoint; say why either way."""
-    if not gate.enabled:
-        return True, "accepted: the gate is disabled"
-    if not vs_current.get("n"):
-        return False, "rejected: no held-out comparison produced a verdict"
-    wr, lo, hi = vs_current["win_rate"], vs_current["ci_low"], vs_current["ci_high"]
-    where = f"win rate {wr:.3f} against the current checkpoint, 95% CI [{lo:.3f}, {hi:.3f}]"
-    if hi < gate.min_upper_bound:
-        return False, f"rejected: {where} lies wholly below {gate.min_upper_bound}; the current checkpoint stays"
-    return True, f"accepted: {where} reaches {gate.min_upper_bound}"
 
 
 def find_generations(run: RunDir, model: str, upto: int, held_out: list[dict[str, str]]) -> pd.DataFrame | None:
@@ -77,46 +51,12 @@ def find_generations(run: RunDir, model: str, upto: int, held_out: list[dict[str
     return None
 
 
-def eval_generations(cfg: RunConfig, model_paths: list[str], held_out: list[dict[str, str]], *, log=None, progress=None) -> list[pd.DataFrame]:
-    """One answer per held-out prompt from each model in turn, with the same seed and settings for all."""
-    e = cfg.evaluate
-    tables = []
-    for i, model_path in enumerate(model_paths):
-        model, tokenizer = load_causal_lm(model_path), load_tokenizer(model_path)
-        rows = generate(model, tokenizer, [p["prompt"] for p in held_out], num_samples=1, temperature=e.temperature, top_p=1.0,
-                        max_new_tokens=e.max_new_tokens, batch_size=cfg.sample.batch_size, seed=e.seed)
-        del model
-        release_memory()
-        tables.append(pd.DataFrame([{"prompt_id": p["id"], "prompt": p["prompt"], "response": r["response"], "n_tokens": r["n_tokens"],
-                                     "truncated": r["truncated"]} for p, r in zip(held_out, rows)], columns=GENERATION_COLUMNS))
-        if progress:
-            progress(i + 1, len(model_paths))
-    return tables
-
-
-def comparison_pairs(new: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame(
-        [{"prompt_id": a.prompt_id, "prompt": a.prompt, "i": 0, "j": 0, "response_1": a.response, "response_2": b.response,
-          "truncated_1": a.truncated, "truncated_2": b.truncated, "similarity": None, "screened": None}
-         for a, b in zip(new.itertuples(), other.itertuples())],
-        columns=PAIR_COLUMNS,
-    )
-
-
-def comparison(table: pd.DataFrame, new: pd.DataFrame, other: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
-    table = table.rename(columns={"response_1": "response_new", "response_2": "response_other"})
-    table["outcome"] = outcomes(table["verdict"].tolist())
-    return table, win_summary(table["outcome"].tolist(), new["n_tokens"].tolist(), other["n_tokens"].tolist())
-
-
 @task(name="evaluate", cache_policy=NONE)
-def evaluate(cfg: RunConfig, k: int, previous: str, base: str | None = None) -> dict[str, Any]:
+@stage("evaluate")
+def evaluate(cfg: RunConfig, k: int, previous: str, base: str | None = None) -> None:
     """Judge round k's checkpoint against `previous` (the current checkpoint) and against `base` (round 0)."""
-    log = get_run_logger()
+    log = run_logger()
     run = RunDir(cfg.run_dir)
-    if run.is_done(k, "evaluate"):
-        log.info("round %d: evaluate already complete, reusing %s", k, run.stage_dir(k, "evaluate"))
-        return run.manifest(k, "evaluate")
     started = time.time()
     held_out = load_prompts(cfg.prompts.eval, cfg.prompts.column, cfg.prompts.messages_column, cfg.prompts.split)[: cfg.prompts.eval_size]
     against_base = cfg.evaluate.vs_base and base is not None and base != previous
@@ -126,34 +66,33 @@ def evaluate(cfg: RunConfig, k: int, previous: str, base: str | None = None) -> 
     first = find_generations(run, base, k, held_out) if against_base else None
     todo = [checkpoint] + ([previous] if old is None else []) + ([base] if against_base and first is None else [])
     with gpu_slot(f"{cfg.name} round {k} eval generation"):
-        generated, generation_peak = isolate.call("tasks.evaluate:eval_generations", cfg, todo, held_out,
+        generated, generation_peak = isolate.call("selfplay.generation:eval_generations", cfg, todo, held_out,
                                                   isolated=isolated(cfg.isolation), scratch=run.round_dir(k),
                                                   label=f"round {k} eval generation", log=log)
     new = generated.pop(0)
     old = generated.pop(0) if old is None else old
     first = generated.pop(0) if against_base and first is None else first
 
-    tables = [comparison_pairs(new, old)] + ([comparison_pairs(new, first)] if against_base else [])
-    judged, judge_peak = run_judge(cfg, previous, tables, run.round_dir(k), f"round {k} eval judge", log,
+    batches = [comparisons(new, old)] + ([comparisons(new, first)] if against_base else [])
+    judged, judge_peak = run_judge(cfg, previous, batches, run.round_dir(k), f"round {k} eval judge", log,
                                    server_log=run.round_dir(k) / "eval-judge-server.log")
-    (table, _, stats), base_table = judged[0], judged[1][0] if against_base else None
+    table = evaluation_table(new, old, judged[0].verdicts)
+    stats = judge_stats(table, judged[0].results)
+    base_table = evaluation_table(new, first, judged[1].verdicts) if against_base else None
     # an outage must fail the stage, not decide the gate
-    check_error_rate(table, cfg.judge.max_error_rate, k, cfg.judge, stats.get("unreadable_replies", ()))
+    check_error_rate(table, cfg.judge.max_error_rate, k, cfg.judge, stats["unreadable_replies"])
     if base_table is not None:
-        check_error_rate(base_table, cfg.judge.max_error_rate, k, cfg.judge, judged[1][2].get("unreadable_replies", ()))
-    table, vs_current = comparison(table, new, old)
+        check_error_rate(base_table, cfg.judge.max_error_rate, k, cfg.judge, judge_stats(base_table, judged[1].results)["unreadable_replies"])
     metrics: dict[str, Any] = {
-        **vs_current,
+        **win_rates(table, new, old),
         "errors": int((table["outcome"] == "error").sum()),
-        "vs_base": None,
+        "vs_base": win_rates(base_table, new, first) if base_table is not None else None,
         "judge": stats,
         "pathologies": pathologies(new["response"].tolist()),
         "pathologies_previous": pathologies(old["response"].tolist()),
         "mean_tokens_new": float(new["n_tokens"].mean()),
         "mean_tokens_previous": float(old["n_tokens"].mean()),
     }
-    if base_table is not None:
-        base_table, metrics["vs_base"] = comparison(base_table, new, first)
     peaks = [p for p in (generation_peak, judge_peak) if p is not None]
     metrics["peak_gpu_gb"] = max(peaks) if peaks else None
     metrics["seconds"] = time.time() - started
@@ -169,5 +108,3 @@ def evaluate(cfg: RunConfig, k: int, previous: str, base: str | None = None) -> 
         k, metrics["wins"], metrics["ties"], metrics["losses"], metrics["win_rate"] or 0, metrics["ci_low"], metrics["ci_high"],
         metrics["lc_win_rate"] or 0, f"; vs round 0 {metrics['vs_base']['win_rate'] or 0:.3f}" if metrics["vs_base"] else "",
     )
-    return run.manifest(k, "evaluate")
-

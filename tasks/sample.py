@@ -1,4 +1,4 @@
-"""Stage 1, sample: K completions per prompt from the round's policy, batched, seeded.
+"""Stage 1, sample: K completions per prompt from the round's policy, batched, seeded (`selfplay.generation`).
 
 Output `round_<k>/sample/samples.parquet`, one row per completion: prompt_id, prompt, sample_idx, response,
 prompt_tokens, n_tokens, truncated (the completion hit max_new_tokens before its end-of-sequence token).
@@ -7,167 +7,21 @@ The policy is always loaded from its saved checkpoint, never reused from the tra
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import pandas as pd
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NONE
 
 from selfplay import isolate
 from selfplay.config import RunConfig
+from selfplay.generation import sample_from_server
 from selfplay.isolate import isolated
-from selfplay.models import is_adapter, load_causal_lm, load_tokenizer, release_memory
-from selfplay.orchestration import Progress, gpu_slot
+from selfplay.orchestration import Progress, gpu_slot, run_logger, stage
 from selfplay.prompts import draw_prompts, load_prompts
 from selfplay.rundir import RunDir
 
 COLUMNS = ["prompt_id", "prompt", "sample_idx", "response", "prompt_tokens", "n_tokens", "truncated"]
-
-
-def completion_lengths(token_rows: list[list[int]], stop_ids: set[int]) -> list[tuple[int, bool]]:
-    """Pure: for each generated row (prompt stripped), (tokens before the stop token, truncated?).
-
-    A row is truncated when no stop token appears in it: generation ran out of budget mid-answer (and such a row
-    was never padded, since padding only follows a stop).
-
-    >>> completion_lengths([[5, 6, 2, 0], [5, 6, 7]], stop_ids={2})
-    [(2, False), (3, True)]
-    """
-    out = []
-    for row in token_rows:
-        stop = next((i for i, t in enumerate(row) if t in stop_ids), None)
-        out.append((stop, False) if stop is not None else (len(row), True))
-    return out
-
-
-def stop_token_ids(tokenizer, model) -> set[int]:
-    ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(model.generation_config, "eos_token_id", None)
-    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    return {i for i in ids if i is not None}
-
-
-def generate(
-    model,
-    tokenizer,
-    prompts: list[str],
-    *,
-    num_samples: int,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    batch_size: int,
-    seed: int,
-    progress: Callable[[int, int], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Batched generation: `num_samples` completions for each prompt, `batch_size` sequences per call.
-
-    Returns one dict per completion (prompt index, sample index, text, token counts, truncated), in prompt order.
-    """
-    import torch
-
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
-    per_call = max(1, batch_size // num_samples)
-    stop_ids = stop_token_ids(tokenizer, model)
-    torch.manual_seed(seed)
-    rows: list[dict[str, Any]] = []
-    for start in range(0, len(texts), per_call):
-        chunk = texts[start : start + per_call]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-        with torch.no_grad():
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=num_samples,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=sorted(stop_ids),
-                **sampling,
-            )
-        gen = out[:, enc["input_ids"].shape[1] :].tolist()
-        lengths = completion_lengths(gen, stop_ids)
-        prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
-        for row_idx, (tokens, (n, truncated)) in enumerate(zip(gen, lengths)):
-            p_local, s = divmod(row_idx, num_samples)
-            rows.append(
-                {
-                    "prompt_index": start + p_local,
-                    "sample_idx": s,
-                    "response": tokenizer.decode(tokens[:n], skip_special_tokens=True).strip(),
-                    "prompt_tokens": int(prompt_tokens[p_local]),
-                    "n_tokens": int(n),
-                    "truncated": bool(truncated),
-                }
-            )
-        if progress:
-            progress(min(start + per_call, len(texts)), len(texts))
-    return rows
-
-
-def sample_from_server(cfg: RunConfig, k: int, policy: str, prompts: list[str], log_path: Path) -> list[dict[str, Any]]:
-    """K completions per prompt from an OpenAI-compatible server: a vLLM server started on `policy` for this round
-    (and stopped, its port and GPU memory free, before training), or an already-running endpoint.
-
-    A policy that is a LoRA adapter (`train.merge: false`) is served over its base model: the started server gets
-    `--enable-lora --lora-modules <name>=<adapter>`; a running endpoint is asked to load it (vLLM's
-    /v1/load_lora_adapter) and to unload it afterwards. Requests then name the adapter as their model.
-    """
-    from selfplay.serving import ModelServer, adapter_name, sample_chat, serving_plan
-
-    s = cfg.sample
-    params = dict(n=s.num_samples, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, seed=s.seed + k, exact_tokens=True)
-    adapter = Path(policy).resolve() if is_adapter(policy) else None
-    name = adapter_name(cfg.name, adapter) if adapter else None
-    if s.backend == "vllm":
-        spec, model_path, _ = serving_plan(s.server, policy, name or "policy")
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with gpu_slot(f"{cfg.name} round {k} sample (vLLM server)"):
-            with ModelServer(spec, model_path, log_path) as server:
-                out = sample_chat(server.base_url, name or server.api_model, prompts, api_key=server.api_key, **params)
-            if not server.wait_gpu_free(120):
-                get_run_logger().warning("round %d: GPU memory was not all given back 120 s after the sampling server stopped", k)
-    else:
-        from selfplay.judges.openai import resolve_api_key
-        from selfplay.serving import LoraAdapterError, load_lora_adapter, unload_lora_adapter
-
-        e = s.endpoint
-        key = resolve_api_key(e)
-        log = get_run_logger()
-        if adapter:
-            log.info("round %d: loading adapter %s into %s as %r", k, adapter, e.base_url, name)
-            # A crash after an earlier load left it loaded, and vLLM refuses to load a name twice.
-            with contextlib.suppress(LoraAdapterError):
-                unload_lora_adapter(e.base_url, name, api_key=key)
-            load_lora_adapter(e.base_url, name, adapter, api_key=key)
-        try:
-            out = sample_chat(e.base_url, name or e.model, prompts, api_key=key, max_concurrency=e.max_concurrency,
-                              timeout=e.timeout, **params)
-        finally:
-            if adapter:
-                try:
-                    unload_lora_adapter(e.base_url, name, api_key=key)
-                except LoraAdapterError as exc:  # never hide the sampling error, nor fail finished sampling
-                    log.warning("round %d: could not unload adapter %r: %s", k, name, exc)
-    tokenizer = load_tokenizer(policy)
-    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
-    prompt_tokens = [len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
-    return [{"prompt_index": i, "sample_idx": j, "response": c["response"], "prompt_tokens": prompt_tokens[i],
-             "n_tokens": int(c["n_tokens"]), "truncated": bool(c["truncated"])}
-            for i, choices in enumerate(out) for j, c in enumerate(choices)]
-
-
-def sample_local(policy: str, prompts: list[str], s, seed: int, *, log, progress=None) -> list[dict[str, Any]]:
-    """The transformers backend: load `policy` from disk, generate, give the memory back."""
-    model, tokenizer = load_causal_lm(policy), load_tokenizer(policy)
-    rows = generate(model, tokenizer, prompts, num_samples=s.num_samples, temperature=s.temperature, top_p=s.top_p,
-                    max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed=seed, progress=progress)
-    del model
-    release_memory()
-    return rows
 
 
 def round_prompts(cfg: RunConfig, k: int) -> list[dict[str, str]]:
@@ -176,13 +30,11 @@ def round_prompts(cfg: RunConfig, k: int) -> list[dict[str, str]]:
 
 
 @task(name="sample", cache_policy=NONE)
-def sample(cfg: RunConfig, k: int, policy: str) -> dict[str, Any]:
-    """Sample K completions per drawn prompt from `policy`; skip if this round's sample stage is complete."""
-    log = get_run_logger()
+@stage("sample")
+def sample(cfg: RunConfig, k: int, policy: str) -> None:
+    """Sample K completions per drawn prompt from `policy`."""
+    log = run_logger()
     run = RunDir(cfg.run_dir)
-    if run.is_done(k, "sample"):
-        log.info("round %d: sample already complete, reusing %s", k, run.stage_dir(k, "sample"))
-        return run.manifest(k, "sample")
     prompts = round_prompts(cfg, k)
     s = cfg.sample
     started = time.time()
@@ -195,11 +47,11 @@ def sample(cfg: RunConfig, k: int, policy: str) -> dict[str, Any]:
     peak = None
     if s.backend == "transformers":
         with gpu_slot(f"{cfg.name} round {k} sample"):
-            rows, peak = isolate.call("tasks.sample:sample_local", policy, [p["prompt"] for p in prompts], s, s.seed + k,
+            rows, peak = isolate.call("selfplay.generation:sample_local", policy, [p["prompt"] for p in prompts], s, s.seed + k,
                                       isolated=isolated(cfg.isolation), scratch=run.round_dir(k), label=f"round {k} sample",
                                       log=log, progress=progress)
     else:
-        rows = sample_from_server(cfg, k, policy, [p["prompt"] for p in prompts], run.round_dir(k) / "sample-server.log")
+        rows = sample_from_server(cfg, k, policy, [p["prompt"] for p in prompts], run.round_dir(k) / "sample-server.log", log)
     for row in rows:
         p = prompts[row.pop("prompt_index")]
         row.update(prompt_id=p["id"], prompt=p["prompt"])
@@ -216,4 +68,3 @@ def sample(cfg: RunConfig, k: int, policy: str) -> dict[str, Any]:
             "peak_gpu_gb": peak,
         }
     log.info("round %d: %d completions, %d truncated", k, len(table), manifest["metrics"]["truncated"])
-    return run.manifest(k, "sample")

@@ -51,7 +51,7 @@ def test_make_run_on_bundled_model(tmp_path):
 
     # The checkpoint is a loadable model that still speaks.
     from selfplay.models import load_causal_lm, load_tokenizer
-    from tasks.sample import generate
+    from selfplay.generation import generate
 
     ckpt = run.checkpoint(1)
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "tokenizer.json").is_file()

@@ -1,4 +1,4 @@
-"""Fast tier: the filter stage's pure logic (tasks/filter.py) and the sampler's truncation flags (tasks/sample.py).
+"""Fast tier: the filter stage's pure logic (selfplay/pairs.py) and the sampler's truncation flags (selfplay/generation.py).
 
 similarity / screen decide which pairs are worth a judge call; select_pairs / drop_counts decide which judged pairs
 are kept and why the rest were dropped. completion_lengths produces the `truncated` flag the screen reads.
@@ -14,8 +14,8 @@ import string
 import pandas as pd
 
 from selfplay.config import FilterConfig
-from tasks.filter import REASONS, drop_counts, drop_reason, screen, select_pairs, similarity
-from tasks.sample import completion_lengths
+from selfplay.generation import completion_lengths
+from selfplay.pairs import REASONS, drop_counts, drop_reason, screen, select_pairs, similarity
 
 
 def random_text(rng: random.Random, n: int) -> str:

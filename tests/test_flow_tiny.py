@@ -16,11 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from selfplay.evaluation import outcomes
 from selfplay.config import build_config
 from selfplay.models import weights_digest
+from selfplay.pairs import COLUMNS as JUDGMENT_COLUMNS
 from selfplay.rundir import RunDir
-from tasks import evaluate as evaluate_stage
-from tasks import judge as judge_stage
 from tasks import sample as sample_stage
 from tests.conftest import run_self_play, tiny_config
 
@@ -96,7 +96,7 @@ def test_parquet_outputs_have_expected_columns_and_counts(tiny_run):
         assert samples.loc[samples["truncated"], "n_tokens"].eq(cfg.sample.max_new_tokens).all()
 
         judgments = pd.read_parquet(run.stage_dir(k, "judge") / "judgments.parquet")
-        assert list(judgments.columns) == judge_stage.COLUMNS
+        assert list(judgments.columns) == JUDGMENT_COLUMNS
         assert len(judgments) == n_prompts * pairs_per_prompt
         judged = judgments[judgments["verdict"] != "not_judged"]
         assert judged["p_a_order1"].between(0, 1).all() and judged["p_a_order2"].between(0, 1).all()
@@ -153,5 +153,5 @@ def test_evaluate_stage_judges_new_against_previous(tiny_run):
     m = run.manifest(2, "evaluate")
     assert m["checkpoint"] == str(run.checkpoint(2)) and m["previous"] == str(run.checkpoint(1))
     evals = pd.read_parquet(run.stage_dir(2, "evaluate") / "eval.parquet")
-    assert evals["outcome"].tolist() == evaluate_stage.outcomes(evals["verdict"].tolist())
+    assert evals["outcome"].tolist() == outcomes(evals["verdict"].tolist())
     assert m["metrics"]["n"] + m["metrics"]["errors"] == cfg.prompts.eval_size

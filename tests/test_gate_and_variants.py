@@ -12,13 +12,13 @@ import pandas as pd
 import pytest
 
 from selfplay.config import FilterConfig, GateConfig, build_config
+from selfplay.evaluation import gate_decision
+from selfplay.pairs import screen, select_pairs
 from selfplay.prompts import load_prompts
 from selfplay.quality import win_summary
 from selfplay.report import plot_curves
 from selfplay.rundir import RunDir
-from tasks.evaluate import gate_decision
-from tasks.filter import screen, select_pairs
-from tasks.train import dpo_arguments, training_diagnoses
+from selfplay.training import dpo_arguments, training_diagnoses
 from tests.conftest import run_self_play, tiny_config
 from tests.openai_stub import Reply, ScriptedOpenAI, chat_completion
 

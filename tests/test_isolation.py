@@ -289,7 +289,7 @@ def test_a_stage_process_gives_all_gpu_memory_back(log, tiny_model, tmp_path):
     from selfplay.config import SampleConfig
 
     before = used_mib()
-    rows, peak = isolate.call("tasks.sample:sample_local", str(tiny_model), ["Hi", "Name a colour."], SampleConfig(num_samples=2, max_new_tokens=8),
+    rows, peak = isolate.call("selfplay.generation:sample_local", str(tiny_model), ["Hi", "Name a colour."], SampleConfig(num_samples=2, max_new_tokens=8),
                               0, isolated=True, log=log, scratch=tmp_path)
     assert len(rows) == 4 and peak > 0
     assert used_mib() - before < 64  # the child's CUDA context and cache went with it

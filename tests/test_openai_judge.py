@@ -2,7 +2,7 @@
 
 Every test drives `OpenAIJudge` through the real `openai` client against `tests.openai_stub.ScriptedOpenAI` (a
 FAKE OpenAI-compatible server on loopback, scripted per test) and checks what the judge stage makes of it: the
-judgments table, the calls table and the statistics of `tasks.judge.judge_pairs`, and the filter's selection.
+judgments table, the calls table and the statistics the judge stage makes (`selfplay.judging`, `selfplay.pairs`), and the filter's selection.
 
 Scripted handlers read the rendered judge prompt the way a careful judge would: the text between the real
 <response_A>/<response_B> tags. Retries are kept fast by shrinking the backoff base (Retry-After is still honoured).
@@ -24,7 +24,6 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import openai
@@ -42,10 +41,9 @@ from selfplay.judges.cache import JudgeCache  # noqa: E402
 from selfplay.judges.openai import (  # noqa: E402
     EndpointError, OpenAIJudge, backoff_seconds, check_endpoint, resolve_api_key, retry_after_seconds,
 )
-from tasks.filter import drop_counts, select_pairs  # noqa: E402
-from tasks.judge import (  # noqa: E402
-    JudgeFailed, build_pairs, check_error_rate, default_rubric, default_template, judge_pairs, render_judge_prompt,
-)
+from selfplay.judges.prompt import default_template, load_rubric, render_judge_prompt  # noqa: E402
+from selfplay.judging import JudgeFailed, check_error_rate, judge_comparisons  # noqa: E402
+from selfplay.pairs import build_pairs, drop_counts, judged_tables, pair_comparisons, select_pairs  # noqa: E402
 from tests.openai_stub import Reply, ScriptedOpenAI, api_error, chat_completion  # noqa: E402
 
 KEY = "test-key"
@@ -150,7 +148,7 @@ def run(judge: OpenAIJudge, groups: dict[str, list[str]], pairing="all_pairs", m
         assert pairs["screened"].isna().all(), "test responses must not be screened out"
     extra = {"system_prompt": system} if system is not None else {}
     cfg = EndpointJudgeConfig(endpoint=judge.endpoint, margin=0.1, mode=judge.configured_mode, pairing=pairing, **extra)
-    return judge_pairs(judge, pairs, cfg)
+    return judged_tables(pairs, judge_comparisons(judge, pair_comparisons(pairs), cfg))
 
 
 def na(v):
@@ -541,14 +539,9 @@ STAGE_KEY = "sk-stage-0123456789abcdefSECRET"
 def test_judge_stage_fails_on_unreadable_replies_and_publishes_nothing(tmp_path, monkeypatch):
     """An endpoint that answers text without a verdict fails the judge stage itself, quoting its replies, naming
     the endpoint and the mode, and never showing the key (even a reply that echoes it)."""
-    from prefect.logging import disable_run_logger
-
     import tasks.judge
     from selfplay.config import build_config
     from selfplay.rundir import RunDir
-
-    # Outside a flow run, a progress artifact would start a temporary Prefect server: not what is under test.
-    monkeypatch.setattr(tasks.judge, "Progress", lambda description: SimpleNamespace(update=lambda done, total: None))
 
     def handler(body, n):
         return Reply(json=chat_completion(f"I was asked with the key {STAGE_KEY}." if n == 0 else UNREADABLE))
@@ -563,7 +556,7 @@ def test_judge_stage_fails_on_unreadable_replies_and_publishes_nothing(tmp_path,
         run_dir = RunDir(cfg.run_dir)
         run_dir.stage_dir(1, "sample").mkdir(parents=True)
         samples_frame(FOUR).to_parquet(run_dir.stage_dir(1, "sample") / "samples.parquet", index=False)
-        with disable_run_logger(), pytest.raises(JudgeFailed) as info:
+        with pytest.raises(JudgeFailed) as info:
             tasks.judge.judge.fn(cfg, 1, reference="unused")
         assert server.count == 8
         assert all(r["headers"]["authorization"] == f"Bearer {STAGE_KEY}" for r in server.chat_requests)
@@ -590,7 +583,7 @@ def naive_render(template, prompt, a, b, rubric):
 
 
 def test_injected_tags_and_markers_do_not_move_the_verdict():
-    template, rubric = default_template(), default_rubric()
+    template, rubric = default_template(), load_rubric(None)
     # control: the injection does fool this handler when the prompt is filled naively
     assert good_side(naive_render(template, "q", WEAK + INJECTION, GOOD, rubric)) != "B"
     assert good_side(render_judge_prompt(template, "q", WEAK + INJECTION, GOOD, rubric)) == "B"

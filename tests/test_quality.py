@@ -1,4 +1,4 @@
-"""Fast tier: round-quality measures (selfplay/quality.py): Wilson intervals, the length-controlled win rate, the
+"""Fast tier: round-quality measures (selfplay/quality.py, selfplay/pathologies.py): Wilson intervals, the length-controlled win rate, the
 data sanity checks of a round's pairs, and the pathology detectors on generated text and their trend."""
 
 from __future__ import annotations
@@ -10,28 +10,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import selfplay.pathologies as pathology_module
 import selfplay.quality as quality
-from selfplay.quality import (
-    QualityThresholds,
-    data_quality,
-    degenerate_rate,
-    hedging_rate,
-    length_controlled_win_rate,
-    pathologies,
-    pathology_trend,
-    repetition_rate,
-    similarity_histogram,
-    sycophancy_rate,
-    verbosity,
-    wilson_interval,
-    win_summary,
-)
+from selfplay.pathologies import degenerate_rate, hedging_rate, pathologies, pathology_trend, repetition_rate, sycophancy_rate, verbosity
+from selfplay.quality import QualityThresholds, data_quality, length_controlled_win_rate, similarity_histogram, wilson_interval, win_summary
 
 WARNING_KEYS = {"check", "value", "threshold", "message"}
 
 
-def test_doctests():
-    result = doctest.testmod(quality)
+@pytest.mark.parametrize("module", [quality, pathology_module])
+def test_doctests(module):
+    result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
 
 

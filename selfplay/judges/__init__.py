@@ -1,7 +1,7 @@
 """Judge backends: given rendered judge conversations, say how likely the response in position A is the better one.
 
 A backend sees one *call* at a time (one order of one pair); asking both orders and combining them is the judge
-stage's job (`tasks/judge.py`), so every backend gets position-bias cancellation for free.
+judge runtime's job (`selfplay/judging.py`), so every backend gets position-bias cancellation for free.
 
     judge = make_judge(cfg.judge, reference="/path/to/checkpoint")
     results = judge.judge([JudgeCall(system="...", user="...")])

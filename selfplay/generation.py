@@ -1,0 +1,181 @@
+"""Generation: completions from a policy, batched and seeded, with transformers in this process (or a process of its
+own) or through an OpenAI-compatible server (a vLLM server started for the round, or a running endpoint).
+
+Each completion is a dict: prompt index, sample index, text, prompt tokens, tokens generated, and `truncated` (it
+hit the token budget before its end-of-sequence token). The sample stage draws K per prompt from the round's
+policy (`sample_local`, `sample_from_server`); the evaluate stage one per held-out prompt from each model it
+compares (`eval_generations`). A policy is always loaded from its saved checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from selfplay.config import RunConfig
+from selfplay.models import is_adapter, load_causal_lm, load_tokenizer, release_memory
+from selfplay.orchestration import gpu_slot
+
+GENERATION_COLUMNS = ["prompt_id", "prompt", "response", "n_tokens", "truncated"]
+
+
+def completion_lengths(token_rows: list[list[int]], stop_ids: set[int]) -> list[tuple[int, bool]]:
+    """Pure: for each generated row (prompt stripped), (tokens before the stop token, truncated?).
+
+    A row is truncated when no stop token appears in it: generation ran out of budget mid-answer (and such a row
+    was never padded, since padding only follows a stop).
+
+    >>> completion_lengths([[5, 6, 2, 0], [5, 6, 7]], stop_ids={2})
+    [(2, False), (3, True)]
+    """
+    out = []
+    for row in token_rows:
+        stop = next((i for i, t in enumerate(row) if t in stop_ids), None)
+        out.append((stop, False) if stop is not None else (len(row), True))
+    return out
+
+
+def stop_token_ids(tokenizer, model) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    return {i for i in ids if i is not None}
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    num_samples: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Batched generation: `num_samples` completions for each prompt, `batch_size` sequences per call.
+
+    Returns one dict per completion (prompt index, sample index, text, token counts, truncated), in prompt order.
+    """
+    import torch
+
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
+    per_call = max(1, batch_size // num_samples)
+    stop_ids = stop_token_ids(tokenizer, model)
+    torch.manual_seed(seed)
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(texts), per_call):
+        chunk = texts[start : start + per_call]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        with torch.no_grad():
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=num_samples,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=sorted(stop_ids),
+                **sampling,
+            )
+        gen = out[:, enc["input_ids"].shape[1] :].tolist()
+        lengths = completion_lengths(gen, stop_ids)
+        prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
+        for row_idx, (tokens, (n, truncated)) in enumerate(zip(gen, lengths)):
+            p_local, s = divmod(row_idx, num_samples)
+            rows.append(
+                {
+                    "prompt_index": start + p_local,
+                    "sample_idx": s,
+                    "response": tokenizer.decode(tokens[:n], skip_special_tokens=True).strip(),
+                    "prompt_tokens": int(prompt_tokens[p_local]),
+                    "n_tokens": int(n),
+                    "truncated": bool(truncated),
+                }
+            )
+        if progress:
+            progress(min(start + per_call, len(texts)), len(texts))
+    return rows
+
+
+def sample_from_server(cfg: RunConfig, k: int, policy: str, prompts: list[str], log_path: Path, log) -> list[dict[str, Any]]:
+    """K completions per prompt from an OpenAI-compatible server: a vLLM server started on `policy` for this round
+    (and stopped, its port and GPU memory free, before training), or an already-running endpoint.
+
+    A policy that is a LoRA adapter (`train.merge: false`) is served over its base model: the started server gets
+    `--enable-lora --lora-modules <name>=<adapter>`; a running endpoint is asked to load it (vLLM's
+    /v1/load_lora_adapter) and to unload it afterwards. Requests then name the adapter as their model.
+    """
+    from selfplay.serving import ModelServer, adapter_name, sample_chat, serving_plan
+
+    s = cfg.sample
+    params = dict(n=s.num_samples, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, seed=s.seed + k, exact_tokens=True)
+    adapter = Path(policy).resolve() if is_adapter(policy) else None
+    name = adapter_name(cfg.name, adapter) if adapter else None
+    if s.backend == "vllm":
+        spec, model_path, _ = serving_plan(s.server, policy, name or "policy")
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with gpu_slot(f"{cfg.name} round {k} sample (vLLM server)"):
+            with ModelServer(spec, model_path, log_path) as server:
+                out = sample_chat(server.base_url, name or server.api_model, prompts, api_key=server.api_key, **params)
+            if not server.wait_gpu_free(120):
+                log.warning("round %d: GPU memory was not all given back 120 s after the sampling server stopped", k)
+    else:
+        from selfplay.judges.openai import resolve_api_key
+        from selfplay.serving import LoraAdapterError, load_lora_adapter, unload_lora_adapter
+
+        e = s.endpoint
+        key = resolve_api_key(e)
+        if adapter:
+            log.info("round %d: loading adapter %s into %s as %r", k, adapter, e.base_url, name)
+            # A crash after an earlier load left it loaded, and vLLM refuses to load a name twice.
+            with contextlib.suppress(LoraAdapterError):
+                unload_lora_adapter(e.base_url, name, api_key=key)
+            load_lora_adapter(e.base_url, name, adapter, api_key=key)
+        try:
+            out = sample_chat(e.base_url, name or e.model, prompts, api_key=key, max_concurrency=e.max_concurrency,
+                              timeout=e.timeout, **params)
+        finally:
+            if adapter:
+                try:
+                    unload_lora_adapter(e.base_url, name, api_key=key)
+                except LoraAdapterError as exc:  # never hide the sampling error, nor fail finished sampling
+                    log.warning("round %d: could not unload adapter %r: %s", k, name, exc)
+    tokenizer = load_tokenizer(policy)
+    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
+    prompt_tokens = [len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+    return [{"prompt_index": i, "sample_idx": j, "response": c["response"], "prompt_tokens": prompt_tokens[i],
+             "n_tokens": int(c["n_tokens"]), "truncated": bool(c["truncated"])}
+            for i, choices in enumerate(out) for j, c in enumerate(choices)]
+
+
+def sample_local(policy: str, prompts: list[str], s, seed: int, *, log, progress=None) -> list[dict[str, Any]]:
+    """The transformers backend: load `policy` from disk, generate, give the memory back."""
+    model, tokenizer = load_causal_lm(policy), load_tokenizer(policy)
+    rows = generate(model, tokenizer, prompts, num_samples=s.num_samples, temperature=s.temperature, top_p=s.top_p,
+                    max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed=seed, progress=progress)
+    del model
+    release_memory()
+    return rows
+
+
+def eval_generations(cfg: RunConfig, model_paths: list[str], held_out: list[dict[str, str]], *, log=None, progress=None) -> list[pd.DataFrame]:
+    """One answer per held-out prompt from each model in turn, with the same seed and settings for all."""
+    e = cfg.evaluate
+    tables = []
+    for i, model_path in enumerate(model_paths):
+        model, tokenizer = load_causal_lm(model_path), load_tokenizer(model_path)
+        rows = generate(model, tokenizer, [p["prompt"] for p in held_out], num_samples=1, temperature=e.temperature, top_p=1.0,
+                        max_new_tokens=e.max_new_tokens, batch_size=cfg.sample.batch_size, seed=e.seed)
+        del model
+        release_memory()
+        tables.append(pd.DataFrame([{"prompt_id": p["id"], "prompt": p["prompt"], "response": r["response"], "n_tokens": r["n_tokens"],
+                                     "truncated": r["truncated"]} for p, r in zip(held_out, rows)], columns=GENERATION_COLUMNS))
+        if progress:
+            progress(i + 1, len(model_paths))
+    return tables

@@ -1,0 +1,266 @@
+"""The judge's runtime: ask a judge both orders of each comparison, combine the two verdicts, and run the judge where
+it belongs (in this process, in a process of its own, or behind a vLLM server started for it).
+
+A comparison is neutral: (prompt, response_a, response_b), with no notion of samples or models. Order 1 puts
+response_a in position A, order 2 puts response_b there. With p1 and p2 the probabilities that position A wins in
+each order, the swap-averaged preference for response_a is
+
+    p = (p1 + (1 - p2)) / 2
+
+so a judge that always favours position A (p1 = p2 = 1) comes out at exactly 0.5: a tie. The margin is |2p - 1|;
+below `judge.margin` it is a tie. Discrete verdicts (an endpoint's structured choice or text marker) must name the
+same response in both orders, or the comparison is inconsistent (`combine_orders` holds both rules). Verdicts are
+about response_a ("first") versus response_b ("second"). The judge stage (pairs of one policy's samples,
+`selfplay.pairs`) and the evaluate stage (two models' answers, `selfplay.evaluation`) both judge through here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
+
+import pandas as pd
+
+from selfplay import isolate
+from selfplay.config import JudgeConfig, RunConfig
+from selfplay.errors import SelfplayError
+from selfplay.isolate import isolated
+from selfplay.judges import Judge, JudgeCall, JudgeResult, make_judge
+from selfplay.judges.prompt import load_rubric, load_template, render_judge_prompt
+from selfplay.models import release_memory
+from selfplay.orchestration import gpu_slot
+
+VERDICT_COLUMNS = ["p_a_order1", "p_a_order2", "p_first", "margin", "verdict", "consistent", "mode", "error"]
+VERDICTS = ("first", "second", "tie", "inconsistent", "invalid", "judge_error", "not_judged")
+QUOTED_REPLIES, QUOTE_CHARS = 3, 200  # how much of the judge's unreadable replies a failure quotes
+
+
+class Comparison(NamedTuple):
+    """One judge question: is response_a or response_b the better answer to prompt?"""
+
+    prompt: str
+    response_a: str
+    response_b: str
+
+
+class Judged(NamedTuple):
+    """A batch of comparisons judged: one verdict row (`VERDICT_COLUMNS`) per comparison, in order, and the judge's
+    results, two per comparison (order 1, order 2)."""
+
+    verdicts: list[dict[str, Any]]
+    results: list[JudgeResult]
+
+
+def combine_orders(order1: JudgeResult | float | None, order2: JudgeResult | float | None, margin: float) -> dict[str, Any]:
+    """Combine the two orders of one comparison into a verdict about (r1, r2) = (response_a, response_b): the one rule for every mode.
+
+    order1 is the judge's answer with r1 in position A, order2 with r2 in position A (a bare float is a
+    `logprobs` answer: P(A wins)).
+      - probability modes (both orders `logprobs`): average, p = (p1 + 1 - p2) / 2, then the margin |2p - 1|
+        decides between a winner and a tie; a judge that always says A lands on exactly 0.5, a tie;
+      - discrete modes (`choice`, `text`, or mixed): the two verdicts must name the same response (or both say
+        tie), otherwise the pair is `inconsistent` (the MT-Bench rule); an unreadable answer makes it `invalid`.
+    `consistent` records whether each order on its own picked the same response (the position-consistency
+    statistic); in probability modes it does not veto the averaged verdict.
+
+    >>> combine_orders(1.0, 1.0, 0.1)["verdict"]      # always "A": pure position bias, cancelled to a tie
+    'tie'
+    >>> combine_orders(0.9, 0.2, 0.1)["verdict"]      # both orders prefer r1
+    'first'
+    >>> A = JudgeResult(1.0, "choice", label="A")
+    >>> combine_orders(A, A, 0.1)["verdict"]          # discrete: "A" both times names r1, then r2
+    'inconsistent'
+    """
+    r1, r2 = (JudgeResult(o, "logprobs") if not isinstance(o, JudgeResult) else o for o in (order1, order2))
+    if r1.error or r2.error or r1.p_a is None or r2.p_a is None:
+        return {"p_first": None, "margin": None, "verdict": "judge_error", "consistent": None}
+    p = (r1.p_a + (1.0 - r2.p_a)) / 2.0
+    m = abs(2.0 * p - 1.0)
+    if r1.label is None and r2.label is None:
+        verdict = "tie" if m < margin or p == 0.5 else ("first" if p > 0.5 else "second")
+        return {"p_first": p, "margin": m, "verdict": verdict, "consistent": (r1.p_a > 0.5) == (r2.p_a < 0.5)}
+    l1, l2 = (r.label or ("A" if r.p_a > 0.5 else "B" if r.p_a < 0.5 else "tie") for r in (r1, r2))
+    if "invalid" in (l1, l2):
+        return {"p_first": None, "margin": None, "verdict": "invalid", "consistent": None}
+    v1 = {"A": "first", "B": "second", "tie": "tie"}[l1]
+    v2 = {"A": "second", "B": "first", "tie": "tie"}[l2]
+    return {"p_first": p, "margin": m, "verdict": v1 if v1 == v2 else "inconsistent", "consistent": v1 == v2}
+
+
+def swap_calls(comparisons: Sequence[Comparison], template: str, rubric: str, system: str) -> list[JudgeCall]:
+    """Two calls per comparison, interleaved: [c0 order1, c0 order2, c1 order1, ...]."""
+    calls = []
+    for prompt, a, b in comparisons:
+        calls.append(JudgeCall(system, render_judge_prompt(template, prompt, a, b, rubric)))
+        calls.append(JudgeCall(system, render_judge_prompt(template, prompt, b, a, rubric)))
+    return calls
+
+
+def verdict_rows(results: list[JudgeResult], margin: float) -> list[dict[str, Any]]:
+    """Pair up the results (order 1, order 2 of each comparison) and combine them: one `VERDICT_COLUMNS` row each."""
+    rows = []
+    for r1, r2 in zip(results[0::2], results[1::2]):
+        errors = "; ".join(e for e in (r1.error, r2.error) if e) or None
+        mode = r1.mode if r1.mode == r2.mode else f"{r1.mode}+{r2.mode}"
+        rows.append({"p_a_order1": r1.p_a, "p_a_order2": r2.p_a, **combine_orders(r1, r2, margin), "mode": mode, "error": errors})
+    return rows
+
+
+def judge_comparisons(judge: Judge, comparisons: Sequence[Comparison], cfg: JudgeConfig,
+                      progress: Callable[[int, int], None] | None = None, chunk: int = 64) -> Judged:
+    """Ask `judge` both orders of every comparison and combine them.
+
+    Calls go to the backend `chunk` at a time, with `progress(done, total)` after each chunk.
+    """
+    template, rubric = load_template(cfg.template), load_rubric(cfg.rubric)
+    calls = swap_calls(comparisons, template, rubric, cfg.system_prompt)
+    results: list[JudgeResult] = []
+    for start in range(0, len(calls), chunk):
+        results.extend(judge.judge(calls[start : start + chunk]))
+        if progress:
+            progress(len(results), len(calls))
+    return Judged(verdict_rows(results, cfg.margin), results)
+
+
+def judge_stats(table: pd.DataFrame, results: list[JudgeResult]) -> dict[str, Any]:
+    """Per-round judge statistics over the judged pairs: position consistency and bias, tie / invalid / error
+    rates, modes, tokens, latency, cache hits and estimated cost, and the first few distinct replies read as
+    `invalid` (cut short), which `check_error_rate` quotes."""
+    judged = table[table["verdict"] != "not_judged"]
+    n = len(judged)
+    answered = judged[~judged["verdict"].isin(["judge_error", "invalid"])]
+    firsts = [r.p_a > 0.5 if r.label is None else r.label == "A" for r in results if r.p_a is not None and r.label != "invalid"]
+    counts = table["verdict"].value_counts().to_dict()
+    live = [r for r in results if not r.cached and r.error is None]
+    unreadable = dict.fromkeys(r.extra.get("reply", "")[:QUOTE_CHARS] for r in results if r.label == "invalid")
+    return {
+        "pairs": len(table),
+        "judged": n,
+        "calls": len(results),
+        "position_consistency": float(answered["consistent"].astype(bool).mean()) if len(answered) else None,
+        "first_position_win_rate": float(sum(firsts) / len(firsts)) if firsts else None,
+        "mean_margin": float(answered["margin"].mean()) if len(answered) else None,
+        "verdicts": {v: int(counts.get(v, 0)) for v in VERDICTS},
+        "tie_rate": counts.get("tie", 0) / n if n else None,
+        "invalid_rate": counts.get("invalid", 0) / n if n else None,
+        "error_rate": counts.get("judge_error", 0) / n if n else None,
+        "modes": {m: sum(r.mode == m for r in results) for m in sorted({r.mode for r in results})},
+        "cache_hits": sum(r.cached for r in results),
+        "tokens_in": int(sum(r.tokens_in for r in results)),
+        "tokens_out": int(sum(r.tokens_out for r in results)),
+        "mean_latency_s": float(sum(r.latency_s for r in live) / len(live)) if live else None,
+        "cost": float(sum(r.cost for r in results)),
+        "unreadable_replies": list(unreadable)[:QUOTED_REPLIES],
+    }
+
+
+class JudgeFailed(SelfplayError, RuntimeError):
+    """Too many pairs got no verdict (judge_error or invalid): the stage fails, with a summary of what went wrong."""
+
+
+def judge_source(cfg: JudgeConfig) -> str:
+    """Which judge answered, for messages: the endpoint's model and URL (without any credentials in it)."""
+    if cfg.backend == "endpoint":
+        url = urlsplit(cfg.endpoint.base_url)
+        bare = url._replace(netloc=url.netloc.rpartition("@")[2], query="", fragment="").geturl()
+        return f"model {cfg.endpoint.model!r} at {bare}"
+    return f"the {cfg.backend} judge on {cfg.model!r}"
+
+
+def check_error_rate(table: pd.DataFrame, max_error_rate: float, k: int, judge: JudgeConfig | None = None,
+                     replies: Sequence[str] = ()) -> None:
+    """Fail when more than `max_error_rate` of the judged pairs got no verdict: `judge_error` (the endpoint failed)
+    or `invalid` (it answered, but nothing could be read from its `replies`). Either is the judge's fault; let
+    through, it would surface later as too few pairs to train on, with advice about pairs, not the judge."""
+    judged = table[table["verdict"] != "not_judged"]
+    failed = judged[judged["verdict"].isin(["judge_error", "invalid"])]
+    if not len(judged) or len(failed) / len(judged) <= max_error_rate:
+        return
+    errors = failed[failed["verdict"] == "judge_error"]
+    n_invalid = len(failed) - len(errors)
+    what = ("judge_error" if not n_invalid else "invalid" if not len(errors)
+            else f"invalid ({n_invalid}) or judge_error ({len(errors)})")
+    message = (f"round {k}: {len(failed)} of {len(judged)} judged pairs ({len(failed) / len(judged):.0%}) ended in {what}, "
+               f"above judge.max_error_rate={max_error_rate}.")
+    if n_invalid:
+        source = judge_source(judge) if judge is not None else "the judge"
+        modes = ", ".join(sorted(set(failed.loc[failed["verdict"] == "invalid", "mode"].dropna()))) or "unknown"
+        configured = f", judge.mode={judge.mode}" if judge is not None else ""
+        model_field = "judge.model" if judge is not None and judge.backend != "endpoint" else "judge.endpoint.model"
+        quoted = "; ".join(repr(r[:QUOTE_CHARS]) for r in list(replies)[:QUOTED_REPLIES])
+        message += (
+            f" The judge's replies were unreadable: {source} answered {n_invalid} pair(s), but no verdict could be read "
+            f"from its replies (mode {modes}{configured}).{f' It replied: {quoted}.' if quoted else ''} Check that the "
+            f"endpoint serves a model that can judge ({model_field}), that judge.template asks for the verdict "
+            f"the mode reads, and judge.mode (text wants a final [[A]], [[B]] or [[tie]]; choice a JSON verdict; "
+            f"logprobs a first token A or B; auto tries all three)."
+        )
+    if len(errors):
+        kinds = errors["error"].fillna("unknown").str.split(":").str[0].value_counts().to_dict()
+        message += f" Errors by kind: {kinds}. First: {errors['error'].iloc[0]}."
+    raise JudgeFailed(message + " Fix the judge and rerun to resume (with judge.cache on, calls that succeeded are not asked again).")
+
+
+def judge_batches(cfg: JudgeConfig, reference: str, batches: list[list[Comparison]], *, log=None,
+                  progress: Callable[[int, int], None] | None = None) -> list[Judged]:
+    """Build the configured judge once and judge each batch of comparisons with it, then close it (an `isolate.call`
+    target)."""
+    backend = make_judge(cfg, reference)
+    try:
+        return [judge_comparisons(backend, batch, cfg, progress=progress) for batch in batches]
+    finally:
+        backend.close()
+        release_memory()
+
+
+def run_judge(cfg: RunConfig, reference: str, batches: list[list[Comparison]], scratch: Path, label: str, log,
+              progress: Callable[[int, int], None] | None = None,
+              server_log: Path | None = None) -> tuple[list[Judged], float | None]:
+    """`judge_batches` where it belongs, and the peak GPU memory it took. A local judge is a model on the GPU: it
+    holds the `gpu` limit (and, with process isolation, runs in its own process). A `vllm` judge is a server started
+    here on the judge model for these batches and stopped after (holding the limit; its log is `server_log`). An
+    endpoint judge runs here."""
+    j = cfg.judge
+    if j.backend == "endpoint":
+        return judge_batches(j, reference, batches, log=log, progress=progress), None
+    if j.backend == "vllm":
+        return serve_and_judge(j, reference, batches, server_log or scratch / "judge-server.log", f"{cfg.name}-judge", log, progress), None
+    with gpu_slot(f"{cfg.name} {label}"):
+        return isolate.call("selfplay.judging:judge_batches", j, reference, batches, isolated=isolated(cfg.isolation),
+                            scratch=scratch, label=label, log=log, progress=progress)
+
+
+def judge_server_model(cfg: JudgeConfig, reference: str) -> str:
+    """What a `vllm` judge server loads: the reference, a local model as selfplay resolves it (a directory, a .gguf
+    converted once, 'bundled'), or a hub id as given (vLLM downloads it)."""
+    from selfplay.models import resolve_model
+
+    if cfg.model == "reference":
+        return reference
+    path = Path(cfg.model).expanduser()
+    if cfg.model == "bundled" or path.exists():
+        return str(Path(resolve_model(str(path) if path.exists() else cfg.model)).resolve())
+    return cfg.model
+
+
+def serve_and_judge(cfg: JudgeConfig, reference: str, batches: list[list[Comparison]], log_path: Path, lora_name: str, log,
+                    progress: Callable[[int, int], None] | None = None) -> list[Judged]:
+    """Start a vLLM server on the judge model, judge every batch through it, stop it and wait for the GPU."""
+    from selfplay.config import EndpointConfig
+    from selfplay.judges.openai import OpenAIJudge
+    from selfplay.serving import ModelServer, serving_plan
+
+    spec, model, request_name = serving_plan(cfg.server, judge_server_model(cfg, reference), lora_name)
+    with gpu_slot(f"{lora_name} server"):
+        with ModelServer(spec, model, log_path, served_name="judge") as server:
+            log.info("judge server on %s up at %s (log %s)", model, server.base_url, log_path)
+            endpoint = EndpointConfig(base_url=server.base_url, model=request_name or server.api_model,
+                                      max_concurrency=cfg.max_concurrency, timeout=300)
+            # A new port each time: nothing to key a cache on.
+            judge = OpenAIJudge(endpoint, mode=cfg.mode, cache=None, api_key=server.api_key)
+            results = [judge_comparisons(judge, batch, cfg, progress=progress) for batch in batches]
+        if not server.wait_gpu_free(120):
+            log.warning("GPU memory was not all given back 120 s after the judge server stopped")
+    return results
