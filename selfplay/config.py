@@ -24,7 +24,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from typing_extensions import TypedDict
 
 from selfplay.errors import SelfplayError
-from selfplay.serving import ServerSpec
+from selfplay.server_spec import ServerSpec
 
 
 class ConfigError(SelfplayError, ValueError):
@@ -97,6 +97,7 @@ class JudgeConfig(Section):
     endpoint: EndpointConfig | None = Field(None, description="openai backend: the endpoint to ask.")
     server: ServerSpec = Field(default_factory=ServerSpec, description="vllm backend: how to start and stop the judge's server.")
     max_concurrency: int = Field(64, ge=1, description="vllm backend: requests in flight to the started server.")
+    request_timeout: float = Field(300.0, gt=0, description="vllm backend: seconds per request to the started server before it counts as timed out (and is retried).")
     mode: Literal["auto", "logprobs", "choice", "text"] = Field(
         "auto", description="How the verdict is read: label logprobs, a structured A/B/tie choice, or a [[A]]/[[B]]/[[tie]] marker in text. 'auto' falls back in that order.")
     pairing: Literal["all_pairs", "random_pair", "tournament"] = Field(
@@ -257,9 +258,9 @@ NON_RESULT_FIELDS = frozenset({
     "judge.batch_size", *(f"{section}.endpoint.{field}" for section in ("judge", "sample") for field in (
         "timeout", "max_concurrency", "max_retries", "api_key_env", "api_key_secret", "price_input_per_mtok", "price_output_per_mtok")),
     *(f"{section}.server.{field}" for section in ("sample", "judge")
-      for field in ("command", "host", "port", "container_port", "startup_timeout", "stop_timeout", "env", "cwd",
-                    "gpu_memory_utilization")),  # sizes the KV cache only: lowered after an out-of-memory start
-    "judge.max_concurrency",
+      for field in ("command", "host", "port", "container_port", "startup_timeout", "stop_timeout", "gpu_free_timeout",
+                    "env", "cwd", "gpu_memory_utilization")),  # sizes the KV cache only: lowered after an out-of-memory start
+    "judge.max_concurrency", "judge.request_timeout",
 })
 
 # DPOConfig fields the train stage sets itself.
@@ -393,7 +394,7 @@ def unused_sections(cfg: RunConfig) -> set[str]:
     if cfg.sample.backend != "endpoint":
         unused.add("sample.endpoint.")
     if cfg.judge.backend != "vllm":
-        unused.update({"judge.server.", "judge.max_concurrency"})
+        unused.update({"judge.server.", "judge.max_concurrency", "judge.request_timeout"})
     if cfg.judge.backend != "openai":
         unused.add("judge.endpoint.")
     return unused
