@@ -362,10 +362,12 @@ def test_wait_gpu_free_waits_for_the_memory_used_before_the_server(fake_nvidia_s
     # 20 GB already in use before the server (a resident judge, say): that is the level to come back to, not zero.
     fake_nvidia_smi.write_text("0, 20000, 81559\n")
     assert gpu_memory_mib() == {0: (20000, 81559)}
-    server = ModelServer(stub_spec(), "/models/m", tmp_path / "server.log").start()
+    server = ModelServer(stub_spec(gpu_free_timeout=1.0), "/models/m", tmp_path / "server.log").start()
     fake_nvidia_smi.write_text("0, 70000, 81559\n")  # what the server took
     server.stop()
-    assert server.wait_gpu_free(timeout=1.0) is False  # still held: a False after the timeout, not a hang
+    started = time.monotonic()
+    assert server.wait_gpu_free() is False  # still held: a False after the spec's timeout, not a hang
+    assert 1.0 <= time.monotonic() - started < 5
 
     timer = threading.Timer(1.0, lambda: fake_nvidia_smi.write_text("0, 20500, 81559\n"))  # back, within 2 %
     timer.start()
