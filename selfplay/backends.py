@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError, PydanticUndefined
 
-from selfplay.serving import ServerSpec
+from selfplay.server_spec import ServerSpec
 
 log = logging.getLogger("selfplay.config")
 
@@ -139,6 +139,7 @@ class VllmJudgeConfig(JudgeConfig):
     mode: JudgeMode = Field("auto", description=MODE_HELP)
     server: ServerSpec = Field(default_factory=ServerSpec, description="How to start and stop the judge's server.")
     max_concurrency: int = operational(64, ge=1, description="Requests in flight to the started server.")
+    request_timeout: float = operational(300.0, gt=0, description="Seconds one request to the started server may take.")
 
 
 class EndpointJudgeConfig(JudgeConfig):

@@ -111,7 +111,9 @@ def sample_from_server(cfg: RunConfig, k: int, policy: str, prompts: list[str], 
     `--enable-lora --lora-modules <name>=<adapter>`; a running endpoint is asked to load it (vLLM's
     /v1/load_lora_adapter) and to unload it afterwards. Requests then name the adapter as their model.
     """
-    from selfplay.serving import ModelServer, adapter_name, sample_chat, serving_plan
+    from selfplay.lora_serving import adapter_name, serving_plan
+    from selfplay.model_server import ModelServer
+    from selfplay.openai_client import sample_chat
 
     s = cfg.sample
     params = dict(n=s.num_samples, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, seed=s.seed + k, exact_tokens=True)
@@ -123,11 +125,12 @@ def sample_from_server(cfg: RunConfig, k: int, policy: str, prompts: list[str], 
         with gpu_slot(f"{cfg.name} round {k} sample (vLLM server)"):
             with ModelServer(spec, model_path, log_path) as server:
                 out = sample_chat(server.base_url, name or server.api_model, prompts, api_key=server.api_key, **params)
-            if not server.wait_gpu_free(120):
-                log.warning("round %d: GPU memory was not all given back 120 s after the sampling server stopped", k)
+            if not server.wait_gpu_free():
+                log.warning("round %d: GPU memory was not all given back %g s after the sampling server stopped", k,
+                            spec.gpu_free_timeout)
     else:
-        from selfplay.judges.openai import resolve_api_key
-        from selfplay.serving import LoraAdapterError, load_lora_adapter, unload_lora_adapter
+        from selfplay.lora_serving import LoraAdapterError, load_lora_adapter, unload_lora_adapter
+        from selfplay.openai_client import resolve_api_key
 
         e = s.endpoint
         key = resolve_api_key(e)

@@ -250,17 +250,18 @@ def serve_and_judge(cfg: JudgeConfig, reference: str, batches: list[list[Compari
     """Start a vLLM server on the judge model, judge every batch through it, stop it and wait for the GPU."""
     from selfplay.config import EndpointConfig
     from selfplay.judges.openai import OpenAIJudge
-    from selfplay.serving import ModelServer, serving_plan
+    from selfplay.lora_serving import serving_plan
+    from selfplay.model_server import ModelServer
 
     spec, model, request_name = serving_plan(cfg.server, judge_server_model(cfg, reference), lora_name)
     with gpu_slot(f"{lora_name} server"):
         with ModelServer(spec, model, log_path, served_name="judge") as server:
             log.info("judge server on %s up at %s (log %s)", model, server.base_url, log_path)
             endpoint = EndpointConfig(base_url=server.base_url, model=request_name or server.api_model,
-                                      max_concurrency=cfg.max_concurrency, timeout=300)
+                                      max_concurrency=cfg.max_concurrency, timeout=cfg.request_timeout)
             # A new port each time: nothing to key a cache on.
             judge = OpenAIJudge(endpoint, mode=cfg.mode, cache=None, api_key=server.api_key)
             results = [judge_comparisons(judge, batch, cfg, progress=progress) for batch in batches]
-        if not server.wait_gpu_free(120):
-            log.warning("GPU memory was not all given back 120 s after the judge server stopped")
+        if not server.wait_gpu_free():
+            log.warning("GPU memory was not all given back %g s after the judge server stopped", spec.gpu_free_timeout)
     return results

@@ -44,14 +44,14 @@ def preflight(cfg: RunConfig) -> Path:
                 f"{section}.server.command to [/path/to/vllm-venv/bin/vllm, serve], or use a docker run of vllm/vllm-openai."
             )
     if cfg.sample.backend == "endpoint":
-        from selfplay.judges.openai import EndpointError, check_endpoint, resolve_api_key
+        from selfplay.openai_client import EndpointError, check_endpoint, resolve_api_key
 
         try:
             check_endpoint(cfg.sample.endpoint, resolve_api_key(cfg.sample.endpoint))
         except EndpointError as exc:
             raise ConfigError(str(exc).replace("judge.endpoint", "sample.endpoint")) from None
     if cfg.judge.backend == "endpoint":
-        from selfplay.judges.openai import EndpointError, check_endpoint, resolve_api_key
+        from selfplay.openai_client import EndpointError, check_endpoint, resolve_api_key
 
         try:
             check_endpoint(cfg.judge.endpoint, resolve_api_key(cfg.judge.endpoint))

@@ -3,6 +3,7 @@
     proc = processes.spawn(argv, stdout=log)        # its own process group; SIGTERM from the kernel if we die
     ...
     processes.kill_group(proc, grace=10)            # SIGTERM the group, SIGKILL what outlives the grace
+    processes.log_tail(log_path, lines=40)          # the last lines it logged, for the error that says it failed
 
 - `spawn` starts the command in a new session (its own process group, so a group signal aimed at us does not
   reach it before we have shut down in order) and, on Linux, asks the kernel for SIGTERM when its owner dies,
@@ -16,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -81,23 +83,47 @@ def signal_group(pgid: int, sig: int) -> bool:
         return False
 
 
-def kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the child's process group, SIGKILL it after `grace` seconds, reap the leader (a no-op once the
-    child has exited)."""
+def kill_group(proc: subprocess.Popen, grace: float = 10.0) -> int | None:
+    """SIGTERM the child's process group, SIGKILL whatever of it (the leader or a member: a server's workers, a
+    launcher's ranks) outlives `grace` seconds; reap the leader and return its exit status (None if it will not
+    die). Quick when the group is already gone."""
+    pgid = proc.pid  # start_new_session: the leader's pid is the group's id
+    deadline = time.monotonic() + grace
     try:
-        if proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            if not signal_group(proc.pid, sig):
+        if not signal_group(pgid, signal.SIGTERM):
+            return proc.poll()
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            signal_group(pgid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5.0)
+        # The leader is gone; the rest of its group gets what is left of the grace, then SIGKILL.
+        while signal_group(pgid, 0):
+            if time.monotonic() >= deadline:
+                signal_group(pgid, signal.SIGKILL)
+                killed_by = time.monotonic() + 5.0  # SIGKILL is delivered asynchronously
+                while signal_group(pgid, 0) and time.monotonic() < killed_by:
+                    time.sleep(0.05)
                 break
-            try:
-                proc.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+            time.sleep(0.05)
+        return proc.poll()
     finally:
         if proc.poll() is not None:
             forget(proc)
+
+
+def log_tail(path: str | os.PathLike, lines: int = 40, start: int = 0) -> str:
+    """The last `lines` lines of the log at `path` (only what was written after byte `start`; at most its last
+    64 KiB are read), for an error message; says so when there is nothing, or the log cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            f.seek(max(start, end - 64 * 1024))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError as exc:
+        return f"(cannot read {path}: {exc})"
+    return "\n".join(text.splitlines()[-lines:]) or "(nothing was logged)"
 
 
 def kill_all(grace: float = 3.0) -> None:

@@ -127,7 +127,7 @@ def _wait_healthy(proc: subprocess.Popen, url: str, log_path: Path) -> None:
     while True:
         if proc.poll() is not None:
             raise ServerStartError(f"the temporary Prefect server exited with code {proc.returncode} while starting. "
-                                   f"Its log ({log_path}) ends:\n{_tail(log_path)}")
+                                   f"Its log ({log_path}) ends:\n{processes.log_tail(log_path, lines=20)}")
         if api_alive(url):
             log.info("temporary Prefect server up at %s after %.0f s", url.removesuffix("/api"), time.monotonic() - started)
             return
@@ -136,20 +136,13 @@ def _wait_healthy(proc: subprocess.Popen, url: str, log_path: Path) -> None:
             processes.kill_group(proc, grace=5.0)
             raise ServerStartError(
                 f"the temporary Prefect server did not answer within {limit:g} s. Its log ({log_path}) ends:\n"
-                f"{_tail(log_path)}\nGive it longer with SELFPLAY_SERVER_STARTUP_TIMEOUT=<seconds>, or run a server "
+                f"{processes.log_tail(log_path, lines=20)}\nGive it longer with SELFPLAY_SERVER_STARTUP_TIMEOUT=<seconds>, or run a server "
                 f"(`selfplay server`) and set PREFECT_API_URL=http://127.0.0.1:4200/api.")
         if waited > 5 and not said:
             said = True
             log.info("starting the temporary Prefect server (its first start on a machine creates its database, "
                      "about 30 s on 2 cores; it waits up to %g s)", limit)
         time.sleep(0.25)
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) or "(nothing)"
-    except OSError as exc:
-        return f"(cannot read it: {exc})"
 
 
 def _drain_logs() -> None:

@@ -5,7 +5,8 @@ FAKE OpenAI-compatible server on loopback, scripted per test) and checks what th
 judgments table, the calls table and the statistics the judge stage makes (`selfplay.judging`, `selfplay.pairs`), and the filter's selection.
 
 Scripted handlers read the rendered judge prompt the way a careful judge would: the text between the real
-<response_A>/<response_B> tags. Retries are kept fast by shrinking the backoff base (Retry-After is still honoured).
+<response_A>/<response_B> tags. Retries are kept fast by shrinking the openai client's backoff base (Retry-After is
+still honoured).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import asyncio
 import email.utils
 import json
 import math
-import random
 import re
 import socket
 import sqlite3
@@ -25,8 +25,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import httpx
-import openai
+import openai._base_client
 import pandas as pd
 import pytest
 
@@ -34,15 +33,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import selfplay.retry as retry  # noqa: E402
+import selfplay.openai_client as openai_client  # noqa: E402
 from selfplay.config import EndpointConfig, EndpointJudgeConfig, FilterConfig  # noqa: E402
 from selfplay.judges import JudgeCall  # noqa: E402
 from selfplay.judges.cache import JudgeCache  # noqa: E402
-from selfplay.judges.openai import (  # noqa: E402
-    EndpointError, OpenAIJudge, backoff_seconds, check_endpoint, resolve_api_key, retry_after_seconds,
-)
+from selfplay.judges.openai import OpenAIJudge  # noqa: E402
 from selfplay.judges.prompt import default_template, load_rubric, render_judge_prompt  # noqa: E402
 from selfplay.judging import JudgeFailed, check_error_rate, judge_comparisons  # noqa: E402
+from selfplay.openai_client import EndpointError, check_endpoint, resolve_api_key  # noqa: E402
 from selfplay.pairs import build_pairs, drop_counts, judged_tables, pair_comparisons, select_pairs  # noqa: E402
 from tests.openai_stub import Reply, ScriptedOpenAI, api_error, chat_completion  # noqa: E402
 
@@ -51,8 +49,10 @@ KEY = "test-key"
 
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch):
-    """Jittered backoff from a 10 ms base instead of 0.5 s; Retry-After still sets the minimum wait."""
-    monkeypatch.setattr(retry, "BACKOFF_BASE_S", 0.01)
+    """The client's backoff from a 10 ms base instead of 0.5 s (Retry-After still sets the wait), and a 10 ms pause
+    before asking again after a malformed reply."""
+    monkeypatch.setattr(openai._base_client, "INITIAL_RETRY_DELAY", 0.01)
+    monkeypatch.setattr(openai_client, "MALFORMED_RETRY_DELAY_S", 0.01)
 
 
 @pytest.fixture(autouse=True)
@@ -941,50 +941,30 @@ def test_check_endpoint_rejected_key_names_the_env_var(status):
     assert "sk-rejected-key" not in msg
 
 
-# ---------------------------------------------------------------- 12. Retry-After and backoff
+# ---------------------------------------------------------------- 12. Retry-After, as the openai client reads it
 
-def rate_limited(headers: dict) -> openai.RateLimitError:
-    request = httpx.Request("POST", "http://127.0.0.1/v1/chat/completions")
-    return openai.RateLimitError("slow down", response=httpx.Response(429, headers=headers, request=request), body=None)
-
-
-def test_retry_after_seconds():
-    assert retry_after_seconds(rate_limited({"Retry-After": "2"})) == 2.0
-    assert retry_after_seconds(rate_limited({"retry-after": "0.5"})) == 0.5
-    assert retry_after_seconds(rate_limited({"Retry-After": "-3"})) == 0.0
-    future = email.utils.formatdate(time.time() + 5, usegmt=True)
-    assert 3.5 <= retry_after_seconds(rate_limited({"Retry-After": future})) <= 5.0
-    past = email.utils.formatdate(time.time() - 60, usegmt=True)
-    assert retry_after_seconds(rate_limited({"Retry-After": past})) == 0.0
-    assert retry_after_seconds(rate_limited({"retry-after-ms": "250"})) == 0.25
-    assert retry_after_seconds(rate_limited({"retry-after-ms": "250", "Retry-After": "7"})) == 0.25  # ms wins
-    assert retry_after_seconds(rate_limited({"retry-after-ms": "bogus", "Retry-After": "7"})) == 7.0
-    assert retry_after_seconds(rate_limited({})) is None
-    assert retry_after_seconds(ValueError("no response")) is None
-    assert retry_after_seconds(None) is None
+@pytest.mark.parametrize("form", ["seconds", "milliseconds", "http-date"])
+def test_every_form_of_retry_after_is_waited_out(form):
+    headers = {"seconds": {"Retry-After": "1"}, "milliseconds": {"retry-after-ms": "1000"},
+               "http-date": {"Retry-After": email.utils.formatdate(time.time() + 2, usegmt=True)}}[form]  # 1-2 s from now
+    replies = [api_error(429, headers=headers), Reply(json=chat_completion("A", logprobs=LP_A))]
+    with ScriptedOpenAI(replies) as server:
+        t0 = time.perf_counter()
+        (result,) = make_judge(server, mode="logprobs").judge([JudgeCall("sys", "<response_A>\nx\n</response_A>\n<response_B>\ny\n</response_B>")])
+        elapsed = time.perf_counter() - t0
+        assert server.count == 2
+    assert elapsed >= 0.9, "the wait the server asked for must be kept"
+    assert result.error is None and result.p_a == pytest.approx(P_HI, rel=1e-12)
 
 
-def test_retry_after_garbage_is_none():
-    assert retry_after_seconds(rate_limited({"Retry-After": "soon"})) is None
-
-
-def test_backoff_never_below_retry_after_and_capped(monkeypatch):
-    monkeypatch.setattr(retry, "BACKOFF_BASE_S", 0.5)
-    monkeypatch.setattr(retry, "BACKOFF_CAP_S", 30.0)
-    rng = random.Random(0)
-    for attempt in range(12):
-        ceiling = min(30.0, 0.5 * 2**attempt)
-        draws = [backoff_seconds(attempt, None, rng) for _ in range(200)]
-        assert all(0.0 <= d <= ceiling for d in draws)
-        assert min(draws) < 0.1 * ceiling < 0.9 * ceiling < max(draws)  # full jitter over [0, ceiling]
-        for ra in (0.0, 1.0, 2.0, 45.0):
-            for _ in range(50):
-                d = backoff_seconds(attempt, ra, rng)
-                assert ra <= d <= max(ra, ceiling)
-    assert max(backoff_seconds(40, None, rng) for _ in range(500)) <= 30.0
-    assert backoff_seconds(3, 120.0, rng) == 120.0  # the server's wish wins over the cap
-    # seeded: reproducible
-    assert [backoff_seconds(2, None, random.Random(7)) for _ in range(3)] == [backoff_seconds(2, None, random.Random(7))] * 3
+def test_a_retry_after_beyond_two_minutes_is_not_waited_for():
+    """The client does not retry what it could only retry after more than two minutes: a judge_error at once."""
+    with ScriptedOpenAI(api_error(429, "come back tomorrow", headers={"Retry-After": "86400"})) as server:
+        t0 = time.perf_counter()
+        (result,) = make_judge(server, mode="logprobs", max_retries=5).judge([JudgeCall("sys", "<response_A>\nx\n</response_A>\n<response_B>\ny\n</response_B>")])
+        assert server.count == 1
+    assert time.perf_counter() - t0 < 5
+    assert result.p_a is None and "RateLimitError 429" in result.error and "come back tomorrow" in result.error
 
 
 def test_check_endpoint_refuses_a_model_the_server_does_not_serve():

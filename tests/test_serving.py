@@ -1,4 +1,5 @@
-"""selfplay.serving: a model server in a process of its own, sampled over the OpenAI-compatible API.
+"""A model server in a process of its own (selfplay.server_spec, selfplay.model_server), sampled over the
+OpenAI-compatible API (selfplay.openai_client), with adapters loaded through vLLM's LoRA API (selfplay.lora_serving).
 
 vLLM cannot run here, so the server command is the scripted stub's CLI (`python -m tests.openai_stub`): real
 subprocesses, process groups, signals, sockets and HTTP; only the model is fake. The stub takes `--model`,
@@ -19,10 +20,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from selfplay.serving import (
-    LoraAdapterError, ModelServer, PortInUseError, SamplingError, ServerSpec, ServerStartError, build_command,
-    load_lora_adapter, redact, sample_chat, unload_lora_adapter,
-)
+from selfplay.lora_serving import LoraAdapterError, load_lora_adapter, unload_lora_adapter
+from selfplay.model_server import ModelServer, PortInUseError, ServerStartError
+from selfplay.openai_client import SamplingError, sample_chat
+from selfplay.server_spec import ServerSpec, build_command, redact
 from tests.conftest import REPO, free_port
 from tests.openai_stub import Reply, ScriptedOpenAI, api_error, chat_completion
 
@@ -223,7 +224,7 @@ def test_server_dies_with_its_owner(tmp_path):
         import sys, time, threading
         from pathlib import Path
         from tests.test_serving import stub_spec
-        from selfplay.serving import ModelServer
+        from selfplay.model_server import ModelServer
         def serve():  # from a short-lived thread, as a Prefect task would
             ModelServer(stub_spec(port={port}), "tiny", Path({str(tmp_path / "s.log")!r})).start()
         t = threading.Thread(target=serve); t.start(); t.join()
@@ -356,15 +357,17 @@ def fake_nvidia_smi(tmp_path, monkeypatch):
 def test_wait_gpu_free_waits_for_the_memory_used_before_the_server(fake_nvidia_smi, tmp_path):
     import threading
 
-    from selfplay.serving import gpu_memory_mib
+    from selfplay.gpu import gpu_memory_mib
 
     # 20 GB already in use before the server (a resident judge, say): that is the level to come back to, not zero.
     fake_nvidia_smi.write_text("0, 20000, 81559\n")
     assert gpu_memory_mib() == {0: (20000, 81559)}
-    server = ModelServer(stub_spec(), "/models/m", tmp_path / "server.log").start()
+    server = ModelServer(stub_spec(gpu_free_timeout=1.0), "/models/m", tmp_path / "server.log").start()
     fake_nvidia_smi.write_text("0, 70000, 81559\n")  # what the server took
     server.stop()
-    assert server.wait_gpu_free(timeout=1.0) is False  # still held: a False after the timeout, not a hang
+    started = time.monotonic()
+    assert server.wait_gpu_free() is False  # still held: a False after the spec's timeout, not a hang
+    assert 1.0 <= time.monotonic() - started < 5
 
     timer = threading.Timer(1.0, lambda: fake_nvidia_smi.write_text("0, 20500, 81559\n"))  # back, within 2 %
     timer.start()
@@ -375,7 +378,7 @@ def test_wait_gpu_free_waits_for_the_memory_used_before_the_server(fake_nvidia_s
 
 
 def test_gpu_memory_follows_cuda_visible_devices(fake_nvidia_smi, monkeypatch):
-    from selfplay.serving import gpu_memory_mib
+    from selfplay.gpu import gpu_memory_mib
 
     fake_nvidia_smi.write_text("0, 100, 1000\n1, 900, 1000\n")
     assert gpu_memory_mib() == {0: (100, 1000), 1: (900, 1000)}

@@ -36,8 +36,6 @@ class JudgeResult:
 
 
 class Judge(Protocol):
-    name: str
-
     def judge(self, calls: list[JudgeCall]) -> list[JudgeResult]:
         """One result per call, in order. Errors are results with `error` set, never exceptions per call."""
         ...

@@ -30,10 +30,7 @@ def label_token_ids(tokenizer) -> dict[str, list[int]]:
 
 
 class LocalJudge:
-    name = "local"
-
     def __init__(self, model_path: str, batch_size: int = 8, max_length: int = 1024):
-        self.model_path = model_path
         self.model = load_causal_lm(model_path)
         self.tokenizer = load_tokenizer(model_path, padding_side="left")
         self.labels = label_token_ids(self.tokenizer)

@@ -1,9 +1,9 @@
 """The judge over any OpenAI-compatible endpoint (OpenAI, `vllm serve`, SGLang, TGI, llama.cpp server, ...).
 
-Async `openai` client, at most `max_concurrency` requests in flight; both orders of a pair go out concurrently.
-429, 5xx, timeouts, connection errors and malformed replies are retried with exponential backoff and full jitter,
-waiting at least what `Retry-After` asks. A call still failing after that becomes a result with `error` set (the
-judge stage records it as `judge_error`): never a dropped pair, never a label.
+Async `openai` client (`selfplay.openai_client`), at most `max_concurrency` requests in flight; both orders of a
+pair go out concurrently. 429, 5xx, timeouts, connection errors and malformed replies are retried (the client's
+own backoff, waiting what `Retry-After` asks). A call still failing after that becomes a result with `error` set
+(the judge stage records it as `judge_error`): never a dropped pair, never a label.
 
 Verdict modes, in the order `mode: auto` tries them (see `verdicts.py`): `logprobs`, `choice`, `text`. When the
 endpoint does not give what a mode needs (no logprobs; a 400 for the structured-output request), the judge moves
@@ -11,36 +11,28 @@ to the next mode for this and every later call; when one reply has no label in i
 only that call tries the next mode. Each result records the mode that produced it; a reply read as `invalid`
 keeps its raw text in `extra["reply"]`, so the judge stage can quote what the endpoint said.
 
-The API key is read once (environment variable or Prefect Secret block), handed to the client, and never logged
-or stored.
+The API key is read once (`openai_client.resolve_api_key`: an environment variable or a Prefect Secret block),
+handed to the client, and never logged or stored.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import random
-import threading
 import time
 from typing import Any
 
 import openai
 
 from selfplay.config import EndpointConfig
-from selfplay.errors import SelfplayError
 from selfplay.judges import JudgeCall, JudgeResult
 from selfplay.judges.cache import JudgeCache, call_key
-from selfplay.retry import backoff_seconds, retry_after_seconds, transient_errors
+from selfplay.openai_client import RequestFailed, async_client, chat, describe, resolve_api_key, run_sync
 from selfplay.judges.verdicts import (
     CHOICE_SCHEMA, MODE_INSTRUCTIONS, MODES, P_OF_LABEL, label_probabilities, parse_choice, parse_text_verdict,
 )
 
 
 TOP_LOGPROBS = 20  # OpenAI's maximum; enough to hold every variant of both labels
-
-
-class EndpointError(SelfplayError, RuntimeError):
-    """The endpoint cannot be used at all (unreachable, key rejected): said before any judging starts."""
 
 
 class _ModeUnsupported(Exception):
@@ -56,57 +48,6 @@ class _NoVerdictInReply(Exception):
         self.reply = reply
 
 
-def resolve_api_key(endpoint: EndpointConfig) -> str:
-    """The API key from a Prefect Secret block or an environment variable; 'EMPTY' for local servers without one."""
-    if endpoint.api_key_secret:
-        from prefect.blocks.system import Secret
-
-        try:
-            return Secret.load(endpoint.api_key_secret).get()
-        except ValueError as exc:
-            raise EndpointError(f"judge.endpoint.api_key_secret: cannot load Prefect Secret block {endpoint.api_key_secret!r}: {exc}") from None
-    openai_api = "api.openai.com" in endpoint.base_url
-    # OPENAI_API_KEY goes to OpenAI only: another host gets a key only when api_key_env names one.
-    variable = endpoint.api_key_env or ("OPENAI_API_KEY" if openai_api else None)
-    if variable and os.environ.get(variable):
-        return os.environ[variable]
-    if openai_api:
-        raise EndpointError(f"no API key for {endpoint.base_url}: set the environment variable {variable} or endpoint.api_key_secret")
-    return "EMPTY"  # vLLM and most local servers accept any key
-
-
-def check_endpoint(endpoint: EndpointConfig, api_key: str) -> None:
-    """Fail fast, with what to fix, when the endpoint is unreachable or refuses the key."""
-    import httpx
-
-    url = endpoint.base_url.rstrip("/") + "/models"
-    try:
-        reply = httpx.get(url, headers={"Authorization": f"Bearer {api_key}"}, timeout=min(endpoint.timeout, 10.0))
-    except httpx.HTTPError as exc:
-        raise EndpointError(
-            f"judge endpoint {endpoint.base_url} is unreachable ({exc.__class__.__name__}: {exc}); start the server or "
-            f"fix judge.endpoint.base_url"
-        ) from None
-    if reply.status_code == 200:
-        try:
-            served = [m.get("id") for m in reply.json().get("data", [])]
-        except (ValueError, AttributeError):
-            served = []
-        if served and endpoint.model not in served:
-            raise EndpointError(f"{endpoint.base_url} does not serve model {endpoint.model!r} (it serves: {', '.join(map(str, served[:10]))}); fix the endpoint's model")
-    if reply.status_code in (401, 403):
-        source = (f"Prefect Secret {endpoint.api_key_secret!r}" if endpoint.api_key_secret
-                  else f"${endpoint.api_key_env}" if endpoint.api_key_env else "judge.endpoint.api_key_env / api_key_secret (none is set)")
-        raise EndpointError(f"judge endpoint {endpoint.base_url} rejected the API key ({reply.status_code}); check {source}")
-
-
-class MalformedReply(Exception):
-    """A 200 reply that is not a chat completion: retried like a malformed body."""
-
-
-RETRYABLE = transient_errors(MalformedReply)
-
-
 # Words by which a 400 says a mode's feature is unsupported, rather than this one request being bad.
 _MODE_FEATURES = {"logprobs": ("logprob",), "choice": ("response_format", "json_schema", "schema", "structured", "guided")}
 
@@ -116,21 +57,13 @@ def _about_mode(exc: Exception, mode: str) -> bool:
     return any(word in message for word in _MODE_FEATURES.get(mode, ()))
 
 
-def _describe(exc: Exception) -> str:
-    status = getattr(exc, "status_code", None)
-    return f"{exc.__class__.__name__}{f' {status}' if status else ''}: {str(exc)[:200]}"
-
-
 class OpenAIJudge:
-    name = "openai"
-
-    def __init__(self, endpoint: EndpointConfig, mode: str = "auto", cache: JudgeCache | None = None, api_key: str | None = None, seed: int = 0):
+    def __init__(self, endpoint: EndpointConfig, mode: str = "auto", cache: JudgeCache | None = None, api_key: str | None = None):
         self.endpoint = endpoint
         self.configured_mode = mode
         self._modes = list(MODES) if mode == "auto" else [mode]
         self._cache = cache
         self._api_key = api_key if api_key is not None else resolve_api_key(endpoint)
-        self._rng = random.Random(seed)
 
     def __repr__(self) -> str:  # no key in reprs, logs or tracebacks
         return f"OpenAIJudge(base_url={self.endpoint.base_url!r}, model={self.endpoint.model!r}, mode={self.configured_mode!r})"
@@ -139,17 +72,7 @@ class OpenAIJudge:
 
     def judge(self, calls: list[JudgeCall]) -> list[JudgeResult]:
         """All calls, concurrently up to the limit; one result per call, in order."""
-        coro = self._judge_all(calls)
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(coro)
-        # Called from inside an event loop (an async flow): run ours in a thread of its own.
-        box: dict[str, Any] = {}
-        thread = threading.Thread(target=lambda: box.setdefault("out", asyncio.run(coro)))
-        thread.start()
-        thread.join()
-        return box["out"]
+        return run_sync(self._judge_all(calls))
 
     def close(self) -> None:
         if self._cache is not None:
@@ -159,9 +82,8 @@ class OpenAIJudge:
 
     async def _judge_all(self, calls: list[JudgeCall]) -> list[JudgeResult]:
         limit = asyncio.Semaphore(self.endpoint.max_concurrency)
-        async with openai.AsyncOpenAI(
-            base_url=self.endpoint.base_url, api_key=self._api_key, timeout=self.endpoint.timeout, max_retries=0
-        ) as client:
+        async with async_client(self.endpoint.base_url, self._api_key, timeout=self.endpoint.timeout,
+                                max_retries=self.endpoint.max_retries) as client:
             return list(await asyncio.gather(*(self._one(client, limit, call) for call in calls)))
 
     async def _one(self, client, limit: asyncio.Semaphore, call: JudgeCall) -> JudgeResult:
@@ -210,30 +132,18 @@ class OpenAIJudge:
         return params
 
     async def _ask(self, client, limit: asyncio.Semaphore, call: JudgeCall, mode: str) -> JudgeResult:
-        last, started = None, time.perf_counter()
-        for attempt in range(self.endpoint.max_retries + 1):
+        started = time.perf_counter()
+        try:
             async with limit:
-                t0 = time.perf_counter()
-                try:
-                    reply = await client.chat.completions.create(**self._request(call, mode))
-                except openai.BadRequestError as exc:
-                    if _about_mode(exc, mode):
-                        raise _ModeUnsupported(_describe(exc)) from None
-                    raise _GaveUp(f"{_describe(exc)} (the endpoint refused this request)", 0, time.perf_counter() - started) from None
-                except openai.APIStatusError as exc:
-                    if isinstance(exc, RETRYABLE):
-                        last = exc
-                    else:
-                        raise _GaveUp(_describe(exc), 0, time.perf_counter() - started) from None
-                except RETRYABLE as exc:
-                    last = exc
-                else:
-                    if getattr(reply, "choices", None):
-                        return self._read(reply, mode, time.perf_counter() - t0)
-                    last = MalformedReply(f"a 200 reply without choices: {str(reply)[:120]}")
-            if attempt < self.endpoint.max_retries:
-                await asyncio.sleep(backoff_seconds(attempt, retry_after_seconds(last), self._rng))
-        raise _GaveUp(f"{_describe(last)} (gave up after {self.endpoint.max_retries + 1} attempts)", 0, time.perf_counter() - started)
+                reply = await chat(client, max_retries=self.endpoint.max_retries, **self._request(call, mode))
+        except RequestFailed as failed:
+            exc, spent = failed.error, time.perf_counter() - started
+            if isinstance(exc, openai.BadRequestError):
+                if _about_mode(exc, mode):
+                    raise _ModeUnsupported(describe(exc)) from None
+                raise _GaveUp(f"{describe(exc)} (the endpoint refused this request)", 0, spent) from None
+            raise _GaveUp(str(failed), 0, spent) from None
+        return self._read(reply, mode, time.perf_counter() - started)
 
     def _read(self, reply, mode: str, latency: float) -> JudgeResult:
         usage = getattr(reply, "usage", None)

@@ -1,0 +1,100 @@
+"""Serving LoRA adapters with vLLM: the flags that serve one over its base model, and the runtime API that loads
+and unloads one in a running server.
+
+A round's policy trained with `train.merge: false` is an adapter directory, not a model. A server selfplay starts
+gets it at start (`serving_plan`: `--enable-lora --lora-modules <name>=<adapter>` over the base model); a running
+endpoint is asked to load it (`load_lora_adapter`, vLLM's POST /v1/load_lora_adapter, which needs
+VLLM_ALLOW_RUNTIME_LORA_UPDATING=True on the server) and to unload it afterwards. Requests then name the adapter
+as their model.
+
+    spec, model, name = serving_plan(cfg.sample.server, policy, adapter_name(cfg.name, policy))
+    load_lora_adapter("http://127.0.0.1:8000/v1", "nightly-round_3", "/runs/nightly/round_3/train/checkpoint")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from selfplay.errors import SelfplayError
+from selfplay.server_spec import ServerSpec
+
+__all__ = ["LoraAdapterError", "adapter_name", "lora_args", "serving_plan", "load_lora_adapter", "unload_lora_adapter"]
+
+
+class LoraAdapterError(SelfplayError, RuntimeError):
+    """The server refused to load or unload a LoRA adapter."""
+
+
+def _lora_call(action: str, base_url: str, body: dict, api_key: str, timeout: float) -> None:
+    import httpx
+
+    root = base_url.rstrip("/")
+    root = root[: -len("/v1")] if root.endswith("/v1") else root
+    url = f"{root}/v1/{action}"
+    try:
+        reply = httpx.post(url, json=body, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise LoraAdapterError(f"POST {url} failed: {type(exc).__name__}: {exc}") from None
+    if reply.status_code == 200:
+        return
+    try:
+        payload = reply.json()
+        message = (payload.get("error") or {}).get("message") if isinstance(payload.get("error"), dict) else None
+        message = message or payload.get("message") or payload.get("detail") or reply.text
+    except ValueError:
+        message = reply.text
+    hint = ""
+    if reply.status_code in (404, 405):
+        hint = ("; start vLLM with --enable-lora and the environment variable VLLM_ALLOW_RUNTIME_LORA_UPDATING=True "
+                "to load adapters at runtime")
+    raise LoraAdapterError(f"POST {url} answered {reply.status_code}: {str(message)[:1000]}{hint}")
+
+
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def adapter_name(run_name: str, adapter: str | os.PathLike) -> str:
+    """The name a round's adapter is served under: the run and the round directory, e.g. 'nightly-round_3'.
+
+    >>> adapter_name("nightly", "/runs/nightly/round_3/train/checkpoint")
+    'nightly-round_3'
+    """
+    return f"{run_name}-{Path(adapter).parent.parent.name}"
+
+
+def lora_args(name: str, adapter: str | os.PathLike, rank: int) -> list[str]:
+    """`vllm serve` flags that serve the adapter at `adapter` as model `name` over the base model (pure).
+
+    >>> lora_args("run-round_1", "/runs/run/round_1/train/checkpoint", 12)
+    ['--enable-lora', '--max-lora-rank', '16', '--lora-modules', 'run-round_1=/runs/run/round_1/train/checkpoint']
+    """
+    max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), rank)
+    return ["--enable-lora", "--max-lora-rank", str(max_rank), "--lora-modules", f"{name}={adapter}"]
+
+
+def serving_plan(spec: ServerSpec, model: str | os.PathLike, lora_name: str) -> tuple[ServerSpec, str, str | None]:
+    """How to serve a checkpoint: (the server spec, the model to start it on, the model name to request or None
+    for the served name). A LoRA adapter directory is served over its base model, as `lora_name`."""
+    from selfplay.models import adapter_base, is_adapter
+
+    if not is_adapter(model):
+        return spec, str(model), None
+    adapter = Path(model).resolve()
+    rank = json.loads((adapter / "adapter_config.json").read_text())["r"]
+    return spec.model_copy(update={"extra_args": [*spec.extra_args, *lora_args(lora_name, adapter, rank)]}), adapter_base(adapter), lora_name
+
+
+def load_lora_adapter(base_url: str, name: str, path: str | os.PathLike, api_key: str = "EMPTY", timeout: float = 300.0) -> None:
+    """Load the LoRA adapter at `path` (as the server sees it) under `name`; requests may then use model=`name`.
+
+    POSTs {"lora_name", "lora_path"} to `<root>/v1/load_lora_adapter` (`base_url` with or without the /v1);
+    raises `LoraAdapterError` with the server's message on any answer but 200.
+    """
+    _lora_call("load_lora_adapter", base_url, {"lora_name": name, "lora_path": str(path)}, api_key, timeout)
+
+
+def unload_lora_adapter(base_url: str, name: str, api_key: str = "EMPTY", timeout: float = 60.0) -> None:
+    """Unload the adapter loaded under `name` (POST `<root>/v1/unload_lora_adapter`)."""
+    _lora_call("unload_lora_adapter", base_url, {"lora_name": name}, api_key, timeout)
