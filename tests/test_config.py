@@ -312,10 +312,12 @@ def test_a_change_of_backend_is_a_result_difference_and_only_shared_settings_are
 OPERATIONAL_BEFORE = {
     "name", "output_dir", "rounds", "isolation", "cluster_gpu_limit", "train.min_pairs", "train.launcher.args",
     "gate.early_stop_after", "judge.max_error_rate", "judge.cache", "judge.batch_size", "judge.max_concurrency",
+    "judge.request_timeout",
     *(f"{section}.endpoint.{field}" for section in ("judge", "sample") for field in (
         "timeout", "max_concurrency", "max_retries", "api_key_env", "api_key_secret", "price_input_per_mtok", "price_output_per_mtok")),
     *(f"{section}.server.{field}" for section in ("sample", "judge") for field in (
-        "command", "host", "port", "container_port", "startup_timeout", "stop_timeout", "env", "cwd", "gpu_memory_utilization")),
+        "command", "host", "port", "container_port", "startup_timeout", "stop_timeout", "gpu_free_timeout", "env", "cwd",
+        "gpu_memory_utilization")),
 }
 EVERY_BACKEND = [
     [],
