@@ -238,7 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     # TRL sets gradient_checkpointing itself; transformers 5 warns about the old name on every config.
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from selfplay.errors import SelfplayError
+
+    try:
+        return args.func(args)
+    except SelfplayError as exc:  # every command: one clear message, never a traceback
+        print(f"selfplay: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
