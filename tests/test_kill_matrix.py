@@ -202,3 +202,33 @@ def test_kill_inside_a_stage_then_rerun(matrix, reference, prefect_server, path,
     assert sorted(weights) == sorted(reference["weights"])
     for key, tensor in weights.items():
         assert (tensor - reference["weights"][key]).abs().max() <= 1e-5, key
+
+
+def test_sigterm_after_the_temporary_server_died_does_not_wait_on_it(matrix, tmp_path):
+    """The run's temporary Prefect server is gone (killed) when SIGTERM comes: the run does not spend minutes
+    retrying a dead API; it stops within 15 s, says how to resume, and a rerun completes."""
+    where = tmp_path / "dead-server"
+    recipe_path = recipe(matrix, where)
+    held_file = where / "held.json"
+    marker = uuid.uuid4().hex
+    env = env_for(matrix, "default", None, SELFPLAY_HOLD=POINTS["train"], SELFPLAY_HOLD_FILE=str(held_file),
+                  SELFPLAY_TEST_CASE=marker)
+    log = where / "killed.log"
+    proc = start(recipe_path, env, log)
+    deadline = time.time() + 300
+    while not held_file.exists():
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    servers = [pid for pid in marked(f"SELFPLAY_TEST_CASE={marker}") if b"uvicorn" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(servers) == 1, servers
+    os.kill(servers[0], signal.SIGKILL)
+    time.sleep(1)
+    sent = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    code = proc.wait(timeout=60)
+    assert time.monotonic() - sent <= 15, log.read_text()[-2000:]
+    assert code == 128 + signal.SIGTERM
+    assert "to resume, rerun: selfplay run --config" in log.read_text().strip().splitlines()[-1]
+    rerun = start(recipe_path, {k: v for k, v in env.items() if not k.startswith("SELFPLAY_HOLD")}, where / "rerun.log")
+    assert rerun.wait(timeout=600) == 0, (where / "rerun.log").read_text()[-3000:]
+    assert RunDir(where / "runs" / NAME).round_done(1)
