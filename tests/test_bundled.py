@@ -6,6 +6,7 @@ the bundled model is converted first), so neither first-run cost can break the f
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,22 +19,29 @@ from tests.conftest import REPO
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the first run on an empty HOME also converts the model and creates the database
 def test_make_run_on_bundled_model(tmp_path):
     venv = Path(sys.prefix)
     out_dir = tmp_path / "runs"
     env = {**os.environ, "HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "home" / ".prefect")}
     for name in ("PREFECT_API_URL", "SELFPLAY_CACHE", "XDG_CACHE_HOME"):
         env.pop(name, None)
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         ["make", "run", f"VENV={venv}", "RECIPE=tests/recipes/bundled-smoke.yaml", f"ARGS=--set output_dir={out_dir}"],
-        cwd=REPO, capture_output=True, text=True, timeout=1200, env=env,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
     )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    try:
+        stdout, stderr = proc.communicate(timeout=1500)
+    finally:
+        if proc.poll() is None:  # timed out (here or pytest's): stop make and the run under it, leave nothing running
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.communicate(timeout=60)
+    assert proc.returncode == 0, (stdout + stderr)[-4000:]
     assert (tmp_path / "home" / ".prefect" / "prefect.db").is_file()  # it was this run that created the database
     run = RunDir(out_dir / "bundled-smoke")
     assert run.completed_rounds() == [1]
     # The summary table and the run's path end the output.
-    assert "win rate vs prev" in proc.stdout and str(run.root.resolve()) in proc.stdout
+    assert "win rate vs prev" in stdout and str(run.root.resolve()) in stdout
 
     samples = pd.read_parquet(run.stage_dir(1, "sample") / "samples.parquet")
     assert len(samples) == 8 * 4
