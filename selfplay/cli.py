@@ -36,35 +36,28 @@ def _quiet_environment() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from selfplay.errors import SelfplayError
+    """Bad input raises a SelfplayError before anything expensive starts (main prints it, exit 2)."""
+    from selfplay.config import load_config
     from selfplay.preflight import preflight
     from selfplay.rundir import locked, open_run
 
     if not args.config:
         print("selfplay: --config is required (e.g. deployments/recipes/cpu-demo.yaml)", file=sys.stderr)
         return 2
+    cfg = load_config(args.config, args.set or [])
+    # Taken once, before anything starts, and held to the end: a second process on this run stops here.
+    with locked(cfg.run_dir):
+        base = preflight(cfg)
+        open_run(cfg, str(base))  # a resume that would mix configurations fails now, not after the server starts
+        return _run_flow(args, cfg)
+
+
+def _run_flow(args: argparse.Namespace, cfg) -> int:
     import contextlib
-
-    from selfplay.config import load_config
-
-    with contextlib.ExitStack() as held:
-        try:
-            cfg = load_config(args.config, args.set or [])
-            # Taken once, before anything starts, and held to the end: a second process on this run stops here.
-            held.enter_context(locked(cfg.run_dir))
-            base = preflight(cfg)
-            open_run(cfg, str(base))  # a resume that would mix configurations fails now, not after the server starts
-        except SelfplayError as exc:
-            print(f"selfplay: {exc}", file=sys.stderr)
-            return 2
-        return _run_flow(args, cfg, held)
-    return 1  # unreachable: the block returns
-
-
-def _run_flow(args: argparse.Namespace, cfg, held) -> int:
     import shlex
 
     import transformers
+    from prefect.exceptions import TerminationSignal
 
     from selfplay import shutdown
     from selfplay.errors import SelfplayError
@@ -75,11 +68,11 @@ def _run_flow(args: argparse.Namespace, cfg, held) -> int:
     transformers.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
     try:
-        with shutdown.guard(resume):
+        with shutdown.guard(resume), contextlib.ExitStack() as server:
             if not os.environ.get("PREFECT_API_URL"):
                 from selfplay.tempserver import temporary_server
 
-                held.enter_context(temporary_server(cfg.run_dir / "prefect-server"))
+                server.enter_context(temporary_server(cfg.run_dir / "prefect-server"))
             from flows.self_play import self_play
 
             summaries = self_play(recipe=args.config[0], overlays=args.config[1:], overrides=args.set or [])
@@ -87,16 +80,12 @@ def _run_flow(args: argparse.Namespace, cfg, held) -> int:
         signum = getattr(exc, "signum", signal.SIGINT)
         print(f"\nselfplay: stopped by {signal.Signals(signum).name}. {resume}", file=sys.stderr)
         return shutdown.exit_code(signum)
+    except TerminationSignal as exc:  # SIGTERM inside the flow run, which Prefect reported
+        print(f"\nselfplay: stopped by {signal.Signals(exc.signal).name}. {resume}", file=sys.stderr)
+        return shutdown.exit_code(exc.signal)
     except SelfplayError as exc:
         print(f"\nselfplay: {exc}\n{resume}", file=sys.stderr)
         return 1
-    except BaseException as exc:
-        from prefect.exceptions import TerminationSignal
-
-        if isinstance(exc, TerminationSignal):  # SIGTERM inside the flow run, which Prefect reported
-            print(f"\nselfplay: stopped by {signal.Signals(exc.signal).name}. {resume}", file=sys.stderr)
-            return shutdown.exit_code(exc.signal)
-        raise
     print("\n" + format_table(summaries))
     print(f"\nrun files: {cfg.run_dir.resolve()}")
     return 0

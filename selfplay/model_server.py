@@ -64,7 +64,8 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port on `host` that nobody listens on now."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -165,7 +166,7 @@ class ModelServer:
         if self._proc is not None:
             raise RuntimeError(f"{self!r} is already started")
         spec = self.spec
-        self.port = spec.port if spec.port is not None else _free_port(spec.host)
+        self.port = spec.port if spec.port is not None else free_port(spec.host)
         if not port_is_free(spec.host, self.port):
             raise PortInUseError(f"port {self.port} on {spec.host} is already in use; stop what holds it or choose "
                                  f"another port (ServerSpec.port, or None for a free one)")

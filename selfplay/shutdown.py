@@ -29,7 +29,7 @@ from selfplay import processes
 
 GRACE_S = float(os.environ.get("SELFPLAY_SHUTDOWN_GRACE_S") or 10.0)
 UNREACHABLE_GRACE_S = 2.0
-_state: dict = {"message": "", "api_url": None, "fired": False}
+_state: dict = {"message": "", "fired": False}
 
 
 class Stopped(KeyboardInterrupt):
@@ -56,13 +56,12 @@ def _fire(signum: int) -> None:
     if _state["fired"]:
         return
     _state["fired"] = True
-    grace = GRACE_S
-    url = _state["api_url"] or os.environ.get("PREFECT_API_URL")
-    if url:
-        from selfplay.tempserver import api_alive
+    from prefect.settings import PREFECT_API_URL
 
-        if not api_alive(url, timeout=0.5):
-            grace = UNREACHABLE_GRACE_S
+    from selfplay.tempserver import api_alive
+
+    url = PREFECT_API_URL.value()  # the run's server, temporary or not
+    grace = GRACE_S if url and api_alive(url, timeout=0.5) else UNREACHABLE_GRACE_S
     threading.Thread(target=_watchdog, args=(signum, grace), name="selfplay-shutdown", daemon=True).start()
 
 
@@ -97,10 +96,10 @@ def arm(message: str | None = None) -> None:
 
 
 @contextmanager
-def guard(message: str, api_url: str | None = None) -> Iterator[None]:
+def guard(message: str) -> Iterator[None]:
     """Arm the shutdown for the block; `message` is what the watchdog prints (how to resume)."""
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    _state.update(message=message, api_url=api_url, fired=False)
+    _state.update(message=message, fired=False)
     arm()
     try:
         yield

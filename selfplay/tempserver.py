@@ -20,7 +20,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from selfplay import processes
 from selfplay.errors import SelfplayError
+from selfplay.model_server import free_port
 
 log = logging.getLogger("selfplay.tempserver")
 
@@ -42,12 +42,6 @@ def startup_timeout() -> float:
         if os.environ.get(name):
             return float(os.environ[name])
     return 300.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def command(port: int) -> list[str]:
@@ -74,17 +68,17 @@ def temporary_server(log_dir: Path) -> Iterator[str]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     log_dir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
     env.pop("PREFECT_API_URL", None)
     log_path = log_dir / "server.log"
-    with _first_start_lock():
+    with _first_start_lock() as home:
         with open(log_path, "ab") as out:
             proc = processes.spawn(command(port), long_lived=True, stdin=subprocess.DEVNULL, stdout=out,
                                    stderr=subprocess.STDOUT, env=env)
         try:
-            _wait_healthy(proc, url, log_path)
+            _wait_healthy(proc, url, log_path, creating_database=not (home / "prefect.db").exists())
         except BaseException:
             processes.kill_group(proc, grace=5.0)
             raise
@@ -101,7 +95,7 @@ def temporary_server(log_dir: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _first_start_lock() -> Iterator[None]:
+def _first_start_lock() -> Iterator[Path]:
     """One server starting at a time per PREFECT_HOME: a server's start migrates the database, and two runs
     started at once on a fresh machine would both create it (sqlite: "index ... already exists")."""
     from prefect.settings import get_current_settings
@@ -115,12 +109,13 @@ def _first_start_lock() -> Iterator[None]:
             log.info("another run is starting its temporary Prefect server on %s; waiting for it", home)
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            yield
+            yield home
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _wait_healthy(proc: subprocess.Popen, url: str, log_path: Path) -> None:
+def _wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, creating_database: bool) -> None:
+    """Return once the server answers; raise ServerStartError (the caller stops it) if it exits or times out."""
     limit = startup_timeout()
     started = time.monotonic()
     said = False
@@ -133,15 +128,14 @@ def _wait_healthy(proc: subprocess.Popen, url: str, log_path: Path) -> None:
             return
         waited = time.monotonic() - started
         if waited > limit:
-            processes.kill_group(proc, grace=5.0)
             raise ServerStartError(
                 f"the temporary Prefect server did not answer within {limit:g} s. Its log ({log_path}) ends:\n"
                 f"{processes.log_tail(log_path, lines=20)}\nGive it longer with SELFPLAY_SERVER_STARTUP_TIMEOUT=<seconds>, or run a server "
                 f"(`selfplay server`) and set PREFECT_API_URL=http://127.0.0.1:4200/api.")
         if waited > 5 and not said:
             said = True
-            log.info("starting the temporary Prefect server (its first start on a machine creates its database, "
-                     "about 30 s on 2 cores; it waits up to %g s)", limit)
+            why = "it is creating its database, about 30 s on 2 cores the first time" if creating_database else "it is slow"
+            log.info("waiting for the temporary Prefect server (%s; up to %g s)", why, limit)
         time.sleep(0.25)
 
 
