@@ -162,6 +162,8 @@ def publish_lineage(output_dir: Path) -> None:
 
     from selfplay.report import lineage_rows
 
+    if not in_run():
+        return
     rows = lineage_rows(output_dir)
-    if rows and in_run():
+    if rows:
         create_table_artifact(key=KEYS["lineage"], table=rows, description=f"Every completed round under {output_dir.resolve()}")
