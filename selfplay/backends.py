@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError, PydanticUndefined
 
@@ -108,6 +108,27 @@ MODE_HELP = ("How the verdict is read: label logprobs, a structured A/B/tie choi
              "text. 'auto' falls back in that order.")
 
 
+class VerifierConfig(Section):
+    """Where a prompt has a reference answer, a verifier decides between two responses instead of the LLM judge
+    (`selfplay.verifiers`): the correct one beats the incorrect one, a closer score beats a farther one."""
+
+    kind: Literal["auto", "none", "number", "exact", "regex", "python", "code"] = Field(
+        "auto", description="'auto': per prompt, its own verifier column, else 'number' for a numeric reference, else 'exact'; "
+        "'none': the LLM judges everything; or one verifier for every prompt with a reference.")
+    tolerance: float = Field(1e-6, ge=0, description="number: relative tolerance of a correct answer.")
+    function: str | None = Field(None, description="python: the scoring function, 'module:function(prompt, response, reference) -> float in [0, 1]'.")
+    timeout_s: float = Field(5.0, gt=0, description="code: seconds a program with its tests may run.")
+    memory_mb: int = Field(512, ge=64, description="code: address-space limit of a program, in MiB.")
+    fallback: Literal["llm", "none"] = Field(
+        "llm", description="Two responses the verifier scores the same: 'llm', the LLM judge decides in both orders; 'none', a tie (no LLM call).")
+
+    @model_validator(mode="after")
+    def _function_for_python(self) -> "VerifierConfig":
+        if self.kind == "python" and not self.function:
+            raise ValueError("judge.verifier.kind 'python' needs judge.verifier.function: 'module:function'")
+        return self
+
+
 class JudgeConfig(Section):
     """What every judge reads; `judge.backend` picks one of the subclasses below."""
 
@@ -118,9 +139,11 @@ class JudgeConfig(Section):
     scoring: Literal["copeland", "bradley_terry"] = Field("copeland", description="Tournament scoring.")
     max_calls_per_prompt: int | None = Field(None, ge=2, description="Cap on judge calls per prompt (2 per pair); pairs beyond it are not judged.")
     margin: float = Field(0.1, ge=0, le=1, description="Keep a pair only when |2p-1| >= margin, p the swap-averaged preference.")
-    template: str | None = Field(None, description="Judge prompt template file ({prompt}, {response_a}, {response_b}, {rubric}); the shipped default when unset.")
+    template: str | None = Field(None, description="Judge prompt template file ({prompt}, {response_a}, {response_b}, {rubric}, and {reference}: the prompt's "
+                                 "reference answer, or '(none)'); the shipped default, reference-guided where a prompt has a reference, when unset.")
     rubric: str | None = Field(None, description="Rubric file filled into {rubric}; the shipped default when unset.")
     system_prompt: str = Field("You are a careful, impartial judge of AI assistant responses.", description="Judge system prompt.")
+    verifier: VerifierConfig = Field(default_factory=VerifierConfig, description="Verifiers for prompts with a reference answer (the hybrid judge).")
     max_error_rate: float = operational(
         0.05, ge=0, le=1, description="The judge stage fails when more than this fraction of pairs get no verdict: judge_error (the endpoint failed) or invalid (its replies were unreadable).")
 

@@ -44,6 +44,7 @@ from selfplay.backends import (  # noqa: F401  (re-exported: the sections' backe
     TransformersJudgeConfig,
     TransformersSampleConfig,
     VllmJudgeConfig,
+    VerifierConfig,
     VllmSampleConfig,
     affects_results,
     operational,
@@ -66,13 +67,18 @@ class PolicyConfig(Section):
 
 
 class PromptsConfig(Section):
-    train: str = Field("bundled:train", description="Train prompts: 'bundled:train', a jsonl/json/csv/parquet path, or a hub dataset name.")
-    eval: str = Field("bundled:eval", description="Held-out prompts, same forms as `train`.")
+    train: str | list[str] = Field(
+        "bundled:train", description="Train prompts: 'bundled:train', a jsonl/json/csv/parquet path, or a hub dataset name; or a list of them, pooled.")
+    eval: str | list[str] = Field("bundled:eval", description="Held-out prompts, same forms as `train`; a list is read in order.")
     column: str = Field("prompt", description="Column holding the prompt text.")
+    answer_column: str = Field("answer", description="Column holding a prompt's reference answer, where it has one (absent or empty: none).")
+    verifier_column: str = Field("verifier", description="Column naming a prompt's verifier (number, exact, regex, python, code), read by judge.verifier.kind 'auto'.")
     messages_column: str | None = Field(None, description="Column holding chat messages instead; the last user turn is the prompt.")
     split: str = Field("train", description="Split to read from a hub dataset.")
     per_round: int = Field(24, ge=1, description="Train prompts drawn (seeded, fresh each round) per round.")
-    eval_size: int = Field(16, ge=1, description="Held-out prompts used by the evaluate stage.")
+    eval_size: int = Field(16, ge=1, description="Held-out prompts the evaluate stage judges the new checkpoint against the current one on (the first ones).")
+    accuracy_size: int | None = Field(
+        None, ge=1, description="Held-out prompts with a reference answer on which each checkpoint's greedy accuracy is measured (the first ones); unset, all of them.")
 
 
 class FilterConfig(Section):
@@ -158,11 +164,16 @@ class EvaluateConfig(Section):
     vs_base: bool = Field(True, description="Also judge each new checkpoint against round 0 (the base model).")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature for eval generations (0 = greedy).")
     max_new_tokens: int = Field(96, ge=1, description="Generation budget for eval generations.")
+    accuracy_max_new_tokens: int | None = Field(None, ge=1, description="Generation budget of the greedy answers held-out accuracy is measured on; unset, max_new_tokens.")
     seed: int = Field(1234, description="Seed for eval generations, the same every round.")
 
 
 class GateConfig(Section):
     enabled: bool = Field(True, description="Refuse to carry a worse checkpoint forward.")
+    accuracy: bool = Field(
+        True, description="Also reject a round whose held-out accuracy is significantly below the current checkpoint's (a one-sided exact "
+        "McNemar test on the prompts where exactly one of the two is right).")
+    accuracy_alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of that test.")
     min_upper_bound: float = Field(
         0.5, ge=0, le=1, description="Reject a round when the upper end of the 95% Wilson interval of its win rate against the current checkpoint is below this.")
     early_stop_after: int | None = operational(None, ge=1, description="Stop the run after this many rejected rounds in a row.")

@@ -5,6 +5,11 @@ The new model always sits in position "first" (response_a of each `Comparison`),
 read straight from the verdict: first = win, second = loss, tie or inconsistent = tie, judge_error or invalid =
 error (not counted). By default the gate rejects a round when even the upper end of the 95% interval of its win
 rate against the current checkpoint is below 0.5.
+
+Held-out accuracy: on the held-out prompts with a reference answer, each checkpoint answers greedily and the
+verifier scores the answer; accuracy is the fraction correct, with its 95% Wilson interval (`accuracy_summary`).
+The gate also rejects a round whose accuracy is significantly below the current checkpoint's on the same prompts:
+a one-sided exact McNemar test over the prompts where exactly one of the two is right (`accuracy_change`).
 """
 
 from __future__ import annotations
@@ -15,13 +20,13 @@ import pandas as pd
 
 from selfplay.config import GateConfig
 from selfplay.judging import VERDICT_COLUMNS, Comparison
-from selfplay.quality import win_summary
+from selfplay.quality import wilson_interval, win_summary
 
 OUTCOME = {"first": "win", "second": "loss", "judge_error": "error", "invalid": "error"}
 # eval.parquet's columns. i, j, similarity and screened are kept from when evaluation reused the judge stage's
 # pair table: they carry nothing here (always 0, 0, null, null), and stay so the file's format does not change.
 EVAL_COLUMNS = ["prompt_id", "prompt", "i", "j", "response_new", "response_other", "truncated_1", "truncated_2", "similarity",
-                "screened", *VERDICT_COLUMNS, "outcome"]
+                "screened", "reference", "verify_new", "verify_other", *VERDICT_COLUMNS, "outcome"]
 
 
 def outcomes(verdicts: list[str]) -> list[str]:
@@ -34,7 +39,8 @@ def outcomes(verdicts: list[str]) -> list[str]:
 
 
 def gate_decision(vs_current: dict[str, Any], gate: GateConfig) -> tuple[bool, str]:
-    """Accept or reject a round from its win summary against the current checkpoint; say why either way."""
+    """Accept or reject a round from its win summary against the current checkpoint, and its held-out accuracy
+    change where it has one (`vs_current["accuracy_change"]`); say why either way."""
     if not gate.enabled:
         return True, "accepted: the gate is disabled"
     if not vs_current.get("n"):
@@ -43,18 +49,66 @@ def gate_decision(vs_current: dict[str, Any], gate: GateConfig) -> tuple[bool, s
     where = f"win rate {wr:.3f} against the current checkpoint, 95% CI [{lo:.3f}, {hi:.3f}]"
     if hi < gate.min_upper_bound:
         return False, f"rejected: {where} lies wholly below {gate.min_upper_bound}; the current checkpoint stays"
-    return True, f"accepted: {where} reaches {gate.min_upper_bound}"
+    change = vs_current.get("accuracy_change")
+    if gate.accuracy and change and change["p_value"] < gate.accuracy_alpha:
+        return False, (f"rejected: held-out accuracy fell from {change['previous']:.3f} to {change['new']:.3f} "
+                       f"({change['previous_only']} prompts right only before, {change['new_only']} only now; one-sided "
+                       f"McNemar p = {change['p_value']:.3g} < {gate.accuracy_alpha}); the current checkpoint stays")
+    accuracy = f"; held-out accuracy {change['previous']:.3f} -> {change['new']:.3f}" if change else ""
+    return True, f"accepted: {where} reaches {gate.min_upper_bound}{accuracy}"
+
+
+def accuracy_summary(scores: list[float | None]) -> dict[str, Any]:
+    """Accuracy over verifier scores (1.0 = correct) with its 95% Wilson interval.
+
+    >>> accuracy_summary([1.0, 0.0, 1.0, 0.2])["accuracy"]
+    0.5
+    """
+    from selfplay.verifiers import is_correct
+
+    n, correct = len(scores), sum(map(is_correct, scores))
+    lo, hi = wilson_interval(correct, n)
+    return {"n": n, "correct": correct, "accuracy": correct / n if n else None, "ci_low": lo, "ci_high": hi}
+
+
+def accuracy_change(new: list[bool], previous: list[bool]) -> dict[str, Any]:
+    """Did accuracy fall, paired prompt by prompt? The one-sided exact McNemar test: among the prompts exactly one
+    of the two models gets right, the chance of at least this many being the previous model's under no change.
+
+    >>> accuracy_change([False] * 10, [True] * 10)["p_value"] < 0.01
+    True
+    >>> accuracy_change([True, False], [False, True])["p_value"]
+    0.75
+    """
+    from math import comb
+
+    new_only = sum(a and not b for a, b in zip(new, previous))
+    previous_only = sum(b and not a for a, b in zip(new, previous))
+    m = new_only + previous_only
+    p = sum(comb(m, i) for i in range(previous_only, m + 1)) / 2**m if m else 1.0
+    n = len(new)
+    return {"new": sum(new) / n if n else 0.0, "previous": sum(previous) / n if n else 0.0,
+            "new_only": new_only, "previous_only": previous_only, "p_value": p}
 
 
 def comparisons(new: pd.DataFrame, other: pd.DataFrame) -> list[Comparison]:
-    """The judge's questions: the new model's answer (position first) against the other's, prompt by prompt."""
-    return [Comparison(a.prompt, a.response, b.response) for a, b in zip(new.itertuples(), other.itertuples())]
+    """The judge's questions: the new model's answer (position first) against the other's, prompt by prompt, with
+    the prompt's reference and the verifier's scores of both answers where the answers were scored."""
+    def cell(row, name):
+        value = getattr(row, name, None)
+        return None if value is None or (not isinstance(value, str) and pd.isna(value)) else value
+
+    return [Comparison(a.prompt, a.response, b.response, cell(a, "reference"), cell(a, "verify_score"), cell(b, "verify_score"))
+            for a, b in zip(new.itertuples(), other.itertuples())]
 
 
 def evaluation_table(new: pd.DataFrame, other: pd.DataFrame, verdicts: list[dict[str, Any]]) -> pd.DataFrame:
-    """eval.parquet: per held-out prompt both answers, the judge's verdict about them, and the new model's outcome."""
+    """eval.parquet: per held-out prompt both answers, the verifier's scores, the judge's verdict about them, and the
+    new model's outcome."""
     rows = [{"prompt_id": a.prompt_id, "prompt": a.prompt, "i": 0, "j": 0, "response_new": a.response, "response_other": b.response,
-             "truncated_1": a.truncated, "truncated_2": b.truncated, "similarity": None, "screened": None, **verdict}
+             "truncated_1": a.truncated, "truncated_2": b.truncated, "similarity": None, "screened": None,
+             "reference": getattr(a, "reference", None), "verify_new": getattr(a, "verify_score", None),
+             "verify_other": getattr(b, "verify_score", None), **verdict}
             for a, b, verdict in zip(new.itertuples(), other.itertuples(), verdicts)]
     table = pd.DataFrame(rows, columns=EVAL_COLUMNS[:-1])
     table["outcome"] = outcomes(table["verdict"].tolist())
@@ -64,3 +118,17 @@ def evaluation_table(new: pd.DataFrame, other: pd.DataFrame, verdicts: list[dict
 def win_rates(table: pd.DataFrame, new: pd.DataFrame, other: pd.DataFrame) -> dict[str, Any]:
     """The new model's win summary over an `evaluation_table` (`selfplay.quality.win_summary`, lengths in tokens)."""
     return win_summary(table["outcome"].tolist(), new["n_tokens"].tolist(), other["n_tokens"].tolist())
+
+
+def accuracy_table(new: pd.DataFrame, previous: pd.DataFrame) -> pd.DataFrame:
+    """accuracy.parquet: per checkable held-out prompt, both checkpoints' greedy answers, scores and correctness."""
+    from selfplay.verifiers import is_correct
+
+    table = pd.DataFrame({
+        "prompt_id": new["prompt_id"], "prompt": new["prompt"], "reference": new["reference"], "verifier": new["verifier"],
+        "response_new": new["response"], "score_new": new["verify_score"], "response_previous": previous["response"].to_numpy(),
+        "score_previous": previous["verify_score"].to_numpy(),
+    })
+    table["correct_new"] = table["score_new"].map(is_correct)
+    table["correct_previous"] = table["score_previous"].map(is_correct)
+    return table

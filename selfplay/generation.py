@@ -20,7 +20,7 @@ from selfplay.config import RunConfig
 from selfplay.models import is_adapter, load_causal_lm, load_tokenizer, release_memory
 from selfplay.orchestration import gpu_slot
 
-GENERATION_COLUMNS = ["prompt_id", "prompt", "response", "n_tokens", "truncated"]
+GENERATION_COLUMNS = ["prompt_id", "prompt", "reference", "verifier", "response", "n_tokens", "truncated"]
 
 
 def completion_lengths(token_rows: list[list[int]], stop_ids: set[int]) -> list[tuple[int, bool]]:
@@ -167,18 +167,24 @@ def sample_local(policy: str, prompts: list[str], s, seed: int, *, log, progress
     return rows
 
 
-def eval_generations(cfg: RunConfig, model_paths: list[str], held_out: list[dict[str, str]], *, log=None, progress=None) -> list[pd.DataFrame]:
-    """One answer per held-out prompt from each model in turn, with the same seed and settings for all."""
+def eval_generations(cfg: RunConfig, jobs: list[tuple[str, list[dict[str, str]], float, int]], *, log=None,
+                     progress=None) -> list[pd.DataFrame]:
+    """One answer per prompt for each job (model, prompts, temperature, max_new_tokens), with the evaluate stage's
+    seed for all; each model is loaded once, whatever the number of its jobs."""
     e = cfg.evaluate
-    tables = []
-    for i, model_path in enumerate(model_paths):
+    tables: list[pd.DataFrame | None] = [None] * len(jobs)
+    for n, model_path in enumerate(dict.fromkeys(job[0] for job in jobs)):
         model, tokenizer = load_causal_lm(model_path), load_tokenizer(model_path)
-        rows = generate(model, tokenizer, [p["prompt"] for p in held_out], num_samples=1, temperature=e.temperature, top_p=1.0,
-                        max_new_tokens=e.max_new_tokens, batch_size=cfg.sample.batch_size, seed=e.seed)
+        for i, (path, prompts, temperature, max_new_tokens) in enumerate(jobs):
+            if path != model_path:
+                continue
+            rows = generate(model, tokenizer, [p["prompt"] for p in prompts], num_samples=1, temperature=temperature, top_p=1.0,
+                            max_new_tokens=max_new_tokens, batch_size=cfg.sample.batch_size, seed=e.seed)
+            tables[i] = pd.DataFrame([{"prompt_id": p["id"], "prompt": p["prompt"], "reference": p.get("reference"),
+                                       "verifier": p.get("verifier"), "response": r["response"], "n_tokens": r["n_tokens"],
+                                       "truncated": r["truncated"]} for p, r in zip(prompts, rows)], columns=GENERATION_COLUMNS)
         del model
         release_memory()
-        tables.append(pd.DataFrame([{"prompt_id": p["id"], "prompt": p["prompt"], "response": r["response"], "n_tokens": r["n_tokens"],
-                                     "truncated": r["truncated"]} for p, r in zip(held_out, rows)], columns=GENERATION_COLUMNS))
         if progress:
-            progress(i + 1, len(model_paths))
+            progress(n + 1, len({job[0] for job in jobs}))
     return tables

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from selfplay.report import templates
+from selfplay.report import accuracy_cell, accuracy_curve, accuracy_fields, accuracy_png, templates
 from selfplay.rundir import MANIFEST, STAGES, RunDir, read_json
 
 SAMPLE_PAIRS = 3
@@ -113,6 +113,7 @@ def _partial_summary(run: RunDir, k: int) -> dict[str, Any]:
     if m["evaluate"] is not None:
         e = m["evaluate"]
         s["win_rate"] = e.get("win_rate")
+        s.update(accuracy_fields(e))
         if all(key in e for key in ("wins", "ties", "losses")):
             s["wins_ties_losses"] = f"{e['wins']}/{e['ties']}/{e['losses']}"
     return s
@@ -185,6 +186,9 @@ def table_cells(s: dict[str, Any]) -> dict[str, Any]:
         "win_rate": num(s.get("win_rate")), "ci": f"[{num(ci[0], '{:.2f}')}, {num(ci[1], '{:.2f}')}]" if has_ci else None,
         "wtl": _text(s.get("wins_ties_losses")) or None,
         "lc_win_rate": num(s.get("lc_win_rate")), "vs_base": num(s.get("win_rate_vs_base")),
+        "accuracy": accuracy_cell(s.get("accuracy"), s.get("accuracy_ci")) if _is_num(s.get("accuracy")) else "-",
+        "sources": "{} / {}".format(*(num((s.get("verdict_sources") or {}).get(x)) for x in ("verifier", "llm")))
+                   if isinstance(s.get("verdict_sources"), dict) else "-",
     }
 
 
@@ -254,7 +258,7 @@ def round_view(run: RunDir, k: int) -> dict[str, Any]:
     complete = isinstance(summary, dict)
     s = summary if complete else _partial_summary(run, k)
     return {
-        "k": k, "complete": complete, "gate": gate_view(s, complete), "cells": table_cells(s),
+        "k": k, "complete": complete, "gate": gate_view(s, complete), "cells": table_cells(s), "summary": {"round": k, **s},
         "decided": not (s.get("accepted") is None and not s.get("gate_reason")),
         "gate_reason_recorded": bool(s.get("gate_reason")),
         "stages_done": ", ".join(s.get("stages_done") or []) or "none", "facts": round_facts(s),
@@ -275,11 +279,15 @@ def report_context(run_root: Path) -> dict[str, Any]:
     config = record.get("config") if isinstance(record.get("config"), dict) else {}
     rounds = [round_view(run, k) for k in _round_numbers(run)]
     completed = sum(r["complete"] for r in rounds)
+    points = accuracy_curve([r["summary"] for r in rounds])
+    start = next((p for p in points if p["round"] == 0), None)
     return {
         "name": _text(config.get("name") or run.root.name), "completed": completed, "incomplete": len(rounds) - completed,
         "target": config.get("rounds"), "base_model": _text(record.get("base_model") or "-"),
         "started": _fmt_time(record.get("created_at")), "generated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "directory": str(run.root.resolve()), "rounds": rounds,
+        "start_accuracy": accuracy_cell(start["accuracy"], start["ci"]) if start else None,
+        "accuracy_plot": "data:image/png;base64," + base64.b64encode(accuracy_png(points)).decode("ascii") if len(points) > 1 else None,
     }
 
 

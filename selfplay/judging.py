@@ -10,7 +10,13 @@ each order, the swap-averaged preference for response_a is
 so a judge that always favours position A (p1 = p2 = 1) comes out at exactly 0.5: a tie. The margin is |2p - 1|;
 below `judge.margin` it is a tie. Discrete verdicts (an endpoint's structured choice or text marker) must name the
 same response in both orders, or the comparison is inconsistent (`combine_orders` holds both rules). Verdicts are
-about response_a ("first") versus response_b ("second"). The judge stage (pairs of one policy's samples,
+about response_a ("first") versus response_b ("second").
+
+The judge is hybrid. A comparison may carry the verifier's scores of its two responses (`selfplay.verifiers`,
+computed once per response by the caller): when they differ, the higher score wins and no LLM is asked
+(`verifier_verdict`); when they are equal, the LLM judge decides in both orders, shown the prompt's reference
+answer, unless the caller or `judge.verifier.fallback: none` makes it a tie. Each verdict records its `source`,
+`verifier` or `llm`. The judge stage (pairs of one policy's samples,
 `selfplay.pairs`) and the evaluate stage (two models' answers, `selfplay.evaluation`) both judge through here.
 """
 
@@ -28,21 +34,47 @@ from selfplay.config import JudgeConfig, RunConfig
 from selfplay.errors import SelfplayError
 from selfplay.isolate import isolated
 from selfplay.judges import Judge, JudgeCall, JudgeResult, make_judge
-from selfplay.judges.prompt import load_rubric, load_template, render_judge_prompt
+from selfplay.judges.prompt import load_rubric, render_judge_prompt, templates_for
 from selfplay.models import release_memory
 from selfplay.orchestration import gpu_slot
 
-VERDICT_COLUMNS = ["p_a_order1", "p_a_order2", "p_first", "margin", "verdict", "consistent", "mode", "error"]
+VERDICT_COLUMNS = ["p_a_order1", "p_a_order2", "p_first", "margin", "verdict", "consistent", "mode", "error", "source"]
+SOURCES = ("verifier", "llm")
 VERDICTS = ("first", "second", "tie", "inconsistent", "invalid", "judge_error", "not_judged")
 QUOTED_REPLIES, QUOTE_CHARS = 3, 200  # how much of the judge's unreadable replies a failure quotes
 
 
 class Comparison(NamedTuple):
-    """One judge question: is response_a or response_b the better answer to prompt?"""
+    """One judge question: is response_a or response_b the better answer to prompt? With the verifier's scores of
+    both responses, they decide where they differ; `llm_on_tie` False makes equal scores a tie without the LLM."""
 
     prompt: str
     response_a: str
     response_b: str
+    reference: str | None = None
+    score_a: float | None = None
+    score_b: float | None = None
+    llm_on_tie: bool = True
+
+
+def verifier_verdict(c: Comparison, fallback: str = "llm") -> dict[str, Any] | None:
+    """The verdict row the verifier's scores give, or None when the LLM judge must decide.
+
+    >>> verifier_verdict(Comparison("q", "7", "8", "7", 1.0, 0.45))["verdict"]
+    'first'
+    >>> verifier_verdict(Comparison("q", "7", "7.0", "7", 1.0, 1.0)) is None     # equal: the LLM decides
+    True
+    >>> verifier_verdict(Comparison("q", "7", "7.0", "7", 1.0, 1.0), fallback="none")["verdict"]
+    'tie'
+    """
+    if c.score_a is None or c.score_b is None:
+        return None
+    if c.score_a == c.score_b and c.llm_on_tie and fallback == "llm":
+        return None
+    p = 1.0 if c.score_a > c.score_b else 0.0 if c.score_a < c.score_b else 0.5
+    verdict = "first" if p == 1.0 else "second" if p == 0.0 else "tie"
+    return {"p_a_order1": None, "p_a_order2": None, "p_first": p, "margin": abs(2 * p - 1), "verdict": verdict,
+            "consistent": True, "mode": "verifier", "error": None, "source": "verifier"}
 
 
 class Judged(NamedTuple):
@@ -89,12 +121,15 @@ def combine_orders(order1: JudgeResult | float | None, order2: JudgeResult | flo
     return {"p_first": p, "margin": m, "verdict": v1 if v1 == v2 else "inconsistent", "consistent": v1 == v2}
 
 
-def swap_calls(comparisons: Sequence[Comparison], template: str, rubric: str, system: str) -> list[JudgeCall]:
-    """Two calls per comparison, interleaved: [c0 order1, c0 order2, c1 order1, ...]."""
+def swap_calls(comparisons: Sequence[Comparison], template: str | tuple[str, str], rubric: str, system: str) -> list[JudgeCall]:
+    """Two calls per comparison, interleaved: [c0 order1, c0 order2, c1 order1, ...]. `template` is one template, or
+    (without a reference, with one)."""
+    plain, guided = (template, template) if isinstance(template, str) else template
     calls = []
-    for prompt, a, b in comparisons:
-        calls.append(JudgeCall(system, render_judge_prompt(template, prompt, a, b, rubric)))
-        calls.append(JudgeCall(system, render_judge_prompt(template, prompt, b, a, rubric)))
+    for c in comparisons:
+        t = plain if c.reference is None else guided
+        calls.append(JudgeCall(system, render_judge_prompt(t, c.prompt, c.response_a, c.response_b, rubric, c.reference)))
+        calls.append(JudgeCall(system, render_judge_prompt(t, c.prompt, c.response_b, c.response_a, rubric, c.reference)))
     return calls
 
 
@@ -104,24 +139,29 @@ def verdict_rows(results: list[JudgeResult], margin: float) -> list[dict[str, An
     for r1, r2 in zip(results[0::2], results[1::2]):
         errors = "; ".join(e for e in (r1.error, r2.error) if e) or None
         mode = r1.mode if r1.mode == r2.mode else f"{r1.mode}+{r2.mode}"
-        rows.append({"p_a_order1": r1.p_a, "p_a_order2": r2.p_a, **combine_orders(r1, r2, margin), "mode": mode, "error": errors})
+        rows.append({"p_a_order1": r1.p_a, "p_a_order2": r2.p_a, **combine_orders(r1, r2, margin), "mode": mode, "error": errors,
+                     "source": "llm"})
     return rows
 
 
 def judge_comparisons(judge: Judge, comparisons: Sequence[Comparison], cfg: JudgeConfig,
                       progress: Callable[[int, int], None] | None = None, chunk: int = 64) -> Judged:
-    """Ask `judge` both orders of every comparison and combine them.
+    """Decide each comparison: by the verifier's scores where they decide, else by asking `judge` both orders and
+    combining them. `Judged.results` holds the LLM's answers only, two per comparison it judged, in order.
 
     Calls go to the backend `chunk` at a time, with `progress(done, total)` after each chunk.
     """
-    template, rubric = load_template(cfg.template), load_rubric(cfg.rubric)
-    calls = swap_calls(comparisons, template, rubric, cfg.system_prompt)
+    decided = [verifier_verdict(c, cfg.verifier.fallback) for c in comparisons]
+    asked = [c for c, d in zip(comparisons, decided) if d is None]
+    rubric = load_rubric(cfg.rubric)
+    calls = swap_calls(asked, templates_for(cfg.template), rubric, cfg.system_prompt) if asked else []
     results: list[JudgeResult] = []
     for start in range(0, len(calls), chunk):
         results.extend(judge.judge(calls[start : start + chunk]))
         if progress:
             progress(len(results), len(calls))
-    return Judged(verdict_rows(results, cfg.margin), results)
+    llm = iter(verdict_rows(results, cfg.margin))
+    return Judged([d if d is not None else next(llm) for d in decided], results)
 
 
 def judge_stats(table: pd.DataFrame, results: list[JudgeResult]) -> dict[str, Any]:
@@ -130,7 +170,8 @@ def judge_stats(table: pd.DataFrame, results: list[JudgeResult]) -> dict[str, An
     `invalid` (cut short), which `check_error_rate` quotes."""
     judged = table[table["verdict"] != "not_judged"]
     n = len(judged)
-    answered = judged[~judged["verdict"].isin(["judge_error", "invalid"])]
+    sources = judged["source"].value_counts().to_dict() if "source" in judged else {}
+    answered = judged[~judged["verdict"].isin(["judge_error", "invalid"]) & (judged["source"] != "verifier" if "source" in judged else True)]
     firsts = [r.p_a > 0.5 if r.label is None else r.label == "A" for r in results if r.p_a is not None and r.label != "invalid"]
     counts = table["verdict"].value_counts().to_dict()
     live = [r for r in results if not r.cached and r.error is None]
@@ -143,6 +184,7 @@ def judge_stats(table: pd.DataFrame, results: list[JudgeResult]) -> dict[str, An
         "first_position_win_rate": float(sum(firsts) / len(firsts)) if firsts else None,
         "mean_margin": float(answered["margin"].mean()) if len(answered) else None,
         "verdicts": {v: int(counts.get(v, 0)) for v in VERDICTS},
+        "sources": {source: int(sources.get(source, 0)) for source in SOURCES},
         "tie_rate": counts.get("tie", 0) / n if n else None,
         "invalid_rate": counts.get("invalid", 0) / n if n else None,
         "error_rate": counts.get("judge_error", 0) / n if n else None,
@@ -215,6 +257,11 @@ def judge_batches(cfg: JudgeConfig, reference: str, batches: list[list[Compariso
         release_memory()
 
 
+def llm_count(comparisons: Sequence[Comparison], cfg: JudgeConfig) -> int:
+    """How many of the comparisons the LLM judge must decide (the verifier decides the others)."""
+    return sum(verifier_verdict(c, cfg.verifier.fallback) is None for c in comparisons)
+
+
 def run_judge(cfg: RunConfig, reference: str, batches: list[list[Comparison]], scratch: Path, label: str, log,
               progress: Callable[[int, int], None] | None = None,
               server_log: Path | None = None) -> tuple[list[Judged], float | None]:
@@ -223,6 +270,8 @@ def run_judge(cfg: RunConfig, reference: str, batches: list[list[Comparison]], s
     here on the judge model for these batches and stopped after (holding the limit; its log is `server_log`). An
     endpoint judge runs here."""
     j = cfg.judge
+    if not any(llm_count(batch, j) for batch in batches):  # the verifier decides everything: no judge to load or start
+        return [judge_comparisons(None, batch, j) for batch in batches], None
     if j.backend == "endpoint":
         return judge_batches(j, reference, batches, log=log, progress=progress), None
     if j.backend == "vllm":

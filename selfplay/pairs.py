@@ -25,7 +25,8 @@ from selfplay.judges import JudgeResult
 from selfplay.judging import VERDICT_COLUMNS, Comparison, Judged, judge_stats
 
 REASONS = ("empty", "truncated", "too_similar", "length_ratio", "over_budget", "judge_error", "invalid", "tie", "inconsistent", "not_selected")
-PAIR_COLUMNS = ["prompt_id", "prompt", "i", "j", "response_1", "response_2", "truncated_1", "truncated_2", "similarity", "screened"]
+PAIR_COLUMNS = ["prompt_id", "prompt", "reference", "i", "j", "response_1", "response_2", "truncated_1", "truncated_2", "similarity",
+                "verify_1", "verify_2", "screened"]
 COLUMNS = PAIR_COLUMNS + VERDICT_COLUMNS
 CALL_COLUMNS = ["prompt_id", "i", "j", "order", "mode", "p_a", "label", "error", "tokens_in", "tokens_out", "latency_s", "cost", "cached"]
 
@@ -69,11 +70,17 @@ def candidate_pairs(n_samples: int, pairing: str, rng: random.Random) -> list[tu
     raise ValueError(f"unknown pairing {pairing!r}")
 
 
+def _score(row: dict[str, Any]) -> float | None:
+    value = row.get("verify_score")
+    return None if value is None or pd.isna(value) else float(value)
+
+
 def build_pairs(samples: pd.DataFrame, pairing: str, seed: int, filt: FilterConfig, max_calls_per_prompt: int | None = None) -> pd.DataFrame:
     """One row per candidate pair of completions of the same prompt, screened with the filter's pre-judge checks.
 
     `tournament` pairs like `all_pairs`. With `max_calls_per_prompt`, a seeded choice of the pairs beyond the cap
-    (two calls per pair) is screened out as `over_budget`.
+    (two calls per pair) is screened out as `over_budget`. Samples the verifier scored (`verify_score`) carry
+    their scores into the pair (`verify_1`, `verify_2`), and their prompt's reference into `reference`.
     """
     rng = random.Random(seed)
     rows = []
@@ -83,10 +90,12 @@ def build_pairs(samples: pd.DataFrame, pairing: str, seed: int, filt: FilterConf
         for a, b in candidate_pairs(len(g), "all_pairs" if pairing == "tournament" else pairing, rng):
             r1, r2 = g[a]["response"], g[b]["response"]
             t1, t2 = bool(g[a]["truncated"]), bool(g[b]["truncated"])
+            reference = g[a].get("reference")
             prompt_rows.append({
-                "prompt_id": prompt_id, "prompt": g[a]["prompt"], "i": g[a]["sample_idx"], "j": g[b]["sample_idx"],
-                "response_1": r1, "response_2": r2, "truncated_1": t1, "truncated_2": t2,
-                "similarity": similarity(r1, r2), "screened": screen(r1, r2, t1, t2, filt),
+                "prompt_id": prompt_id, "prompt": g[a]["prompt"], "reference": None if pd.isna(reference) else reference,
+                "i": g[a]["sample_idx"], "j": g[b]["sample_idx"], "response_1": r1, "response_2": r2,
+                "truncated_1": t1, "truncated_2": t2, "similarity": similarity(r1, r2),
+                "verify_1": _score(g[a]), "verify_2": _score(g[b]), "screened": screen(r1, r2, t1, t2, filt),
             })
         if max_calls_per_prompt is not None:
             open_rows = [r for r in prompt_rows if r["screened"] is None]
@@ -96,16 +105,32 @@ def build_pairs(samples: pd.DataFrame, pairing: str, seed: int, filt: FilterConf
     return pd.DataFrame(rows, columns=PAIR_COLUMNS)
 
 
-def pair_comparisons(pairs: pd.DataFrame) -> list[Comparison]:
-    """The unscreened pairs as the judge's comparisons, in order: response_1 as response_a, so "first" prefers it."""
+def _cell(value: Any) -> Any:
+    return None if value is None or (not isinstance(value, str) and pd.isna(value)) else value
+
+
+def pair_comparisons(pairs: pd.DataFrame, pairing: str = "all_pairs") -> list[Comparison]:
+    """The unscreened pairs as the judge's comparisons, in order: response_1 as response_a, so "first" prefers it.
+
+    In a tournament, a prompt whose samples the verifier tells apart needs no LLM call at all: its equal-scored
+    pairs are ties (`llm_on_tie` False), so best against worst comes from K verifier calls alone.
+    """
+    separated: set[Any] = set()
+    if pairing == "tournament":
+        for prompt_id, group in pairs.groupby("prompt_id", sort=False):
+            scores = pd.concat([group["verify_1"], group["verify_2"]])
+            if scores.notna().all() and scores.nunique() > 1:
+                separated.add(prompt_id)
     todo = pairs[pairs["screened"].isna()]
-    return [Comparison(*c) for c in zip(todo["prompt"], todo["response_1"], todo["response_2"])]
+    return [Comparison(p, a, b, _cell(ref), _cell(s1), _cell(s2), pid not in separated)
+            for pid, p, a, b, ref, s1, s2 in zip(todo["prompt_id"], todo["prompt"], todo["response_1"], todo["response_2"],
+                                                 todo["reference"], todo["verify_1"], todo["verify_2"])]
 
 
 def judged_tables(pairs: pd.DataFrame, judged: Judged) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """The judge stage's judgments table, calls table and statistics, from the verdicts on `pair_comparisons(pairs)`."""
     table = judgments_table(pairs, judged.verdicts)
-    return table, calls_table(pairs, judged.results), judge_stats(table, judged.results)
+    return table, calls_table(table, judged.results), judge_stats(table, judged.results)
 
 
 def judgments_table(pairs: pd.DataFrame, verdicts: list[dict[str, Any]]) -> pd.DataFrame:
@@ -118,9 +143,9 @@ def judgments_table(pairs: pd.DataFrame, verdicts: list[dict[str, Any]]) -> pd.D
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def calls_table(pairs: pd.DataFrame, results: list[JudgeResult]) -> pd.DataFrame:
-    """One row per judge call (two per judged pair): what it cost and what it said."""
-    judged = pairs[pairs["screened"].isna()].to_dict("records")
+def calls_table(table: pd.DataFrame, results: list[JudgeResult]) -> pd.DataFrame:
+    """One row per LLM judge call (two per pair the LLM judged, in the `judgments_table`): what it cost and what it said."""
+    judged = table[table["source"] == "llm"].to_dict("records")
     rows = []
     for n, r in enumerate(results):
         pair = judged[n // 2]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from selfplay.config import ConfigError, PromptsConfig, RunConfig, check_passthrough
 from selfplay.models import load_tokenizer, resolve_model
-from selfplay.prompts import load_prompts
+from selfplay.prompts import prompt_set
 
 
 def preflight(cfg: RunConfig) -> Path:
@@ -27,6 +27,7 @@ def preflight(cfg: RunConfig) -> Path:
         raise ConfigError(checked["error"])
     check_training_hardware(cfg, checked["device"])
     check_prompts(cfg.prompts)
+    check_verifiers(cfg)
     try:
         load_template(cfg.judge.template)
         load_rubric(cfg.judge.rubric)
@@ -76,16 +77,41 @@ def preflight(cfg: RunConfig) -> Path:
 def check_prompts(p: PromptsConfig) -> None:
     """Both prompt sets load, and hold at least the prompts a round draws (`per_round`) and the evaluate stage uses
     (`eval_size`): a draw takes min(per_round, available), so a short set would otherwise shrink every round silently."""
-    train = load_prompts(p.train, p.column, p.messages_column, p.split)
+    train = prompt_set(p, "train")
     if len(train) < p.per_round:
         raise ConfigError(
             f"prompts.train {p.train!r} has {len(train)} prompt(s), fewer than prompts.per_round={p.per_round} drawn each "
             f"round: add prompts to it, or lower prompts.per_round to {len(train)} or less")
-    held_out = load_prompts(p.eval, p.column, p.messages_column, p.split)
+    held_out = prompt_set(p, "eval")
     if len(held_out) < p.eval_size:
         raise ConfigError(
             f"prompts.eval {p.eval!r} has {len(held_out)} prompt(s), fewer than prompts.eval_size={p.eval_size}: add prompts "
             f"to it, or lower prompts.eval_size to {len(held_out)} or less")
+
+
+def check_verifiers(cfg: RunConfig) -> None:
+    """Every prompt with a reference has a verifier that can check it: a known verifier name in its row, a numeric
+    reference for `number`, a valid pattern for `regex`, an importable function for `python`."""
+    import re
+
+    from selfplay.verifiers import Verifier, VerifierError, parse_number
+
+    try:
+        verifier = Verifier(cfg.judge.verifier)
+        for which in ("train", "eval"):
+            for q in prompt_set(cfg.prompts, which):
+                kind = verifier.kind(q.get("reference"), q.get("verifier"))
+                if kind == "number" and parse_number(q["reference"]) is None:
+                    raise VerifierError(f"prompts.{which}: prompt {q['id']!r} has verifier 'number' but its reference {q['reference']!r} is not a number")
+                if kind == "regex":
+                    try:
+                        re.compile(q["reference"])
+                    except re.error as exc:
+                        raise VerifierError(f"prompts.{which}: prompt {q['id']!r}: its reference is not a regular expression ({exc})") from None
+                if kind == "python" and verifier._function is None:
+                    raise VerifierError(f"prompts.{which}: prompt {q['id']!r} names verifier 'python': set judge.verifier.function")
+    except VerifierError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def check_lora_targets(lora: dict, base: Path) -> None:

@@ -1,8 +1,14 @@
-"""Prompt sets: the bundled ones, or any source `datasets` loads (jsonl/json/csv/parquet path, or a hub name).
+"""Prompt sets: the bundled ones, or any source `datasets` loads (jsonl/json/csv/parquet path, or a hub name), or a
+list of them pooled in order.
+
+A prompt is {"id", "prompt"}, with "reference" where its row has a reference answer (`prompts.answer_column`) and
+"verifier" where its row names the verifier that checks it (`prompts.verifier_column`).
 
     >>> rows = load_prompts("bundled:eval")
-    >>> sorted(rows[0])
-    ['id', 'prompt']
+    >>> sorted(rows[0]), sorted(next(r for r in rows if "reference" in r))
+    (['id', 'prompt'], ['id', 'prompt', 'reference'])
+    >>> len(load_prompts(["bundled:eval", "bundled:checkable_eval"])) == len(rows) + 200
+    True
 """
 
 from __future__ import annotations
@@ -31,8 +37,18 @@ def _prompt_from_messages(messages: Any, row: int) -> str:
     return users[-1]
 
 
-def rows_to_prompts(records: list[dict[str, Any]], column: str, messages_column: str | None, source: str) -> list[dict[str, str]]:
-    """Pure: pick the prompt text from each record, check it, and give each prompt a stable id."""
+def _text(value: Any) -> str | None:
+    """A reference or verifier cell as text; None when it is empty (null, NaN, blank)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def rows_to_prompts(records: list[dict[str, Any]], column: str, messages_column: str | None, source: str,
+                    answer_column: str = "answer", verifier_column: str = "verifier") -> list[dict[str, str]]:
+    """Pure: pick the prompt text (and any reference answer and verifier) from each record, check it, and give each
+    prompt a stable id."""
     if not records:
         raise PromptError(f"{source}: no rows")
     key = messages_column or column
@@ -46,7 +62,11 @@ def rows_to_prompts(records: list[dict[str, Any]], column: str, messages_column:
             empty.append(i)
             continue
         rid = record.get("id")
-        out.append({"id": str(i if rid is None else rid), "prompt": text.strip()})
+        prompt = {"id": str(i if rid is None else rid), "prompt": text.strip()}
+        for field, col in (("reference", answer_column), ("verifier", verifier_column)):
+            if _text(record.get(col)) is not None:
+                prompt[field] = _text(record[col])
+        out.append(prompt)
     if empty:
         shown = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
         raise PromptError(f"{source}: {len(empty)} empty prompt(s) in column {key!r} at rows {shown}; remove them")
@@ -109,8 +129,21 @@ def _json_problem(text: str) -> str | None:
     return None
 
 
-def load_prompts(source: str, column: str = "prompt", messages_column: str | None = None, split: str = "train") -> list[dict[str, str]]:
-    """Load prompts as [{"id", "prompt"}]. Errors say what to fix."""
+def load_prompts(source: str | list[str], column: str = "prompt", messages_column: str | None = None, split: str = "train",
+                 answer_column: str = "answer", verifier_column: str = "verifier") -> list[dict[str, str]]:
+    """Load prompts as [{"id", "prompt", ("reference", "verifier")}]; a list of sources is pooled in order, and
+    its prompts' ids must be unique across it. Errors say what to fix."""
+    if not isinstance(source, str):
+        if not source:
+            raise PromptError("an empty list of prompt sources: name at least one")
+        pooled, origin = [], {}
+        for one in source:
+            for p in load_prompts(one, column, messages_column, split, answer_column, verifier_column):
+                if p["id"] in origin:
+                    raise PromptError(f"prompt id {p['id']!r} is in both {origin[p['id']]} and {one}: pooled sources need distinct ids (an id column)")
+                origin[p["id"]] = one
+                pooled.append(p)
+        return pooled
     if source.startswith("bundled:"):
         path = BUNDLED_DIR / f"{source.split(':', 1)[1]}.jsonl"
         if not path.is_file():
@@ -139,7 +172,18 @@ def load_prompts(source: str, column: str = "prompt", messages_column: str | Non
                 f"{source!r} is not a local file, and loading it as a hub dataset failed ({exc.__class__.__name__}: "
                 f"{str(exc)[:200]}). Offline, use a local jsonl/json/csv/parquet file."
             ) from None
-    return rows_to_prompts(ds.to_list(), column, messages_column, source)
+    return rows_to_prompts(ds.to_list(), column, messages_column, source, answer_column, verifier_column)
+
+
+def prompt_set(p, which: str) -> list[dict[str, str]]:
+    """The train or eval prompts a `PromptsConfig` names."""
+    return load_prompts(getattr(p, which), p.column, p.messages_column, p.split, p.answer_column, p.verifier_column)
+
+
+def accuracy_prompts(p, held_out: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The held-out prompts accuracy is measured on: those with a reference, the first `prompts.accuracy_size`."""
+    checkable = [q for q in held_out if q.get("reference") is not None]
+    return checkable[: p.accuracy_size] if p.accuracy_size else checkable
 
 
 def draw_prompts(prompts: list[dict[str, str]], n: int, seed: int, round_k: int) -> list[dict[str, str]]:

@@ -33,6 +33,7 @@ TABLE_COLUMNS = (
     ("win_rate", "win rate vs prev", "{:.3f}"),
     ("wins_ties_losses", "W/T/L", "{}"),
     ("win_rate_vs_base", "vs round 0", "{:.3f}"),
+    ("accuracy_cell", "held-out acc [95% CI]", "{}"),
     ("gate", "gate", "{}"),
 )
 
@@ -48,10 +49,40 @@ def templates() -> jinja2.Environment:
     )
 
 
+def accuracy_fields(evaluate: dict[str, Any]) -> dict[str, Any]:
+    """Held-out accuracy of round k's checkpoint and of the checkpoint before it, from its evaluate metrics."""
+    new, before = evaluate.get("accuracy") or {}, evaluate.get("accuracy_previous") or {}
+    return {"accuracy": new.get("accuracy"), "accuracy_ci": [new.get("ci_low"), new.get("ci_high")], "accuracy_n": new.get("n"),
+            "accuracy_previous": before.get("accuracy"), "accuracy_previous_ci": [before.get("ci_low"), before.get("ci_high")]}
+
+
+def accuracy_cell(accuracy: float | None, ci: list[float | None] | None) -> str | None:
+    """'0.312 [0.25, 0.38]', or None without an accuracy.
+
+    >>> accuracy_cell(0.3125, [0.25, 0.38])
+    '0.312 [0.25, 0.38]'
+    """
+    if accuracy is None:
+        return None
+    return f"{accuracy:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and None not in ci else f"{accuracy:.3f}"
+
+
+def accuracy_curve(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """(round, accuracy, interval) per checkpoint: the start (round 0, from round 1's evaluation) and every round."""
+    points = []
+    if summaries and summaries[0]["round"] == 1 and summaries[0].get("accuracy_previous") is not None:
+        points.append({"round": 0, "accuracy": summaries[0]["accuracy_previous"], "ci": summaries[0]["accuracy_previous_ci"]})
+    points += [{"round": s["round"], "accuracy": s["accuracy"], "ci": s["accuracy_ci"]} for s in summaries if s.get("accuracy") is not None]
+    return points
+
+
 def round_summary(run: RunDir, k: int) -> dict[str, Any]:
     """One row of headline figures for round k, from its stages' manifests."""
     m = {stage: run.manifest(k, stage)["metrics"] for stage in ("sample", "judge", "filter", "train", "evaluate")}
     return {
+        **accuracy_fields(m["evaluate"]),
+        "verdict_sources": m["judge"].get("sources"),
+        "sample_accuracy": m["judge"].get("sample_accuracy"),
         "round": k,
         "completions": m["sample"]["completions"],
         "truncated": m["sample"]["truncated"],
@@ -84,7 +115,11 @@ def round_summary(run: RunDir, k: int) -> dict[str, Any]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Plain-text table of round summaries (no terminal features needed, so it reads the same in logs)."""
+    """Plain-text table of round summaries (no terminal features needed, so it reads the same in logs). With round 1
+    among them and a held-out accuracy, a row for round 0 (the starting model) comes first."""
+    start = [p for p in accuracy_curve(rows) if p["round"] == 0]
+    rows = [{"round": 0, "accuracy_cell": accuracy_cell(p["accuracy"], p["ci"])} for p in start] + [
+        {**row, "accuracy_cell": accuracy_cell(row.get("accuracy"), row.get("accuracy_ci"))} for row in rows]
     cells = [[title for _, title, _ in TABLE_COLUMNS]]
     for row in rows:
         cells.append([("-" if row.get(key) is None else fmt.format(row[key])) for key, _, fmt in TABLE_COLUMNS])
@@ -135,6 +170,31 @@ def _plot(history: list[dict[str, Any]], panels, size: tuple[float, float]) -> b
     return buf.getvalue()
 
 
+def accuracy_png(points: list[dict[str, Any]]) -> bytes:
+    """Held-out accuracy per round (an `accuracy_curve`) with its 95% intervals, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [p["round"] for p in points]
+    y = [p["accuracy"] for p in points]
+    lo = [p["accuracy"] - (p["ci"][0] if p["ci"] and p["ci"][0] is not None else p["accuracy"]) for p in points]
+    hi = [(p["ci"][1] if p["ci"] and p["ci"][1] is not None else p["accuracy"]) - p["accuracy"] for p in points]
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=80)
+    ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=4)
+    ax.set_xlabel("round")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_xticks(x)
+    ax.set_ylim(0, 1)
+    ax.set_title("held-out accuracy (greedy), 95% Wilson intervals")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def curves_png(history: list[dict[str, Any]]) -> bytes:
     """All training curves per step (loss, chosen/rejected rewards, margins, accuracy, grad norm) in one PNG."""
     return _plot(history, CURVE_PANELS, (15, 2.8))
@@ -164,7 +224,10 @@ def round_report_context(run_name: str, summary: dict[str, Any], judge: dict[str
         "kept": summary["kept"], "candidate_pairs": summary["candidate_pairs"], "win_rate": _fmt(evaluate["win_rate"]),
         "wins": wins, "ties": ties, "losses": losses,
         "judge_rows": [(label, _fmt(value)) for label, value in [
-            ("pairs judged", judge["judged"]), ("position consistency", judge["position_consistency"]),
+            ("pairs judged", judge["judged"]),
+            ("decided by the verifier / by the LLM", "{} / {}".format(*((judge.get("sources") or {}).get(x, 0) for x in ("verifier", "llm")))),
+            ("verifier calls (samples scored)", judge.get("verifier_calls")), ("samples correct", judge.get("sample_accuracy")),
+            ("position consistency (LLM)", judge["position_consistency"]),
             ("first-position win rate (bias)", judge["first_position_win_rate"]), ("tie rate", judge["tie_rate"]),
             ("invalid rate", judge.get("invalid_rate")), ("error rate", judge["error_rate"]),
             ("cache hits", judge.get("cache_hits")), ("cost", judge.get("cost"))]],
@@ -179,6 +242,9 @@ def round_report_context(run_name: str, summary: dict[str, Any], judge: dict[str
             ("95% Wilson interval", f"[{_fmt(evaluate.get('ci_low'))}, {_fmt(evaluate.get('ci_high'))}]"),
             ("length-controlled win rate", evaluate.get("lc_win_rate")),
             ("win rate vs round 0", (evaluate.get("vs_base") or {}).get("win_rate")),
+            ("held-out accuracy, new [95% CI]", accuracy_cell(summary.get("accuracy"), summary.get("accuracy_ci"))),
+            ("held-out accuracy, current checkpoint [95% CI]", accuracy_cell(summary.get("accuracy_previous"), summary.get("accuracy_previous_ci"))),
+            ("checkable held-out prompts", summary.get("accuracy_n")),
             ("mean answer tokens (new / current)",
              f"{_fmt(evaluate.get('mean_tokens_new'))} / {_fmt(evaluate.get('mean_tokens_previous'))}")]],
         "warnings": [{"check": w["check"], "value": _fmt(w["value"]), "threshold": w["threshold"], "message": w["message"]}
@@ -200,5 +266,6 @@ def lineage_rows(output_dir: Path) -> list[dict[str, Any]]:
         s = read_json(manifest)
         rows.append({"run": manifest.parent.parent.name, "round": s.get("round"), "kept": s.get("kept"),
                      "dpo_loss": _cell(s.get("dpo_loss")), "win_rate": _cell(s.get("win_rate")),
+                     "accuracy": _cell(s.get("accuracy")), "accuracy_ci": s.get("accuracy_ci"),
                      "wins_ties_losses": s.get("wins_ties_losses"), "finished_at": s.get("finished_at")})
     return sorted(rows, key=lambda r: r["finished_at"] or 0)

@@ -1,6 +1,7 @@
 """Stage 1, sample: K completions per prompt from the round's policy, batched, seeded (`selfplay.generation`).
 
-Output `round_<k>/sample/samples.parquet`, one row per completion: prompt_id, prompt, sample_idx, response,
+Output `round_<k>/sample/samples.parquet`, one row per completion: prompt_id, prompt, reference and verifier (the
+prompt's reference answer and the verifier its row names, null where it has none), sample_idx, response,
 prompt_tokens, n_tokens, truncated (the completion hit max_new_tokens before its end-of-sequence token).
 The policy is always loaded from its saved checkpoint, never reused from the trainer's in-memory model.
 """
@@ -18,14 +19,14 @@ from selfplay.config import RunConfig
 from selfplay.generation import sample_from_server
 from selfplay.isolate import isolated
 from selfplay.orchestration import Progress, gpu_slot, run_logger, stage
-from selfplay.prompts import draw_prompts, load_prompts
+from selfplay.prompts import draw_prompts, prompt_set
 from selfplay.rundir import RunDir
 
-COLUMNS = ["prompt_id", "prompt", "sample_idx", "response", "prompt_tokens", "n_tokens", "truncated"]
+COLUMNS = ["prompt_id", "prompt", "reference", "verifier", "sample_idx", "response", "prompt_tokens", "n_tokens", "truncated"]
 
 
 def round_prompts(cfg: RunConfig, k: int) -> list[dict[str, str]]:
-    pool = load_prompts(cfg.prompts.train, cfg.prompts.column, cfg.prompts.messages_column, cfg.prompts.split)
+    pool = prompt_set(cfg.prompts, "train")
     return draw_prompts(pool, cfg.prompts.per_round, cfg.seed, k)
 
 
@@ -54,7 +55,7 @@ def sample(cfg: RunConfig, k: int, policy: str) -> None:
         rows = sample_from_server(cfg, k, policy, [p["prompt"] for p in prompts], run.round_dir(k) / "sample-server.log", log)
     for row in rows:
         p = prompts[row.pop("prompt_index")]
-        row.update(prompt_id=p["id"], prompt=p["prompt"])
+        row.update(prompt_id=p["id"], prompt=p["prompt"], reference=p.get("reference"), verifier=p.get("verifier"))
     table = pd.DataFrame(rows, columns=COLUMNS)
     with run.stage_output(k, "sample", {"policy": policy}) as (out, manifest):
         table.to_parquet(out / "samples.parquet", index=False)

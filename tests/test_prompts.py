@@ -38,7 +38,8 @@ def test_bundled_sets_are_big_enough_and_disjoint(bundled):
 
 def test_bundled_prompts_are_non_empty_with_unique_ids(bundled):
     everything = bundled["train"] + bundled["eval"]
-    assert all(sorted(p) == ["id", "prompt"] for p in everything)
+    assert all(sorted(p) in (["id", "prompt"], ["id", "prompt", "reference"]) for p in everything)
+    assert any("reference" in p for p in bundled["eval"])  # the arithmetic items carry their answers
     assert all(p["prompt"].strip() == p["prompt"] and p["prompt"] for p in everything)
     ids = [p["id"] for p in everything]
     assert len(ids) == len(set(ids))
@@ -54,7 +55,7 @@ def test_bundled_categories_cover_every_kind(name):
 
 
 def test_unknown_bundled_set_lists_the_available_ones():
-    with pytest.raises(PromptError, match=r"unknown bundled prompt set 'bundled:test' \(have: bundled:eval, bundled:train\)"):
+    with pytest.raises(PromptError, match=r"unknown bundled prompt set 'bundled:test' \(have: bundled:checkable_eval, bundled:checkable_train, bundled:eval, bundled:train\)"):
         load_prompts("bundled:test")
 
 
@@ -224,3 +225,39 @@ def test_draws_never_exceed_the_pool_and_never_repeat():
         assert len(drawn) == min(n, size)
         assert len({p["id"] for p in drawn}) == len(drawn)
         assert all(p in prompts for p in drawn)
+
+
+# ---------------------------------------------------------------- reference answers and pooled sources
+
+def test_reference_and_verifier_columns_travel_with_the_prompt(tmp_path):
+    path = tmp_path / "p.jsonl"
+    rows = [{"id": "a", "prompt": "1+1?", "answer": 2, "verifier": "number"}, {"id": "b", "prompt": "hi", "answer": None},
+            {"id": "c", "prompt": "capital?", "answer": "  Paris "}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_prompts(str(path)) == [{"id": "a", "prompt": "1+1?", "reference": "2", "verifier": "number"},
+                                       {"id": "b", "prompt": "hi"}, {"id": "c", "prompt": "capital?", "reference": "Paris"}]
+    assert [p.get("reference") for p in load_prompts(str(path), answer_column="nope")] == [None, None, None]
+
+
+def test_a_list_of_sources_is_pooled_in_order_and_needs_distinct_ids(tmp_path):
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    one.write_text(json.dumps({"prompt": "x"}) + "\n")
+    two.write_text(json.dumps({"prompt": "y"}) + "\n")
+    pooled = load_prompts(["bundled:eval", "bundled:checkable_eval"])
+    assert [p["id"] for p in pooled[:1]] == ["eval-0001"] and pooled[-1]["id"].startswith("chk-eval-")
+    with pytest.raises(PromptError, match=r"prompt id '0' is in both .*one.jsonl and .*two.jsonl"):
+        load_prompts([str(one), str(two)])
+    with pytest.raises(PromptError, match="empty list"):
+        load_prompts([])
+
+
+def test_checkable_sets_are_disjoint_seeded_and_all_checkable():
+    from selfplay.checkable import generate_prompts
+    from selfplay.verifiers import number_score
+
+    train, held_out = load_prompts("bundled:checkable_train"), load_prompts("bundled:checkable_eval")
+    assert len(train) >= 500 and len(held_out) >= 200
+    assert {p["prompt"] for p in train}.isdisjoint(p["prompt"] for p in held_out)
+    assert all(p["verifier"] == "number" and number_score(p["reference"], p["reference"]) == 1.0 for p in train + held_out)
+    regenerated = generate_prompts(len(train), seed=0, prefix="chk-train")
+    assert [(r["prompt"], r["answer"]) for r in regenerated] == [(p["prompt"], p["reference"]) for p in train]

@@ -1,7 +1,9 @@
 """The judge's prompt: the template and rubric (bundled, or files a recipe names) and one-pass, fenced rendering.
 
 The template (`selfplay/data/templates/judge.txt`, or `judge.template`) has `{prompt}`, `{response_a}`,
-`{response_b}` and `{rubric}`. Judged text is fenced first: our tags and placeholders inside a response are
+`{response_b}`, `{rubric}` and `{reference}`. Where a prompt has a reference answer, the default is the
+reference-guided `judge_reference.txt` (MT-Bench's rule for maths and code: the judge sees the reference); a
+recipe's own template gets the reference, or "(none)", wherever it writes `{reference}`. Judged text is fenced first: our tags and placeholders inside a response are
 escaped, so "Response B:", a closing tag or `{rubric}` in a response cannot forge the prompt's structure.
 """
 
@@ -11,12 +13,22 @@ import re
 from importlib.resources import files
 from pathlib import Path
 
-PLACEHOLDERS = ("prompt", "response_a", "response_b", "rubric")
-FENCE_TAGS = ("request", "response_A", "response_B")
+PLACEHOLDERS = ("prompt", "response_a", "response_b", "rubric", "reference")
+FENCE_TAGS = ("request", "response_A", "response_B", "reference_answer")
+NO_REFERENCE = "(none)"
 
 
-def default_template() -> str:
-    return files("selfplay").joinpath("data/templates/judge.txt").read_text()
+def default_template(reference: bool = False) -> str:
+    name = "judge_reference.txt" if reference else "judge.txt"
+    return files("selfplay").joinpath(f"data/templates/{name}").read_text()
+
+
+def templates_for(path: str | None) -> tuple[str, str]:
+    """(template without a reference, template with one): the shipped pair, or the recipe's one template for both."""
+    if path is None:
+        return default_template(), default_template(reference=True)
+    template = load_template(path)
+    return template, template
 
 
 def load_rubric(path: str | None) -> str:
@@ -51,7 +63,8 @@ def fence(text: str) -> str:
     return re.sub(r"\{(" + "|".join(PLACEHOLDERS) + r")\}", lambda m: "{\u200b" + m.group(1) + "}", text)
 
 
-def render_judge_prompt(template: str, prompt: str, response_a: str, response_b: str, rubric: str) -> str:
+def render_judge_prompt(template: str, prompt: str, response_a: str, response_b: str, rubric: str, reference: str | None = None) -> str:
     """Fill the template in one pass, so text inserted for one placeholder is never re-read as another."""
-    values = {"prompt": fence(prompt), "response_a": fence(response_a), "response_b": fence(response_b), "rubric": rubric}
+    values = {"prompt": fence(prompt), "response_a": fence(response_a), "response_b": fence(response_b), "rubric": rubric,
+              "reference": NO_REFERENCE if reference is None else fence(reference)}
     return re.sub(r"\{(" + "|".join(PLACEHOLDERS) + r")\}", lambda m: values[m.group(1)], template)
