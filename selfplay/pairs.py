@@ -91,11 +91,14 @@ def build_pairs(samples: pd.DataFrame, pairing: str, seed: int, filt: FilterConf
             r1, r2 = g[a]["response"], g[b]["response"]
             t1, t2 = bool(g[a]["truncated"]), bool(g[b]["truncated"])
             reference = g[a].get("reference")
+            s1, s2 = _score(g[a]), _score(g[b])
+            # A cut-off response scores 0 with the verifier, which then decides the pair: only the LLM needs it screened.
+            decided = s1 is not None and s2 is not None and s1 != s2
             prompt_rows.append({
                 "prompt_id": prompt_id, "prompt": g[a]["prompt"], "reference": None if pd.isna(reference) else reference,
                 "i": g[a]["sample_idx"], "j": g[b]["sample_idx"], "response_1": r1, "response_2": r2,
                 "truncated_1": t1, "truncated_2": t2, "similarity": similarity(r1, r2),
-                "verify_1": _score(g[a]), "verify_2": _score(g[b]), "screened": screen(r1, r2, t1, t2, filt),
+                "verify_1": s1, "verify_2": s2, "screened": screen(r1, r2, t1 and not decided, t2 and not decided, filt),
             })
         if max_calls_per_prompt is not None:
             open_rows = [r for r in prompt_rows if r["screened"] is None]

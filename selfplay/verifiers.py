@@ -4,7 +4,8 @@ the program in `selfplay.sandbox`, and `python` calls the user's function); no m
 A score is a float in [0, 1]: 1.0 means correct (`is_correct`), lower means less correct, and a closer answer
 scores higher than a farther one, so two wrong answers can still be told apart.
 
-    number   the response's final number equals the reference number, within a relative tolerance; a wrong number
+    number   the response's final number equals the reference number (whole numbers exactly, decimals within a
+             relative tolerance); a wrong number
              scores 0.5 / (1 + relative error), no number at all 0. Applies when the reference is a number.
     exact    normalised text: the whole response, its last line, what follows its last "answer is"/"answer:",
              or its last `code` or **bold** span equals the reference (case, spaces, markdown and end
@@ -14,6 +15,9 @@ scores higher than a farther one, so two wrong answers can still be told apart.
     code     the response's program (its last ```python block, else its last fenced block, else all of it) runs,
              followed by the reference (the prompt's tests, e.g. `assert add(2, 3) == 5`), in the sandbox: 1.0 if
              it exits cleanly within the time and memory limits, else 0.
+
+A response cut off by the token budget (`truncated`) has no final answer: every verifier scores it 0, so a
+finished correct answer beats it, and an unfinished one is never counted as correct.
 
 `auto` picks per prompt: the prompt's own `verifier` column where it names one, else `number` for a numeric
 reference, else `exact`.
@@ -80,15 +84,16 @@ def final_number(response: str) -> float | None:
 
 
 def number_score(response: str, reference: str, rel_tol: float = 1e-6) -> float:
-    """1.0 when the final number equals the reference within `rel_tol` (relative, with an absolute floor of
-    `rel_tol` for a reference of 0); a wrong number 0.5 / (1 + relative error); no number 0."""
+    """1.0 when the final number equals the reference: exactly for whole numbers, else within `rel_tol` (relative,
+    with an absolute floor of `rel_tol` for a reference of 0); a wrong number 0.5 / (1 + relative error); no number 0."""
     want = parse_number(reference)
     if want is None:
         raise VerifierError(f"number verifier: the reference {reference!r} is not a number")
     got = final_number(response)
     if got is None:
         return 0.0
-    if math.isclose(got, want, rel_tol=rel_tol, abs_tol=rel_tol):
+    both_whole = got.is_integer() and want.is_integer()  # whole numbers compare exactly, however large
+    if got == want or (not both_whole and math.isclose(got, want, rel_tol=rel_tol, abs_tol=rel_tol)):
         return 1.0
     return 0.5 / (1.0 + abs(got - want) / max(abs(want), 1.0))
 
@@ -214,16 +219,17 @@ class Verifier:
 
 
 def score_table(verifier: Verifier, table, response: str = "response"):
-    """`table` (rows with prompt, `response`, and reference and verifier columns where the prompts have them) with
-    the verifier each row's prompt gets (`verifier`, None where none applies) and its score (`verify_score`).
-    Each response is scored once."""
+    """`table` (rows with prompt, `response`, and reference, verifier and truncated columns where it has them) with
+    the verifier each row's prompt gets (`verifier`, None where none applies) and its score (`verify_score`; 0 for
+    a truncated response). Each response is scored once."""
     out = table.copy()
     references = out["reference"] if "reference" in out else [None] * len(out)
     row_kinds = out["verifier"] if "verifier" in out else [None] * len(out)
+    cut = out["truncated"].astype(bool) if "truncated" in out else [False] * len(out)
     kinds = [verifier.kind(ref, row_kind) for ref, row_kind in zip(references, row_kinds)]
     out["verifier"] = kinds
-    out["verify_score"] = [None if kind is None else verifier.score(kind, p, r, ref)
-                           for kind, p, r, ref in zip(kinds, out["prompt"], out[response], references)]
+    out["verify_score"] = [None if kind is None else 0.0 if truncated else verifier.score(kind, p, r, ref)
+                           for kind, p, r, ref, truncated in zip(kinds, out["prompt"], out[response], references, cut)]
     out["verify_score"] = out["verify_score"].astype("float64")
     return out
 

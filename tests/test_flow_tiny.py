@@ -99,8 +99,14 @@ def test_parquet_outputs_have_expected_columns_and_counts(tiny_run):
         assert list(judgments.columns) == JUDGMENT_COLUMNS
         assert len(judgments) == n_prompts * pairs_per_prompt
         judged = judgments[judgments["verdict"] != "not_judged"]
-        assert judged["p_a_order1"].between(0, 1).all() and judged["p_a_order2"].between(0, 1).all()
-        assert (judged["p_first"] - (judged["p_a_order1"] + 1 - judged["p_a_order2"]) / 2).abs().max() < 1e-9
+        assert set(judged["source"]) <= {"llm", "verifier"}
+        by_llm, by_verifier = judged[judged["source"] == "llm"], judged[judged["source"] == "verifier"]
+        assert by_llm["p_a_order1"].between(0, 1).all() and by_llm["p_a_order2"].between(0, 1).all()
+        assert (by_llm["p_first"] - (by_llm["p_a_order1"] + 1 - by_llm["p_a_order2"]) / 2).abs().max() < 1e-9
+        # the bundled arithmetic prompts carry answers: where the verifier's scores differ, the higher one won
+        assert by_verifier["verify_1"].notna().all() and (by_verifier["verify_1"] != by_verifier["verify_2"]).all()
+        assert ((by_verifier["verdict"] == "first") == (by_verifier["verify_1"] > by_verifier["verify_2"])).all()
+        assert (judged.loc[judged["reference"].isna(), "source"] == "llm").all()
 
         pairs = pd.read_parquet(run.stage_dir(k, "filter") / "pairs.parquet")
         assert {"kept", "drop_reason", "chosen", "rejected"} <= set(pairs.columns)
@@ -155,3 +161,27 @@ def test_evaluate_stage_judges_new_against_previous(tiny_run):
     evals = pd.read_parquet(run.stage_dir(2, "evaluate") / "eval.parquet")
     assert evals["outcome"].tolist() == outcomes(evals["verdict"].tolist())
     assert m["metrics"]["n"] + m["metrics"]["errors"] == cfg.prompts.eval_size
+
+
+def test_held_out_accuracy_is_measured_on_every_checkable_prompt_and_reused(tiny_run):
+    cfg, run, summaries = tiny_run
+    from selfplay.prompts import accuracy_prompts, prompt_set
+
+    checkable = accuracy_prompts(cfg.prompts, prompt_set(cfg.prompts, "eval"))
+    assert len(checkable) == 16  # the bundled eval set's arithmetic items
+    for k in (1, 2):
+        table = pd.read_parquet(run.stage_dir(k, "evaluate") / "accuracy.parquet")
+        assert table["prompt_id"].tolist() == [p["id"] for p in checkable]
+        m = run.manifest(k, "evaluate")["metrics"]
+        assert m["accuracy"]["n"] == 16 and m["accuracy"]["correct"] == int(table["correct_new"].sum())
+        assert m["accuracy"]["ci_low"] <= m["accuracy"]["accuracy"] <= m["accuracy"]["ci_high"]
+        assert summaries[k - 1]["accuracy"] == m["accuracy"]["accuracy"]
+    # round 2's current checkpoint is round 1's: its greedy answers are read back, not generated again
+    one = pd.read_parquet(run.stage_dir(1, "evaluate") / "accuracy_generations.parquet")
+    two = pd.read_parquet(run.stage_dir(2, "evaluate") / "accuracy_generations_previous.parquet")
+    assert one["response"].tolist() == two["response"].tolist()
+    assert run.manifest(2, "evaluate")["metrics"]["accuracy_previous"] == run.manifest(1, "evaluate")["metrics"]["accuracy"]
+    from selfplay.report import format_table
+
+    table = format_table(summaries)
+    assert table.splitlines()[2].split()[0] == "0" and "held-out acc" in table  # the starting model's row first
