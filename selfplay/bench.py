@@ -24,8 +24,8 @@ from typing import Any
 from selfplay.rundir import STAGES, RunDir
 
 RECIPE = Path(__file__).resolve().parents[1] / "deployments" / "recipes" / "bench-improvement.yaml"
-TINY = ["rounds=1", "prompts.per_round=8", "sample.num_samples=2", "prompts.accuracy_size=8", "prompts.eval_size=2",
-        "sample.max_new_tokens=8", "evaluate.max_new_tokens=8", "train.min_pairs=1"]
+TINY = ["rounds=1", "prompts.per_round=12", "sample.num_samples=4", "prompts.accuracy_size=8", "prompts.eval_size=2",
+        "sample.max_new_tokens=24", "evaluate.max_new_tokens=24", "train.min_pairs=1"]
 
 
 def _stage_seconds(run: RunDir, k: int) -> dict[str, float]:
@@ -33,7 +33,7 @@ def _stage_seconds(run: RunDir, k: int) -> dict[str, float]:
     for stage in STAGES:
         if run.is_done(k, stage):
             m = run.manifest(k, stage)
-            out[stage] = m["finished_at"] - m["started_at"]
+            out[stage] = m.get("metrics", {}).get("seconds") or m["finished_at"] - m["started_at"]
     return out
 
 
@@ -44,7 +44,8 @@ def improvement_rows(run: RunDir) -> list[dict[str, Any]]:
         s = run.round_summary(k)
         if k == 1 and s.get("accuracy_previous") is not None:
             rows.append({"round": 0, "accuracy": s["accuracy_previous"], "ci": s["accuracy_previous_ci"]})
-        started = run.manifest(k, "sample")["started_at"]
+        sample = run.manifest(k, "sample")
+        started = sample["started_at"] - sample["metrics"]["seconds"]  # the manifest is opened as the stage writes its output
         rows.append({"round": k, "accuracy": s.get("accuracy"), "ci": s.get("accuracy_ci"), "n": s.get("accuracy_n"),
                      "sample_accuracy": s.get("sample_accuracy"), "kept": s.get("kept"), "sources": s.get("verdict_sources"),
                      "seconds": s["finished_at"] - started if s.get("finished_at") else None,
@@ -74,8 +75,10 @@ def improvement(args: argparse.Namespace) -> int:
     code = selfplay_main(["run", "--config", str(args.recipe), *sum((["--set", o] for o in overrides), [])])
     run = RunDir(Path(args.output_dir) / args.name)
     rows = improvement_rows(run)
-    print(f"\nimprovement benchmark: {args.rounds} round(s), {args.per_round} prompts a round, K={args.samples}, "
-          f"{time.time() - started:.0f} s in all\n")
+    cfg = json.loads((run.root / "run.json").read_text())["config"] if (run.root / "run.json").is_file() else {}
+    shape = (f"{cfg['rounds']} round(s), {cfg['prompts']['per_round']} prompts a round, K={cfg['sample']['num_samples']}"
+             if cfg else "no run recorded")
+    print(f"\nimprovement benchmark ({run.root}): {shape}, {time.time() - started:.0f} s in all\n")
     print(format_improvement(rows))
     accuracies = {r["round"]: r["accuracy"] for r in rows}
     if 0 in accuracies and len(accuracies) > 1:

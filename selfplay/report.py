@@ -222,6 +222,10 @@ def round_report_context(run_name: str, summary: dict[str, Any], judge: dict[str
     return {
         "run_name": run_name, "k": summary["round"], "gate": summary.get("gate_reason", "no decision recorded"),
         "kept": summary["kept"], "candidate_pairs": summary["candidate_pairs"], "win_rate": _fmt(evaluate["win_rate"]),
+        "accuracy_line": (f"Held-out accuracy **{accuracy_cell(summary['accuracy'], summary.get('accuracy_ci'))}** on "
+                          f"{summary.get('accuracy_n')} checkable prompts (current checkpoint "
+                          f"{accuracy_cell(summary.get('accuracy_previous'), summary.get('accuracy_previous_ci'))}).")
+                         if summary.get("accuracy") is not None else None,
         "wins": wins, "ties": ties, "losses": losses,
         "judge_rows": [(label, _fmt(value)) for label, value in [
             ("pairs judged", judge["judged"]),

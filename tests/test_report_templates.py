@@ -22,7 +22,7 @@ SUMMARY = {"round": 2, "kept": 4, "candidate_pairs": 6, "gate_reason": "rejected
            "checkpoint": "/runs/demo/round_2/train/checkpoint",
            "quality_warnings": [{"check": "length_bias", "value": 0.71, "threshold": 0.65, "message": "chosen is longer <b>"}],
            "training_warnings": [], "pathology_warnings": [{"check": "repetition", "value": 0.2, "threshold": 0.1, "message": "rising"}]}
-JUDGE = {"judged": 5, "position_consistency": 0.8, "first_position_win_rate": 0.55, "tie_rate": 0.2, "error_rate": 0.0, "cache_hits": 3}
+JUDGE = {"judged": 5, "sources": {"verifier": 4, "llm": 1}, "sample_accuracy": 0.25, "position_consistency": 0.8, "first_position_win_rate": 0.55, "tie_rate": 0.2, "error_rate": 0.0, "cache_hits": 3}
 TRAIN = {"steps": 5, "initial_loss": 0.6931, "final_loss": 0.5123456}
 EVALUATE = {"win_rate": 0.375, "wins": 3, "ties": 0, "losses": 5, "ci_low": 0.1, "ci_high": 0.7, "vs_base": {"win_rate": 0.5},
             "mean_tokens_new": 31.0}
@@ -38,7 +38,8 @@ def test_round_report_lays_out_every_section_verbatim():
                          "(3 wins, 0 ties, 5 losses).")
     assert [b for b in blocks if b.startswith("## ")] == ["## Judge", "## Training", "## Evaluation", "## Warnings"]
     judge_table = blocks[blocks.index("## Judge") + 1].splitlines()
-    assert judge_table[:2] == ["| | |", "|---|---|"] and len(judge_table) == 2 + 8
+    assert judge_table[:2] == ["| | |", "|---|---|"] and len(judge_table) == 2 + 11
+    assert "| decided by the verifier / by the LLM | 4 / 1 |" in judge_table and "| samples correct | 0.25 |" in judge_table
     assert "| invalid rate | - |" in judge_table and "| cache hits | 3 |" in judge_table
     assert "| final loss | 0.5123 |" in text and "| 95% Wilson interval | [0.1, 0.7] |" in text
     assert "| mean answer tokens (new / current) | 31 / - |" in text
@@ -100,3 +101,12 @@ def test_templates_are_found_from_an_installed_wheel(tmp_path):
     proc = subprocess.run([sys.executable, "-c", probe], check=False, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.splitlines() == ["# installed: round 2", "<h1>Self-play run empty-run</h1>"]
+
+
+def test_round_report_states_held_out_accuracy_beside_the_win_rate():
+    summary = {**SUMMARY, "accuracy": 0.35, "accuracy_ci": [0.29, 0.42], "accuracy_n": 200, "accuracy_previous": 0.3,
+               "accuracy_previous_ci": [0.24, 0.37]}
+    text = round_report("demo", summary, JUDGE, TRAIN, EVALUATE, b"")
+    assert ("(3 wins, 0 ties, 5 losses). Held-out accuracy **0.350 [0.29, 0.42]** on 200 checkable prompts (current "
+            "checkpoint 0.300 [0.24, 0.37]).") in text
+    assert "| held-out accuracy, new [95% CI] | 0.350 [0.29, 0.42] |" in text

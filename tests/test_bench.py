@@ -1,0 +1,44 @@
+"""The improvement benchmark's tiny version: the pipeline it measures runs end to end on the bundled model with the
+verifier as the only judge. It asserts what the run produced, never an accuracy or a time."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from selfplay.rundir import RunDir
+from tests.conftest import REPO
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_improvement_benchmark_tiny_runs_the_verifier_judged_pipeline(prefect_server, tmp_path):
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    proc = subprocess.run([sys.executable, "-m", "selfplay.bench", "improvement", "--tiny", "--output-dir", str(tmp_path),
+                           "--json", str(tmp_path / "rows.json")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1100)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    run = RunDir(tmp_path / "bench-improvement")
+    assert run.completed_rounds() == [1]
+    lines = proc.stdout.splitlines()
+    table = lines[next(i for i, line in enumerate(lines) if line.lstrip().startswith("round   held-out")):]
+    assert [line.split()[0] for line in table[1:3]] == ["0", "1"]  # the starting model, then round 1
+    assert "round 1 / round 0 held-out accuracy" in proc.stdout
+
+    judge = run.manifest(1, "judge")["metrics"]
+    assert judge["verifier_calls"] == 12 * 4  # K calls a prompt: each sample scored once
+    assert judge["sources"]["llm"] == 0 and judge["calls"] == 0  # fallback none: no LLM call at all
+    assert pd.read_parquet(run.stage_dir(1, "judge") / "calls.parquet").empty
+    scores = pd.read_parquet(run.stage_dir(1, "judge") / "scores.parquet")
+    assert scores["verifier"].eq("number").all() and scores["verify_score"].between(0, 1).all()
+
+    accuracy = pd.read_parquet(run.stage_dir(1, "evaluate") / "accuracy.parquet")
+    ev = run.manifest(1, "evaluate")["metrics"]
+    assert len(accuracy) == 8 and ev["accuracy"]["correct"] == int(accuracy["correct_new"].sum())
+    assert ev["accuracy_previous"]["correct"] == int(accuracy["correct_previous"].sum())
+    row = run.round_summary(1)
+    assert row["accuracy"] == ev["accuracy"]["accuracy"] and row["accuracy_previous"] == ev["accuracy_previous"]["accuracy"]
