@@ -147,7 +147,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print(f"no runs under {Path(args.output_dir).resolve()}")
     for row in rows:
         print(f"{row['run']:<24} {row['status']:<10} rounds {row['rounds_done']}/{row['rounds_target']}  "
-              f"last: kept {row['kept'] if row['kept'] is not None else '-'}, win rate {row['win_rate'] if row['win_rate'] is not None else '-'}  "
+              f"last: kept {row['kept'] if row['kept'] is not None else '-'}, win rate {row['win_rate'] if row['win_rate'] is not None else '-'}, "
+              f"held-out accuracy {row['accuracy'] if row['accuracy'] is not None else '-'}  "
               f"{row['updated']}")
     if os.environ.get("PREFECT_API_URL"):
         print("\nflow runs on " + os.environ["PREFECT_API_URL"] + ":")

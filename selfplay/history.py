@@ -33,6 +33,7 @@ def run_rows(output_dir: Path) -> list[dict[str, Any]]:
         updated = dt.datetime.fromtimestamp(last["finished_at"]).isoformat(timespec="seconds") if last.get("finished_at") else ""
         rows.append({"run": run.root.name, "status": run_status(run, target), "rounds_done": len(done), "rounds_target": target,
                      "kept": last.get("kept"), "win_rate": None if last.get("win_rate") is None else round(last["win_rate"], 3),
+                     "accuracy": None if last.get("accuracy") is None else round(last["accuracy"], 3),
                      "updated": updated})
     return rows
 
