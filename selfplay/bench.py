@@ -85,6 +85,11 @@ def improvement(args: argparse.Namespace) -> int:
         last = max(accuracies)
         ratio = accuracies[last] / accuracies[0] if accuracies[0] else float("inf")
         print(f"\nround {last} / round 0 held-out accuracy: {ratio:.2f}x")
+    from selfplay.report import accuracy_trend
+
+    trend = accuracy_trend(run)
+    if trend:
+        print(trend)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return code

@@ -61,7 +61,8 @@ def _run_flow(args: argparse.Namespace, cfg) -> int:
 
     from selfplay import shutdown
     from selfplay.errors import SelfplayError
-    from selfplay.report import format_table
+    from selfplay.report import accuracy_trend, format_table
+    from selfplay.rundir import RunDir
 
     resume = (f"Finished work is kept in {cfg.run_dir.resolve()}; to resume, rerun: "
               f"{shlex.join(['selfplay', *sys.argv[1:]]) if sys.argv[1:2] == ['run'] else 'the same command'}")
@@ -87,6 +88,9 @@ def _run_flow(args: argparse.Namespace, cfg) -> int:
         print(f"\nselfplay: {exc}\n{resume}", file=sys.stderr)
         return 1
     print("\n" + format_table(summaries))
+    trend = accuracy_trend(RunDir(cfg.run_dir))
+    if trend:
+        print("\n" + trend)
     print(f"\nrun files: {cfg.run_dir.resolve()}")
     return 0
 
@@ -158,7 +162,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from selfplay.report import format_table
+    from selfplay.report import accuracy_trend, format_table
     from selfplay.rundir import RunDir
 
     run = RunDir(Path(args.output_dir) / args.run)
@@ -168,6 +172,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     rounds = run.completed_rounds()
     print(f"run {args.run}: {len(rounds)} round(s) complete in {run.root.resolve()}\n")
     print(format_table([run.round_summary(k) for k in rounds]) if rounds else "(no completed round yet)")
+    trend = accuracy_trend(run)
+    if trend:
+        print("\n" + trend)
     for k in rounds:
         s = run.round_summary(k)
         print(f"\nround {k}: {s.get('gate_reason', 'no gate decision recorded')}\n  drops {s['drops']}\n  checkpoint {s['checkpoint']}")

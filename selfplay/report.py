@@ -273,3 +273,24 @@ def lineage_rows(output_dir: Path) -> list[dict[str, Any]]:
                      "accuracy": _cell(s.get("accuracy")), "accuracy_ci": s.get("accuracy_ci"),
                      "wins_ties_losses": s.get("wins_ties_losses"), "finished_at": s.get("finished_at")})
     return sorted(rows, key=lambda r: r["finished_at"] or 0)
+
+
+def accuracy_trend(run: RunDir) -> str | None:
+    """From round 0 to the last completed round: held-out accuracy on the same prompts, and how likely a rise this
+    large is by chance (one-sided exact McNemar over the prompts exactly one of the two gets right); None without
+    the answers to compare."""
+    from selfplay.evaluation import accuracy_change
+
+    rounds = run.completed_rounds()
+    if not rounds or rounds[0] != 1 or len(rounds) < 2:
+        return None
+    first_path, last_path = (run.stage_dir(k, "evaluate") / "accuracy.parquet" for k in (1, rounds[-1]))
+    if not first_path.is_file() or not last_path.is_file():
+        return None
+    first, last = pd.read_parquet(first_path), pd.read_parquet(last_path)
+    if first["prompt_id"].tolist() != last["prompt_id"].tolist():
+        return None
+    rise = accuracy_change(first["correct_previous"].tolist(), last["correct_new"].tolist())  # "previous" = the later model
+    return (f"held-out accuracy from round 0 to round {rounds[-1]}: {rise['new']:.3f} -> {rise['previous']:.3f} on {len(first)} "
+            f"prompts ({rise['previous_only']} right only after, {rise['new_only']} only before; one-sided exact McNemar "
+            f"p = {rise['p_value']:.2g})")

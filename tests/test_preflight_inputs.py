@@ -118,3 +118,29 @@ def test_selfplay_run_with_a_lora_rank_peft_refuses_exits_2_in_one_line(tiny_mod
     done = run_cli(tmp_path, tiny_config(tiny_model, tmp_path / "runs"), "train.lora.r=-1")
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == "selfplay: invalid configuration: train.lora.r: Input should be greater than 0 (got -1)"
+
+
+# ---------------------------------------------------------------- verifiers
+
+@pytest.mark.parametrize("row, overrides, message", [
+    ({"prompt": "2+2?", "answer": "four", "verifier": "number"}, [], r"prompt '0' has verifier 'number' but its reference 'four' is not a number"),
+    ({"prompt": "2+2?", "answer": "4", "verifier": "fuzzy"}, [], r"a prompt's verifier 'fuzzy' is not one of number, exact, regex, python, code"),
+    ({"prompt": "name?", "answer": "(", "verifier": "regex"}, [], r"prompt '0': its reference is not a regular expression"),
+    ({"prompt": "2+2?", "answer": "4"}, ["judge.verifier.kind=python", "judge.verifier.function=nowhere_module:f"], r"cannot import 'nowhere_module'"),
+])
+def test_a_verifier_that_cannot_check_its_prompts_fails_preflight(tmp_path, row, overrides, message):
+    from selfplay.config import load_config
+    from selfplay.preflight import check_verifiers
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    cfg = load_config(None, [f"prompts.train={path}", "prompts.per_round=1", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        check_verifiers(cfg)
+
+
+def test_the_shipped_prompts_pass_the_verifier_check():
+    from selfplay.config import load_config
+    from selfplay.preflight import check_verifiers
+
+    check_verifiers(load_config("deployments/recipes/cpu-demo.yaml"))

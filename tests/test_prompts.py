@@ -38,7 +38,7 @@ def test_bundled_sets_are_big_enough_and_disjoint(bundled):
 
 def test_bundled_prompts_are_non_empty_with_unique_ids(bundled):
     everything = bundled["train"] + bundled["eval"]
-    assert all(sorted(p) in (["id", "prompt"], ["id", "prompt", "reference"]) for p in everything)
+    assert all(sorted(p) in (["id", "prompt"], ["id", "prompt", "reference"], ["id", "prompt", "reference", "verifier"]) for p in everything)
     assert any("reference" in p for p in bundled["eval"])  # the arithmetic items carry their answers
     assert all(p["prompt"].strip() == p["prompt"] and p["prompt"] for p in everything)
     ids = [p["id"] for p in everything]
@@ -261,3 +261,41 @@ def test_checkable_sets_are_disjoint_seeded_and_all_checkable():
     assert all(p["verifier"] == "number" and number_score(p["reference"], p["reference"]) == 1.0 for p in train + held_out)
     regenerated = generate_prompts(len(train), seed=0, prefix="chk-train")
     assert [(r["prompt"], r["answer"]) for r in regenerated] == [(p["prompt"], p["reference"]) for p in train]
+
+
+SOLUTIONS = {
+    "is_palindrome": "def is_palindrome(s):\n    return s == s[::-1]",
+    "is_even": "def is_even(n):\n    return n % 2 == 0",
+    "last": "def last(items):\n    return items[-1]",
+    "is_leap": "def is_leap(y):\n    return y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)",
+    "count_vowels": "def count_vowels(s):\n    return sum(c in 'aeiou' for c in s.lower())",
+    "smallest": "def smallest(items):\n    m = items[0]\n    for x in items:\n        m = x if x < m else m\n    return m",
+    "greet": "def greet(name):\n    return f'Hello, {name}!'",
+    "factorial": "def factorial(n):\n    return 1 if n == 0 else n * factorial(n - 1)",
+    "first_char": "def first_char(s):\n    return s[:1]",
+    "largest": "def largest(a, b, c):\n    return max(a, b, c)",
+    "is_positive": "def is_positive(n): return n > 0",
+    "word_count": "def word_count(s):\n    return len(s.split())",
+    "square": "def square(x): return x * x",
+    "double_all": "def double_all(xs): return [2 * x for x in xs]",
+    "to_fahrenheit": "def to_fahrenheit(c):\n    return c * 9 / 5 + 32",
+    "title_case": "def title_case(s):\n    return s.title()",
+    "average": "def average(xs):\n    return sum(xs) / len(xs)",
+    "abs_diff": "def abs_diff(a, b):\n    return abs(a - b)",
+    "hours_minutes": "def hours_minutes(m):\n    return divmod(m, 60)",
+    "second_largest": "def second_largest(xs):\n    return sorted(set(xs))[-2]",
+    "is_prime": "def is_prime(n):\n    return n > 1 and all(n % d for d in range(2, int(n ** 0.5) + 1))",
+    "odd_numbers": "def odd_numbers(xs):\n    return [x for x in xs if x % 2]",
+}
+
+
+def test_bundled_coding_prompts_carry_tests_a_correct_solution_passes_and_a_wrong_one_fails():
+    from selfplay.verifiers import code_score
+
+    coding = [p for name in ("train", "eval") for p in load_prompts(f"bundled:{name}") if p.get("verifier") == "code"]
+    assert len(coding) >= 20
+    for p in coding:
+        name = next(n for n in SOLUTIONS if f" {n}(" in p["prompt"])
+        solution = f"Sure:\n```python\n{SOLUTIONS[name]}\n```"
+        assert code_score(solution, p["reference"]) == 1.0, p["id"]
+        assert code_score(f"```python\ndef {name}(*args):\n    return None\n```", p["reference"]) == 0.0, p["id"]

@@ -78,8 +78,11 @@ def test_sample_and_judge_tables(stages):
     calls = pd.read_parquet(run.stage_dir(1, "judge") / "calls.parquet")
     assert list(judgments.columns) == COLUMNS and list(calls.columns) == CALL_COLUMNS
     judged = judgments[judgments["verdict"] != "not_judged"]
-    assert len(calls) == 2 * len(judged) == out["judge"]["metrics"]["calls"]
+    assert len(calls) == 2 * int((judged["source"] == "llm").sum()) == out["judge"]["metrics"]["calls"]
     assert judged["p_first"].between(0, 1).all()
+    scores = pd.read_parquet(run.stage_dir(1, "judge") / "scores.parquet")
+    assert len(scores) == len(samples) and out["judge"]["metrics"]["verifier_calls"] == int(scores["verifier"].notna().sum())
+    assert (scores["verifier"].notna() == samples["reference"].notna()).all()  # every sample with a reference was scored
 
 
 def test_filter_train_evaluate_outputs(stages):
