@@ -44,7 +44,8 @@ def endpoint_run(prefect_server, tiny_model, tmp_path_factory):
     with ScriptedOpenAI(prefer_shorter, latency=0.01) as server:
         raw = tiny_config(
             tiny_model, tmp, name="endpoint-judge", rounds=1,
-            judge={"backend": "endpoint", "mode": "auto", "margin": 0.5, "cache": False,
+            # the LLM judges every pair here, also the bundled arithmetic ones a verifier would decide
+            judge={"backend": "endpoint", "mode": "auto", "margin": 0.5, "cache": False, "verifier": {"kind": "none"},
                    "endpoint": {"base_url": server.base_url, "model": "judge", "api_key_secret": "judge-api-key",
                                 "api_key_env": None, "max_concurrency": 4,
                                 "price_input_per_mtok": 1.0, "price_output_per_mtok": 2.0}},

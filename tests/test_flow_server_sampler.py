@@ -124,7 +124,7 @@ def test_vllm_judge_is_started_for_each_judging_step_and_stopped(prefect_server,
     calls = pd.read_parquet(run.stage_dir(1, "judge") / "calls.parquet")
     assert (calls["mode"] == "logprobs").all() and calls["error"].isna().all()
     judged = pd.read_parquet(run.stage_dir(1, "judge") / "judgments.parquet")
-    judged = judged[judged["verdict"] != "not_judged"]
+    judged = judged[(judged["verdict"] != "not_judged") & (judged["source"] == "llm")]
     assert judged["p_a_order1"].between(0.05, 0.95).all() and judged["p_a_order1"].nunique() > 1
     assert summary["kept"] >= cfg["train"]["min_pairs"]
     assert run.manifest(1, "evaluate")["metrics"]["wins"] + run.manifest(1, "evaluate")["metrics"]["losses"] > 0
