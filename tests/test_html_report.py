@@ -240,3 +240,24 @@ def test_untrusted_text_is_escaped_wherever_it_appears(tmp_path):
     # the 3 shown pairs' prompts and the first one's chosen answer; the first shown eval prompt's new answer
     found = len(re.findall(escaped, text))
     assert found == 3 + 1 + 3 + 1 + 3 + 3 + 1 + 1, found
+
+
+def test_report_shows_held_out_accuracy_from_round_0_with_a_plot(tmp_path):
+    root = tmp_path / "runs" / "acc"
+    run = RunDir(root)
+    root.mkdir(parents=True)
+    write_json_atomic(root / "run.json", {"config": {"name": "acc", "rounds": 2}, "base_model": "bundled", "created_at": time.time()})
+    for k, (before, after) in ((1, (0.25, 0.31)), (2, (0.31, 0.36))):
+        write_stages(run, k)
+        accuracy = {"accuracy": after, "ci_low": after - 0.06, "ci_high": after + 0.07, "n": 150}
+        previous = {"accuracy": before, "ci_low": before - 0.06, "ci_high": before + 0.07, "n": 150}
+        run.finish_round(k, {**round_summary(run, k), "accepted": True, "gate_reason": "ok", "accuracy": after,
+                             "accuracy_ci": [accuracy["ci_low"], accuracy["ci_high"]], "accuracy_previous": before,
+                             "accuracy_previous_ci": [previous["ci_low"], previous["ci_high"]],
+                             "verdict_sources": {"verifier": 20 + k, "llm": 3}})
+    text = write_report(root).read_text(encoding="utf-8")
+    assert "held-out accuracy [95% CI]" in text and "starting model" in text
+    assert "0.250 [0.19, 0.32]" in text and "0.310 [0.25, 0.38]" in text and "0.360 [0.30, 0.43]" in text
+    assert "21 / 3" in text and "22 / 3" in text  # decided by the verifier / by the LLM
+    assert 'alt="held-out accuracy per round, with 95% intervals"' in text
+    assert len(data_uri_pngs(text)) == 3  # two rounds' training curves and the accuracy plot
