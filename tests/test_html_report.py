@@ -261,3 +261,7 @@ def test_report_shows_held_out_accuracy_from_round_0_with_a_plot(tmp_path):
     assert "21 / 3" in text and "22 / 3" in text  # decided by the verifier / by the LLM
     assert 'alt="held-out accuracy per round, with 95% intervals"' in text
     assert len(data_uri_pngs(text)) == 3  # two rounds' training curves and the accuracy plot
+    from selfplay.report import lineage_rows
+
+    rows = lineage_rows(root.parent)  # the lineage table artifact's rows
+    assert [(r["round"], r["accuracy"], r["accuracy_ci"]) for r in rows] == [(1, 0.31, "0.310 [0.25, 0.38]"), (2, 0.36, "0.360 [0.30, 0.43]")]
