@@ -168,12 +168,12 @@ def test_held_out_accuracy_is_measured_on_every_checkable_prompt_and_reused(tiny
     from selfplay.prompts import accuracy_prompts, prompt_set
 
     checkable = accuracy_prompts(cfg.prompts, prompt_set(cfg.prompts, "eval"))
-    assert len(checkable) == 16  # the bundled eval set's arithmetic items
+    assert len(checkable) == 21  # the bundled eval set's 16 arithmetic items and 5 coding tasks with tests
     for k in (1, 2):
         table = pd.read_parquet(run.stage_dir(k, "evaluate") / "accuracy.parquet")
         assert table["prompt_id"].tolist() == [p["id"] for p in checkable]
         m = run.manifest(k, "evaluate")["metrics"]
-        assert m["accuracy"]["n"] == 16 and m["accuracy"]["correct"] == int(table["correct_new"].sum())
+        assert m["accuracy"]["n"] == len(checkable) and m["accuracy"]["correct"] == int(table["correct_new"].sum())
         assert m["accuracy"]["ci_low"] <= m["accuracy"]["accuracy"] <= m["accuracy"]["ci_high"]
         assert summaries[k - 1]["accuracy"] == m["accuracy"]["accuracy"]
     # round 2's current checkpoint is round 1's: its greedy answers are read back, not generated again
