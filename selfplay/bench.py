@@ -39,11 +39,12 @@ def _stage_seconds(run: RunDir, k: int) -> dict[str, float]:
 
 def improvement_rows(run: RunDir) -> list[dict[str, Any]]:
     """Round 0 and each completed round: accuracy [interval], sample accuracy, kept pairs, sources, seconds."""
-    rows: list[dict[str, Any]] = []
-    for k in run.completed_rounds():
-        s = run.round_summary(k)
-        if k == 1 and s.get("accuracy_previous") is not None:
-            rows.append({"round": 0, "accuracy": s["accuracy_previous"], "ci": s["accuracy_previous_ci"]})
+    from selfplay.report import accuracy_curve
+
+    summaries = [run.round_summary(k) for k in run.completed_rounds()]
+    rows: list[dict[str, Any]] = [p for p in accuracy_curve(summaries) if p["round"] == 0]
+    for s in summaries:
+        k = s["round"]
         sample = run.manifest(k, "sample")
         started = sample["started_at"] - sample["metrics"]["seconds"]  # the manifest is opened as the stage writes its output
         rows.append({"round": k, "accuracy": s.get("accuracy"), "ci": s.get("accuracy_ci"), "n": s.get("accuracy_n"),

@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from selfplay.config import GateConfig
-from selfplay.judging import VERDICT_COLUMNS, Comparison
+from selfplay.judging import VERDICT_COLUMNS, Comparison, present
 from selfplay.quality import wilson_interval, win_summary
 
 OUTCOME = {"first": "win", "second": "loss", "judge_error": "error", "invalid": "error"}
@@ -94,11 +94,8 @@ def accuracy_change(new: list[bool], previous: list[bool]) -> dict[str, Any]:
 def comparisons(new: pd.DataFrame, other: pd.DataFrame) -> list[Comparison]:
     """The judge's questions: the new model's answer (position first) against the other's, prompt by prompt, with
     the prompt's reference and the verifier's scores of both answers where the answers were scored."""
-    def cell(row, name):
-        value = getattr(row, name, None)
-        return None if value is None or (not isinstance(value, str) and pd.isna(value)) else value
-
-    return [Comparison(a.prompt, a.response, b.response, cell(a, "reference"), cell(a, "verify_score"), cell(b, "verify_score"))
+    return [Comparison(a.prompt, a.response, b.response, *(present(getattr(row, name, None)) for row, name in
+                                                         ((a, "reference"), (a, "verify_score"), (b, "verify_score"))))
             for a, b in zip(new.itertuples(), other.itertuples())]
 
 

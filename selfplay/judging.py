@@ -57,6 +57,15 @@ class Comparison(NamedTuple):
     llm_on_tie: bool = True
 
 
+def present(value: Any) -> Any:
+    """A table cell as a Comparison field: None where it is missing (None, NaN, as parquet reads nulls back).
+
+    >>> present(float("nan")), present("7"), present(0.5)
+    (None, '7', 0.5)
+    """
+    return None if value is None or (not isinstance(value, str) and pd.isna(value)) else value
+
+
 def verifier_verdict(c: Comparison, fallback: str = "llm") -> dict[str, Any] | None:
     """The verdict row the verifier's scores give, or None when the LLM judge must decide.
 
@@ -170,8 +179,8 @@ def judge_stats(table: pd.DataFrame, results: list[JudgeResult]) -> dict[str, An
     `invalid` (cut short), which `check_error_rate` quotes."""
     judged = table[table["verdict"] != "not_judged"]
     n = len(judged)
-    sources = judged["source"].value_counts().to_dict() if "source" in judged else {}
-    answered = judged[~judged["verdict"].isin(["judge_error", "invalid"]) & (judged["source"] != "verifier" if "source" in judged else True)]
+    sources = judged["source"].value_counts().to_dict()
+    answered = judged[~judged["verdict"].isin(["judge_error", "invalid"]) & (judged["source"] == "llm")]
     firsts = [r.p_a > 0.5 if r.label is None else r.label == "A" for r in results if r.p_a is not None and r.label != "invalid"]
     counts = table["verdict"].value_counts().to_dict()
     live = [r for r in results if not r.cached and r.error is None]

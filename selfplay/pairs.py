@@ -22,7 +22,7 @@ from rapidfuzz import fuzz
 
 from selfplay.config import FilterConfig
 from selfplay.judges import JudgeResult
-from selfplay.judging import VERDICT_COLUMNS, Comparison, Judged, judge_stats
+from selfplay.judging import VERDICT_COLUMNS, Comparison, Judged, judge_stats, present
 
 REASONS = ("empty", "truncated", "too_similar", "length_ratio", "over_budget", "judge_error", "invalid", "tie", "inconsistent", "not_selected")
 PAIR_COLUMNS = ["prompt_id", "prompt", "reference", "i", "j", "response_1", "response_2", "truncated_1", "truncated_2", "similarity",
@@ -108,10 +108,6 @@ def build_pairs(samples: pd.DataFrame, pairing: str, seed: int, filt: FilterConf
     return pd.DataFrame(rows, columns=PAIR_COLUMNS)
 
 
-def _cell(value: Any) -> Any:
-    return None if value is None or (not isinstance(value, str) and pd.isna(value)) else value
-
-
 def pair_comparisons(pairs: pd.DataFrame, pairing: str = "all_pairs") -> list[Comparison]:
     """The unscreened pairs as the judge's comparisons, in order: response_1 as response_a, so "first" prefers it.
 
@@ -125,7 +121,7 @@ def pair_comparisons(pairs: pd.DataFrame, pairing: str = "all_pairs") -> list[Co
             if scores.notna().all() and scores.nunique() > 1:
                 separated.add(prompt_id)
     todo = pairs[pairs["screened"].isna()]
-    return [Comparison(p, a, b, _cell(ref), _cell(s1), _cell(s2), pid not in separated)
+    return [Comparison(p, a, b, present(ref), present(s1), present(s2), pid not in separated)
             for pid, p, a, b, ref, s1, s2 in zip(todo["prompt_id"], todo["prompt"], todo["response_1"], todo["response_2"],
                                                  todo["reference"], todo["verify_1"], todo["verify_2"])]
 

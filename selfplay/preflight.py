@@ -26,8 +26,7 @@ def preflight(cfg: RunConfig) -> Path:
     if checked["error"]:
         raise ConfigError(checked["error"])
     check_training_hardware(cfg, checked["device"])
-    check_prompts(cfg.prompts)
-    check_verifiers(cfg)
+    check_verifiers(cfg, check_prompts(cfg.prompts))
     try:
         load_template(cfg.judge.template)
         load_rubric(cfg.judge.rubric)
@@ -74,7 +73,7 @@ def preflight(cfg: RunConfig) -> Path:
     return base
 
 
-def check_prompts(p: PromptsConfig) -> None:
+def check_prompts(p: PromptsConfig) -> dict[str, list[dict[str, str]]]:
     """Both prompt sets load, and hold at least the prompts a round draws (`per_round`) and the evaluate stage uses
     (`eval_size`): a draw takes min(per_round, available), so a short set would otherwise shrink every round silently."""
     train = prompt_set(p, "train")
@@ -87,11 +86,13 @@ def check_prompts(p: PromptsConfig) -> None:
         raise ConfigError(
             f"prompts.eval {p.eval!r} has {len(held_out)} prompt(s), fewer than prompts.eval_size={p.eval_size}: add prompts "
             f"to it, or lower prompts.eval_size to {len(held_out)} or less")
+    return {"train": train, "eval": held_out}
 
 
-def check_verifiers(cfg: RunConfig) -> None:
+def check_verifiers(cfg: RunConfig, prompt_sets: dict[str, list[dict[str, str]]] | None = None) -> None:
     """Every prompt with a reference has a verifier that can check it: a known verifier name in its row, a numeric
-    reference for `number`, a valid pattern for `regex`, an importable function for `python`."""
+    reference for `number`, a valid pattern for `regex`, an importable function for `python`. `prompt_sets` are
+    the train and eval prompts already loaded (`check_prompts`), read again when not given."""
     import re
 
     from selfplay.verifiers import Verifier, VerifierError, parse_number
@@ -99,7 +100,7 @@ def check_verifiers(cfg: RunConfig) -> None:
     try:
         verifier = Verifier(cfg.judge.verifier)
         for which in ("train", "eval"):
-            for q in prompt_set(cfg.prompts, which):
+            for q in prompt_sets[which] if prompt_sets else prompt_set(cfg.prompts, which):
                 kind = verifier.kind(q.get("reference"), q.get("verifier"))
                 if kind == "number" and parse_number(q["reference"]) is None:
                     raise VerifierError(f"prompts.{which}: prompt {q['id']!r} has verifier 'number' but its reference {q['reference']!r} is not a number")

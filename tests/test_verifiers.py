@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import textwrap
 
 import pandas as pd
@@ -295,7 +294,7 @@ def test_score_table_reads_old_samples_without_reference_columns():
     old = pd.DataFrame({"prompt": ["q"], "response": ["r"]})
     scored = score_table(Verifier(VerifierConfig()), old)
     assert scored["verifier"].tolist() == [None] and scored["verify_score"].isna().all()
-    assert sys.modules["selfplay.verifiers"].verifier_stats(scored)["sample_accuracy"] is None
+    assert verifier_stats(scored)["sample_accuracy"] is None
 
 
 def test_a_truncated_response_has_no_final_answer():
