@@ -116,6 +116,9 @@ class VerifierConfig(Section):
         "auto", description="'auto': per prompt, its own verifier column, else 'number' for a numeric reference, else 'exact'; "
         "'none': the LLM judges everything; or one verifier for every prompt with a reference.")
     tolerance: float = Field(1e-6, ge=0, description="number: relative tolerance of a correct answer.")
+    partial_credit: bool = Field(
+        True, description="A wrong answer's score says how close it came (number: 0.5 / (1 + relative error)), so two wrong answers "
+        "are told apart; false: every score is 1 (correct) or 0, and two wrong answers tie.")
     function: str | None = Field(None, description="python: the scoring function, 'module:function(prompt, response, reference) -> float in [0, 1]'.")
     timeout_s: float = Field(5.0, gt=0, description="code: seconds a program with its tests may run.")
     memory_mb: int = Field(512, ge=64, description="code: address-space limit of a program, in MiB.")

@@ -108,7 +108,7 @@ def sample_from_server(cfg: RunConfig, k: int, policy: str, prompts: list[str], 
     (and stopped, its port and GPU memory free, before training), or an already-running endpoint.
 
     A policy that is a LoRA adapter (`train.merge: false`) is served over its base model: the started server gets
-    `--enable-lora --lora-modules <name>=<adapter>`; a running endpoint is asked to load it (vLLM's
+    `--enable-lora --lora-modules {"name": <name>, "path": <adapter>}`; a running endpoint is asked to load it (vLLM's
     /v1/load_lora_adapter) and to unload it afterwards. Requests then name the adapter as their model.
     """
     from selfplay.lora_serving import adapter_name, serving_plan

@@ -2,7 +2,7 @@
 and unloads one in a running server.
 
 A round's policy trained with `train.merge: false` is an adapter directory, not a model. A server selfplay starts
-gets it at start (`serving_plan`: `--enable-lora --lora-modules <name>=<adapter>` over the base model); a running
+gets it at start (`serving_plan`: `--enable-lora --lora-modules '{"name": <name>, "path": <adapter>}'` over the base model); a running
 endpoint is asked to load it (`load_lora_adapter`, vLLM's POST /v1/load_lora_adapter, which needs
 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True on the server) and to unload it afterwards. Requests then name the adapter
 as their model.
@@ -67,11 +67,16 @@ def adapter_name(run_name: str, adapter: str | os.PathLike) -> str:
 def lora_args(name: str, adapter: str | os.PathLike, rank: int) -> list[str]:
     """`vllm serve` flags that serve the adapter at `adapter` as model `name` over the base model (pure).
 
-    >>> lora_args("run-round_1", "/runs/run/round_1/train/checkpoint", 12)
-    ['--enable-lora', '--max-lora-rank', '16', '--lora-modules', 'run-round_1=/runs/run/round_1/train/checkpoint']
+    The module is given in vLLM's JSON form, `{"name": ..., "path": ...}`: its other form, `name=path`, is split on
+    "=" (a name or path holding one breaks the server's argument parser) and is read as JSON when it holds a ","
+    (the server exits). See vLLM's `LoRAParserAction` (vllm/entrypoints/openai/cli_args.py).
+
+    >>> lora_args("run-round_1", "/runs/run/round_1/train/checkpoint", 12)  # doctest: +NORMALIZE_WHITESPACE
+    ['--enable-lora', '--max-lora-rank', '16', '--lora-modules',
+     '{"name": "run-round_1", "path": "/runs/run/round_1/train/checkpoint"}']
     """
     max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), rank)
-    return ["--enable-lora", "--max-lora-rank", str(max_rank), "--lora-modules", f"{name}={adapter}"]
+    return ["--enable-lora", "--max-lora-rank", str(max_rank), "--lora-modules", json.dumps({"name": name, "path": str(adapter)})]
 
 
 def serving_plan(spec: ServerSpec, model: str | os.PathLike, lora_name: str) -> tuple[ServerSpec, str, str | None]:

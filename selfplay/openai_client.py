@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from selfplay.config import EndpointConfig
 
 __all__ = ["EndpointError", "RequestFailed", "SamplingError", "resolve_api_key", "check_endpoint", "async_client", "chat",
-           "describe", "run_sync", "asample_chat", "sample_chat"]
+           "describe", "run_sync", "request_seed", "asample_chat", "sample_chat"]
 
 T = TypeVar("T")
 # Pause before asking again after a 200 reply that was not a usable completion (the client's backoff covers the rest).
@@ -206,6 +206,18 @@ class SamplingError(SelfplayError, RuntimeError):
     """A prompt's request failed after its retries, or was refused (4xx other than 408/409/429)."""
 
 
+def request_seed(seed: int, index: int, n: int) -> int:
+    """The seed of prompt `index`'s request for `n` choices: `seed + index * n`. vLLM gives choice j of a request
+    seeded s the seed s + j (its parallel sampling), so prompt i's choices draw seeds seed + i*n ... seed + i*n + n-1:
+    no two (prompt, choice) pairs share one. (`seed + index` would give prompt i's choice j and prompt i+1's choice
+    j-1 the same stream.)
+
+    >>> sorted(request_seed(7, i, 3) + j for i in range(3) for j in range(3)) == list(range(7, 16))
+    True
+    """
+    return seed + index * n
+
+
 def _split_tokens(total: int | None, texts: list[str]) -> list[int]:
     """Per-choice token counts: the reported total split in proportion to word counts (largest remainder).
 
@@ -254,7 +266,7 @@ async def asample_chat(
         request: dict[str, Any] = dict(model=model, messages=messages, n=n, temperature=temperature, top_p=top_p,
                                        max_tokens=max_tokens)
         if seed is not None:
-            request["seed"] = seed + index
+            request["seed"] = request_seed(seed, index, n)
         if exact_tokens:
             request["logprobs"] = True
         if extra_body:
@@ -314,8 +326,8 @@ def sample_chat(
 ) -> list[list[dict]]:
     """`n` sampled chat completions per prompt from an OpenAI-compatible server; callable from sync code.
 
-    One request per prompt (`messages` = [system?, user], `n=n`, `seed=seed + index`: different prompts get
-    different seeds, and a rerun asks for exactly the same thing), at most `max_concurrency` in flight. What the
+    One request per prompt (`messages` = [system?, user], `n=n`, `seed=seed + index * n`, see `request_seed`: no two
+    choices of any two prompts share a random stream, and a rerun asks for exactly the same thing), at most `max_concurrency` in flight. What the
     client retries (429, 5xx, timeouts, connection errors) and replies without `n` choices are retried up to
     `max_retries` times; a prompt still failing, or a 4xx, raises `SamplingError`. `extra_body` carries
     server-specific sampling options (vLLM: top_k, min_p, ...).

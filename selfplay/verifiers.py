@@ -196,7 +196,13 @@ class Verifier:
         return choose_kind(self.cfg.kind, reference, row_kind)
 
     def score(self, kind: str, prompt: str, response: str, reference: str) -> float:
-        reference = str(reference)
+        """The score in [0, 1]; with `partial_credit` off, 1.0 for a correct response and 0.0 for any other."""
+        value = self._score(kind, prompt, response, str(reference))
+        if getattr(self.cfg, "partial_credit", True):
+            return value
+        return 1.0 if is_correct(value) else 0.0
+
+    def _score(self, kind: str, prompt: str, response: str, reference: str) -> float:
         if kind == "number":
             return number_score(response, reference, self.cfg.tolerance)
         if kind == "exact":

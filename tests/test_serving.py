@@ -129,7 +129,7 @@ def test_lifecycle_health_sample_stop(tmp_path):
         out = sample_chat(server.base_url, "policy", prompts, n=3, temperature=0.9, top_p=0.95, max_tokens=32, seed=10)
         assert [len(choices) for choices in out] == [3, 3, 3, 3]
         for i, (prompt, choices) in enumerate(zip(prompts, out)):
-            assert [c["response"] for c in choices] == [f"answer {j} to: {prompt} [seed {10 + i}]" for j in range(3)]
+            assert [c["response"] for c in choices] == [f"answer {j} to: {prompt} [seed {10 + 3 * i}]" for j in range(3)]
             assert all(c["truncated"] is False and c["n_tokens"] > 0 for c in choices)
         # a rerun asks for the same seeds: the same answers
         assert sample_chat(server.base_url, "policy", prompts, n=3, temperature=0.9, top_p=0.95, max_tokens=32, seed=10) == out

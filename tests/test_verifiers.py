@@ -52,6 +52,15 @@ def test_number_a_closer_wrong_answer_scores_higher_and_never_correct(ref, a, b)
         assert sa >= sb
 
 
+@given(numbers, numbers, st.sampled_from(["number", "exact"]))
+def test_without_partial_credit_scores_are_right_or_wrong_and_agree_with_partial_credit(ref, got, kind):
+    partial, binary = Verifier(VerifierConfig()), Verifier(VerifierConfig(partial_credit=False))
+    response = f"The answer is {got}."
+    full, flat = partial.score(kind, "q", response, str(ref)), binary.score(kind, "q", response, str(ref))
+    assert flat in (0.0, 1.0)
+    assert (flat == 1.0) == is_correct(full) == (got == ref)
+
+
 @given(st.text(alphabet=st.characters(blacklist_categories=("Nd",)), max_size=40), numbers)
 def test_number_no_number_scores_zero(text, ref):
     assert number_score(text, str(ref)) == 0.0
