@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from selfplay import gpu
 from selfplay.config import RunConfig
 from selfplay.models import is_adapter, load_causal_lm, load_tokenizer, release_memory
 from selfplay.orchestration import gpu_slot
@@ -126,8 +127,8 @@ def sample_from_server(cfg: RunConfig, k: int, policy: str, prompts: list[str], 
             with ModelServer(spec, model_path, log_path) as server:
                 out = sample_chat(server.base_url, name or server.api_model, prompts, api_key=server.api_key, **params)
             if not server.wait_gpu_free():
-                log.warning("round %d: GPU memory was not all given back %g s after the sampling server stopped", k,
-                            spec.gpu_free_timeout)
+                log.warning("round %d: GPU memory was not all given back %g s after the sampling server stopped; held by %s", k,
+                            spec.gpu_free_timeout, gpu.holders())
     else:
         from selfplay.lora_serving import LoraAdapterError, load_lora_adapter, unload_lora_adapter
         from selfplay.openai_client import resolve_api_key

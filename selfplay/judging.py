@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import pandas as pd
 
-from selfplay import isolate
+from selfplay import gpu, isolate
 from selfplay.config import JudgeConfig, RunConfig
 from selfplay.errors import SelfplayError
 from selfplay.isolate import isolated
@@ -321,5 +321,6 @@ def serve_and_judge(cfg: JudgeConfig, reference: str, batches: list[list[Compari
             judge = OpenAIJudge(endpoint, mode=cfg.mode, cache=None, api_key=server.api_key)
             results = [judge_comparisons(judge, batch, cfg, progress=progress) for batch in batches]
         if not server.wait_gpu_free():
-            log.warning("GPU memory was not all given back %g s after the judge server stopped", spec.gpu_free_timeout)
+            log.warning("GPU memory was not all given back %g s after the judge server stopped; held by %s", spec.gpu_free_timeout,
+                        gpu.holders())
     return results

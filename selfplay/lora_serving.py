@@ -41,15 +41,26 @@ def _lora_call(action: str, base_url: str, body: dict, api_key: str, timeout: fl
         return
     try:
         payload = reply.json()
-        message = (payload.get("error") or {}).get("message") if isinstance(payload.get("error"), dict) else None
-        message = message or payload.get("message") or payload.get("detail") or reply.text
     except ValueError:
-        message = reply.text
-    hint = ""
-    if reply.status_code in (404, 405):
-        hint = ("; start vLLM with --enable-lora and the environment variable VLLM_ALLOW_RUNTIME_LORA_UPDATING=True "
-                "to load adapters at runtime")
-    raise LoraAdapterError(f"POST {url} answered {reply.status_code}: {str(message)[:1000]}{hint}")
+        payload = None
+    error = payload.get("error") if isinstance(payload, dict) else None
+    message = (error.get("message") if isinstance(error, dict) else error) or (payload or {}).get("detail") or reply.text
+    raise LoraAdapterError(f"POST {url} answered {reply.status_code}: {str(message)[:1000]}{_hint(reply.status_code, payload, body)}")
+
+
+def _hint(status: int, payload, body: dict) -> str:
+    """What to fix, read from vLLM's answer (vllm/entrypoints/openai/serving_models.py): no such route means the
+    runtime LoRA API is off; vLLM's own 404 NotFoundError means a missing adapter path or name."""
+    route_missing = status == 405 or (status == 404 and isinstance(payload, dict) and payload.get("detail") == "Not Found")
+    if route_missing or (status == 404 and not isinstance(payload, dict)):
+        return ("; the server has no runtime LoRA API: start vLLM with --enable-lora and the environment variable "
+                "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True")
+    if status == 404 and "lora_path" in body:
+        return (f"; the server cannot read an adapter at {body['lora_path']}: the path must be one the server sees "
+                "(for a server in a container, mount the run directory at the same path)")
+    if status == 401:
+        return "; the server wants another API key (VLLM_API_KEY, or the endpoint's api_key_env / api_key_secret)"
+    return ""
 
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)

@@ -13,7 +13,9 @@ GPU or Prefect; the tests run the same code against a scripted stand-in server (
 
 How the process is handled:
 
-- `start()` refuses a port that is already taken (naming it), starts the command in a new session (its own
+- `start()` refuses a port that is already taken (naming it), waits up to `gpu_free_timeout` for the free GPU
+  memory vLLM needs to start (`gpu_memory_utilization` x total on each visible GPU) and otherwise fails naming
+  the processes that hold it (`selfplay.gpu.wait_memory_for`), starts the command in a new session (its own
   process group, `selfplay.processes`) with stdout and stderr appended to `log_path` after a header line holding
   the command (values of key/token/secret flags redacted; the environment is never written), and polls
   `GET /health` until it answers 200. If the process exits first, or `startup_timeout` passes, the process group
@@ -172,6 +174,11 @@ class ModelServer:
                                  f"another port (ServerSpec.port, or None for a free one)")
         self.command = build_command(spec, self.model_path, self.port, self.served_name)
         self.returncode = None
+        if spec.gpu_memory_utilization is not None:
+            # vLLM refuses to start below this with an error naming no cause: wait for it, then name the holders
+            short = gpu.wait_memory_for(spec.gpu_memory_utilization, spec.gpu_free_timeout)
+            if short is not None:
+                raise ServerStartError(f"not starting {shlex.join(redact(self.command[:3]))} ...: {short}")
         self._gpu_before = gpu.gpu_memory_mib()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:

@@ -162,7 +162,9 @@ async def chat(client: "openai.AsyncOpenAI", *, max_retries: int, check: Callabl
                 problem = exc
             except openai.APIError as exc:
                 made = max(counter[0], rounds)
-                raise RequestFailed(exc, made, isinstance(exc, openai.APIStatusError) and made < max_retries + 1) from exc
+                status = getattr(exc, "status_code", None) if isinstance(exc, openai.APIStatusError) else None
+                refused = status is not None and status not in (408, 409, 429) and status < 500  # what the client never retries
+                raise RequestFailed(exc, made, refused) from exc
             if problem is None:
                 return reply
             made = max(counter[0], rounds)  # without the counting hook (another client), one per round
@@ -277,8 +279,12 @@ async def asample_chat(
         except RequestFailed as failed:
             exc = failed.error
             if failed.refused:
+                body = getattr(exc, "body", None)
+                said = body if isinstance(body, str) and body not in str(exc) else ""  # vLLM's 401 body: {"error": "Unauthorized"}
+                hint = ("; it wants another API key (the server's --api-key or VLLM_API_KEY; the endpoint's api_key_env or "
+                        "api_key_secret)") if exc.status_code in (401, 403) else ""
                 raise SamplingError(f"prompt {index}: the server refused the request ({exc.status_code}): "
-                                    f"{str(exc)[:300]}") from exc
+                                    f"{str(exc)[:300]}{f' ({said})' if said else ''}{hint}") from exc
             raise SamplingError(f"prompt {index}: failed after {failed.attempts} attempts: "
                                 f"{type(exc).__name__}: {str(exc)[:300]}") from exc
         choices = sorted(reply.choices, key=lambda c: c.index)

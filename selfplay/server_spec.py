@@ -67,8 +67,9 @@ class ServerSpec(BaseModel):
     stop_timeout: float = Field(30.0, gt=0, json_schema_extra=OPERATIONAL, description="Seconds `stop()` (and leaving the `with` block) waits after "
                                 "SIGTERM before SIGKILL, and again for the port to be free.")
     gpu_free_timeout: float = Field(
-        120.0, gt=0, json_schema_extra=OPERATIONAL, description="Seconds to wait, after the server stopped, for the GPU memory it took to be given back "
-        "before the next GPU stage (a warning, not an error, when it is not).")
+        120.0, gt=0, json_schema_extra=OPERATIONAL, description="Seconds to wait for GPU memory: after the server stopped, for what it took to be given "
+        "back before the next GPU stage (a warning naming the holders when it is not); before a server starts, for "
+        "gpu_memory_utilization x total to be free (vLLM's own start condition; the start fails naming the holders).")
 
 
 def build_command(spec: ServerSpec, model_path: str, port: int, served_name: str | None) -> list[str]:

@@ -31,6 +31,12 @@ CLI use, as a stand-in for a ``vllm serve`` subprocess::
 
 Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health,
 POST /v1/load_lora_adapter and POST /v1/unload_lora_adapter (recorded, answer 200 "ok").
+``fixed={path: Reply}`` makes /v1/models or a LoRA route answer a recorded reply.
+
+This server answers as any OpenAI-compatible server might. vLLM's own behaviour (its status codes, messages, LoRA
+routes, per-token logprobs, limits) is the personality in `tests/vllm_stub.py`: ``ScriptedOpenAI(handler,
+vllm=Vllm(...))`` in process, ``python -m tests.vllm_stub serve MODEL ...`` in place of ``vllm serve``. Every
+vLLM-backend test runs against that personality.
 """
 
 from __future__ import annotations
@@ -193,8 +199,12 @@ def default_handler(model: str = "stub", varied: bool = False) -> Callable[[dict
 class _State:
     """Counters shared between the app and its owner (thread-safe)."""
 
-    def __init__(self, handler: Handler, latency: float, model: str, startup_delay: float, never_healthy: bool):
+    def __init__(self, handler: Handler | None, latency: float, model: str, startup_delay: float, never_healthy: bool,
+                 vllm: Any = None, log_requests: bool = False):
         self.handler = handler
+        self.vllm = vllm  # a tests.vllm_stub.Vllm: vLLM's behaviour in front of the handler (None: plain OpenAI-compatible)
+        self.fixed: dict[str, Reply] = {}  # path -> the reply every request to it gets (recorded replies)
+        self.log_requests = log_requests
         self.latency = latency
         self.model = model
         self.startup_delay = startup_delay
@@ -213,6 +223,8 @@ class _State:
 
     async def reply_for(self, body: Any, n: int) -> Reply:
         h = self.handler
+        if h is None:
+            return self.vllm.answer(body, n)
         if isinstance(h, Reply):
             return h
         if isinstance(h, (list, tuple)):
@@ -231,7 +243,9 @@ def _respond(reply: Reply):
     from starlette.responses import JSONResponse, Response
 
     if reply.text is not None:
-        return Response(reply.text, status_code=reply.status, headers=reply.headers, media_type="application/json")
+        headers = {k: v for k, v in reply.headers.items() if k.lower() != "content-type"}
+        media = next((v for k, v in reply.headers.items() if k.lower() == "content-type"), "application/json")
+        return Response(reply.text, status_code=reply.status, headers=headers, media_type=media)
     if reply.json is not None:
         return JSONResponse(reply.json, status_code=reply.status, headers=reply.headers)
     return Response(b"", status_code=reply.status, headers=reply.headers)
@@ -240,7 +254,7 @@ def _respond(reply: Reply):
 def build_app(state: _State):
     """The starlette app behind both modes."""
     from starlette.applications import Starlette
-    from starlette.responses import JSONResponse, PlainTextResponse
+    from starlette.responses import JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route
 
     async def read(request) -> Any:
@@ -252,7 +266,15 @@ def build_app(state: _State):
         state.record(request.url.path, {k.lower(): v for k, v in request.headers.items()}, body)
         return body
 
+    def guard(request) -> Reply | None:
+        if state.vllm is None:
+            return None
+        return state.vllm.unauthorized(request.url.path, {k.lower(): v for k, v in request.headers.items()})
+
     async def chat(request):
+        refused = guard(request)
+        if refused is not None:
+            return _respond(refused)
         with state.lock:
             state.in_flight += 1
             state.max_in_flight = max(state.max_in_flight, state.in_flight)
@@ -260,6 +282,14 @@ def build_app(state: _State):
             state.count += 1
         try:
             body = await read(request)
+            if state.vllm is not None:
+                refusal = state.vllm.refuse(body)
+                if state.log_requests:
+                    print(f"vllm-stub: request model={body.get('model') if isinstance(body, dict) else None} "
+                          f"sampling={state.vllm.sampling(body) if isinstance(body, dict) else None} "
+                          f"-> {refusal.status if refusal else 200}", flush=True)
+                if refusal is not None:
+                    return _respond(refusal)
             try:
                 reply = await state.reply_for(body, n)
             except Exception as exc:  # a broken script is a test bug: surface it as a 500 and keep it
@@ -274,19 +304,41 @@ def build_app(state: _State):
                 state.in_flight -= 1
 
     async def models(request):
+        if request.url.path in state.fixed:
+            await read(request)
+            return _respond(state.fixed[request.url.path])
+        refused = guard(request)
+        if refused is not None:
+            return _respond(refused)
         state.record(request.url.path, {k.lower(): v for k, v in request.headers.items()}, None)
+        if state.vllm is not None:
+            return JSONResponse(state.vllm.models())
         return JSONResponse(
             {"object": "list", "data": [{"id": state.model, "object": "model", "created": 0, "owned_by": "stub"}]}
         )
 
     async def health(request):
+        if state.vllm is not None:
+            return Response(b"", status_code=200)
         if state.never_healthy or time.monotonic() - state.started_at < state.startup_delay:
             return PlainTextResponse("starting", status_code=503)
         return PlainTextResponse("ok")
 
     async def lora(request):
-        await read(request)
-        return PlainTextResponse("ok")
+        if request.url.path in state.fixed:
+            await read(request)
+            return _respond(state.fixed[request.url.path])
+        refused = guard(request)
+        if refused is not None:
+            return _respond(refused)
+        body = await read(request)
+        if state.vllm is None:
+            return PlainTextResponse("ok")
+        if not state.vllm.runtime_lora:  # the routes are not registered: FastAPI's own 404
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        loading = request.url.path.endswith("/load_lora_adapter")
+        with state.lock:
+            return _respond(state.vllm.load_lora(body) if loading else state.vllm.unload_lora(body))
 
     return Starlette(
         routes=[
@@ -327,8 +379,11 @@ class ScriptedOpenAI:
         host: str = "127.0.0.1",
         port: int | None = None,
         startup_timeout: float = 10.0,
+        vllm: Any = None,
+        fixed: dict[str, Reply] | None = None,
     ):
-        self._state = _State(handler, latency, model, startup_delay=0.0, never_healthy=False)
+        self._state = _State(handler, latency, model, startup_delay=0.0, never_healthy=False, vllm=vllm)
+        self._state.fixed = dict(fixed or {})  # e.g. {"/v1/models": Reply(json=...)}: what those paths answer
         self.host = host
         self.port = port or 0
         self.startup_timeout = startup_timeout
@@ -370,6 +425,11 @@ class ScriptedOpenAI:
     def errors(self) -> list[BaseException]:
         """Exceptions raised by the handler (each was answered with a 500)."""
         return list(self._state.errors)
+
+    @property
+    def vllm(self):
+        """The vLLM personality (tests.vllm_stub.Vllm) in front of the handler, or None."""
+        return self._state.vllm
 
     @property
     def handler(self) -> Handler:

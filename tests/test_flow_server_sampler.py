@@ -1,7 +1,7 @@
 """Sampling through a server, a round at a time: the `vllm` backend starts a server process on the round's policy
-and stops it before training; the `endpoint` backend samples from a running server. vLLM cannot run here, so the
-scripted OpenAI-compatible test server (a fake) stands in for `vllm serve`, through the same process lifecycle
-and the real `openai` client."""
+and stops it before training; the `endpoint` backend samples from a running server. vLLM cannot run here, so a
+FAKE `vllm serve` (`tests/vllm_stub.py`: vLLM's HTTP behaviour as its sources have it) stands in for it, through
+the same process lifecycle, the same argv and the real `openai` client."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import psutil
 from selfplay.rundir import RunDir
 from tests.conftest import REPO, run_self_play, tiny_config
 from tests.openai_stub import Reply, ScriptedOpenAI, chat_completion
+from tests.vllm_stub import Vllm
 
-STUB_AS_VLLM = {"command": [sys.executable, "-m", "tests.openai_stub"], "model_arg_style": "flag", "served_name_flag": None,
-                "gpu_memory_utilization": None, "tensor_parallel_size": None, "cwd": str(REPO), "startup_timeout": 60}
+# The default ServerSpec (vLLM's argv) with the FAKE vLLM as its command.
+STUB_AS_VLLM = {"command": [sys.executable, "-m", "tests.vllm_stub", "serve"], "cwd": str(REPO), "startup_timeout": 60}
 
 
 def port_free(port: int) -> bool:
@@ -45,7 +46,7 @@ def test_vllm_backend_runs_a_server_per_round_and_stops_it(prefect_server, tiny_
         assert policy in log  # the round's own policy was served
         port = int(log.split("--port", 1)[1].split()[0])
         assert port_free(port)
-    assert not [p for p in psutil.process_iter(["cmdline"]) if "tests.openai_stub" in " ".join(p.info["cmdline"] or [])]
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "tests.vllm_stub" in " ".join(p.info["cmdline"] or [])]
 
 
 def test_endpoint_backend_samples_from_a_running_server(prefect_server, tiny_model, tmp_path):
@@ -72,7 +73,7 @@ def test_endpoint_backend_loads_each_rounds_adapter_and_samples_from_it(prefect_
         k = body.get("n", 1)
         return Reply(json=chat_completion("", contents=[f"{body['model']} reply {i}" for i in range(k)], n=k, completion_tokens=3 * k))
 
-    with ScriptedOpenAI(answer, model="policy") as server:
+    with ScriptedOpenAI(answer, model="policy", vllm=Vllm(model="policy", runtime_lora=True)) as server:
         cfg = tiny_config(tiny_model, tmp_path / "runs", name="endpoint-lora", rounds=2, train={"merge": False},
                           sample={"backend": "endpoint", "endpoint": {"base_url": server.base_url, "model": "policy", "api_key_env": None}})
         run_self_play(cfg, tmp_path / "endpoint-lora.yaml")
@@ -102,8 +103,8 @@ def test_vllm_backend_serves_an_adapter_policy_over_its_base(prefect_server, tin
     run = RunDir(Path(cfg["output_dir"]) / "vllm-lora")
     log = (run.round_dir(2) / "sample-server.log").read_text()
     base = str(Path(tiny_model).resolve())
-    assert f"--model {base} " in log  # the base model, not the adapter directory
-    assert f"stub: LoRA module vllm-lora-round_1={run.checkpoint(1).resolve()} (max rank 8, enabled True)" in log
+    assert f"serve {base} " in log  # the base model, not the adapter directory
+    assert f"vllm-stub: LoRA module vllm-lora-round_1 at {run.checkpoint(1).resolve()} (max rank 8)" in log
     assert len(pd.read_parquet(run.stage_dir(2, "sample") / "samples.parquet")) == cfg["prompts"]["per_round"] * cfg["sample"]["num_samples"]
 
 
@@ -118,7 +119,7 @@ def test_vllm_judge_is_started_for_each_judging_step_and_stopped(prefect_server,
     base = str(Path(tiny_model).resolve())
     for name in ("judge-server.log", "eval-judge-server.log"):
         log = (run.round_dir(1) / name).read_text()
-        assert f"--model {base} " in log and "--varied-logprobs" in log  # the reference, served as the judge
+        assert f"serve {base} " in log and "--varied-logprobs" in log  # the reference, served as the judge
         port = int(log.split("--port", 1)[1].split()[0])
         assert port_free(port)
     calls = pd.read_parquet(run.stage_dir(1, "judge") / "calls.parquet")
@@ -128,4 +129,4 @@ def test_vllm_judge_is_started_for_each_judging_step_and_stopped(prefect_server,
     assert judged["p_a_order1"].between(0.05, 0.95).all() and judged["p_a_order1"].nunique() > 1
     assert summary["kept"] >= cfg["train"]["min_pairs"]
     assert run.manifest(1, "evaluate")["metrics"]["wins"] + run.manifest(1, "evaluate")["metrics"]["losses"] > 0
-    assert not [p for p in psutil.process_iter(["cmdline"]) if "tests.openai_stub" in " ".join(p.info["cmdline"] or [])]
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "tests.vllm_stub" in " ".join(p.info["cmdline"] or [])]

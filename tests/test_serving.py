@@ -1,9 +1,9 @@
 """A model server in a process of its own (selfplay.server_spec, selfplay.model_server), sampled over the
 OpenAI-compatible API (selfplay.openai_client), with adapters loaded through vLLM's LoRA API (selfplay.lora_serving).
 
-vLLM cannot run here, so the server command is the scripted stub's CLI (`python -m tests.openai_stub`): real
-subprocesses, process groups, signals, sockets and HTTP; only the model is fake. The stub takes `--model`,
-`--host` and `--port` only, so its spec passes the model as a flag and leaves the vLLM options out (None).
+vLLM cannot run here, so the server command is the FAKE `vllm serve` (`python -m tests.vllm_stub serve`, vLLM's
+HTTP behaviour as its sources have it): real subprocesses, process groups, signals, sockets and HTTP; only the model
+is fake. It takes vLLM's own arguments, so its spec is the default `ServerSpec` with only the command changed.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -26,13 +27,14 @@ from selfplay.openai_client import SamplingError, sample_chat
 from selfplay.server_spec import ServerSpec, build_command, redact
 from tests.conftest import REPO, free_port
 from tests.openai_stub import Reply, ScriptedOpenAI, api_error, chat_completion
+from tests.vllm_stub import Vllm, token_split
 
-STUB = [sys.executable, "-m", "tests.openai_stub"]
+STUB = [sys.executable, "-m", "tests.vllm_stub", "serve"]
 
 
 def stub_spec(*extra: str, **over) -> ServerSpec:
-    fields = dict(command=STUB, model_arg_style="flag", served_name_flag=None, gpu_memory_utilization=None,
-                  tensor_parallel_size=None, extra_args=list(extra), cwd=str(REPO), startup_timeout=30, stop_timeout=10)
+    """The default ServerSpec (vLLM's argv) with the FAKE vLLM as its command."""
+    fields = dict(command=STUB, extra_args=list(extra), cwd=str(REPO), startup_timeout=30, stop_timeout=10)
     return ServerSpec(**{**fields, **over})
 
 
@@ -42,7 +44,7 @@ def stub_processes(port: int) -> list[psutil.Process]:
     for proc in psutil.process_iter(["cmdline", "status"]):
         try:
             cmd = proc.info["cmdline"] or []
-            if "tests.openai_stub" in cmd and str(port) in cmd and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            if "tests.vllm_stub" in cmd and str(port) in cmd and proc.info["status"] != psutil.STATUS_ZOMBIE:
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
@@ -97,7 +99,8 @@ def test_build_command_docker_style():
 
 
 def test_build_command_none_leaves_flags_out():
-    assert build_command(stub_spec("--latency", "0.1"), "tiny", 7000, "policy") == [
+    spec = stub_spec("--latency", "0.1", model_arg_style="flag", served_name_flag=None, gpu_memory_utilization=None, tensor_parallel_size=None)
+    assert build_command(spec, "tiny", 7000, "policy") == [
         *STUB, "--model", "tiny", "--host", "127.0.0.1", "--port", "7000", "--latency", "0.1"]
 
 
@@ -122,33 +125,42 @@ def test_lifecycle_health_sample_stop(tmp_path):
     server = ModelServer(stub_spec("--startup-delay", "1"), "tiny", log)
     t0 = time.monotonic()
     with server:
-        assert time.monotonic() - t0 >= 1.0  # /health said 503 for the first second
+        assert time.monotonic() - t0 >= 1.0  # nothing listened for the first second (vLLM loading its model)
         assert server.running and server.base_url == f"http://127.0.0.1:{server.port}/v1"
         assert stub_processes(server.port), "the stub should be running"
         prompts = ["one", "two", "three", "four"]
         out = sample_chat(server.base_url, "policy", prompts, n=3, temperature=0.9, top_p=0.95, max_tokens=32, seed=10)
         assert [len(choices) for choices in out] == [3, 3, 3, 3]
+        seeds = []
         for i, (prompt, choices) in enumerate(zip(prompts, out)):
-            assert [c["response"] for c in choices] == [f"answer {j} to: {prompt} [seed {10 + 3 * i}]" for j in range(3)]
+            # vLLM seeds choice j of a request seeded s with s + j: the requests' seeds leave no two choices the same stream
+            assert [c["response"] for c in choices] == [f"answer {j} to: {prompt} [seed {10 + 3 * i + j}]" for j in range(3)]
             assert all(c["truncated"] is False and c["n_tokens"] > 0 for c in choices)
+            seeds += [int(c["response"].rsplit(" ", 1)[1].rstrip("]")) for c in choices]
+        assert sorted(seeds) == list(range(10, 22))
         # a rerun asks for the same seeds: the same answers
         assert sample_chat(server.base_url, "policy", prompts, n=3, temperature=0.9, top_p=0.95, max_tokens=32, seed=10) == out
     assert not server.running and server.returncode == -signal.SIGTERM
     assert_gone(server)
     server.stop()  # idempotent
     text = log.read_text()
-    assert "[selfplay.serving" in text and "tests.openai_stub --model tiny --host 127.0.0.1" in text
-    assert f"stub: serving tiny on http://127.0.0.1:{server.port}" in text
+    assert "[selfplay.serving" in text and "tests.vllm_stub serve tiny --host 127.0.0.1" in text
+    assert f"vllm-stub: serving on http://127.0.0.1:{server.port}" in text
     assert "stopped, exit code -15" in text
 
 
-def test_log_never_holds_the_api_key(tmp_path):
+def test_log_never_holds_the_api_key_and_the_server_demands_it(tmp_path):
     log = tmp_path / "server.log"
-    spec = stub_spec("--api-key", "sk-very-secret")  # the stub does not know --api-key: it exits at once
-    with pytest.raises(ServerStartError, match="exited with code 2"):
-        ModelServer(spec, "tiny", log).start()
+    spec = stub_spec("--api-key", "sk-very-secret", env={"VLLM_API_KEY": "sk-very-secret"})
+    with ModelServer(spec, "tiny", log) as server:
+        assert server.api_key == "sk-very-secret"
+        out = sample_chat(server.base_url, server.api_model, ["q"], n=2, temperature=1, top_p=1, max_tokens=8, seed=0,
+                          api_key=server.api_key)
+        assert len(out[0]) == 2
+        with pytest.raises(SamplingError, match="refused the request \\(401\\).*Unauthorized"):
+            sample_chat(server.base_url, server.api_model, ["q"], n=2, temperature=1, top_p=1, max_tokens=8, seed=0, api_key="wrong")
     header = log.read_text().splitlines()[0]
-    assert "--api-key REDACTED" in header and "sk-very-secret" not in header
+    assert "--api-key REDACTED" in header and "sk-very-secret" not in log.read_text()
 
 
 def test_failed_start_reports_the_log_tail_and_leaves_nothing(tmp_path):
@@ -159,7 +171,7 @@ def test_failed_start_reports_the_log_tail_and_leaves_nothing(tmp_path):
         with server:
             pytest.fail("the body must not run")
     message = str(info.value)
-    assert "exited with code 1" in message and "ERROR: simulated startup failure" in message
+    assert "exited with code 1" in message and "Engine core initialization failed" in message
     assert "an earlier run's line" not in message  # the tail is this start's only
     assert not server.running
     assert_gone(server)
@@ -167,12 +179,13 @@ def test_failed_start_reports_the_log_tail_and_leaves_nothing(tmp_path):
 
 
 def test_never_healthy_times_out_stops_and_frees_the_port(tmp_path):
-    server = ModelServer(stub_spec("--never-healthy", startup_timeout=3), "tiny", tmp_path / "server.log")
+    # vLLM stuck loading its model never listens
+    server = ModelServer(stub_spec("--startup-delay", "600", startup_timeout=3), "tiny", tmp_path / "server.log")
     t0 = time.monotonic()
     with pytest.raises(ServerStartError, match=r"did not become healthy within 3 s") as info:
         server.start()
     assert 3.0 <= time.monotonic() - t0 < 6.0
-    assert "stub: serving tiny" in str(info.value)
+    assert "vllm-stub: FAKE vLLM server (tests only), model tiny" in str(info.value)
     assert_gone(server)
     assert server.returncode == -signal.SIGTERM
 
@@ -265,7 +278,7 @@ def test_sample_chat_requests_choices_and_concurrency():
         assert 1 <= server.max_in_flight <= 3
         bodies = sorted((r["json"] for r in server.chat_requests), key=lambda b: b["seed"])
         headers = server.chat_requests[0]["headers"]
-    assert [b["seed"] for b in bodies] == list(range(5, 17))
+    assert [b["seed"] for b in bodies] == list(range(5, 5 + 3 * 12, 3))  # seed + index * n
     for i, body in enumerate(bodies):
         assert body["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": f"p{i}"}]
         assert (body["n"], body["temperature"], body["top_p"], body["max_tokens"], body["model"]) == (3, 0.7, 0.9, 16, "policy")
@@ -279,8 +292,7 @@ def test_sample_chat_requests_choices_and_concurrency():
 
 def test_sample_chat_token_counts():
     def handler(body, i):
-        logprobs = {"A": -0.1} if body.get("logprobs") else None
-        resp = chat_completion("", contents=["one", "one two three", ""], completion_tokens=0, logprobs=logprobs)
+        resp = chat_completion("", contents=["one", "one two three", ""], completion_tokens=0)
         resp["usage"]["completion_tokens"] = 9
         if i == 1:
             resp.pop("usage")
@@ -290,11 +302,29 @@ def test_sample_chat_token_counts():
         kw = dict(n=3, temperature=1.0, top_p=1.0, max_tokens=8, seed=None)
         split = sample_chat(server.base_url, "m", ["a"], **kw)[0]
         words = sample_chat(server.base_url, "m", ["a"], **kw)[0]
-        exact = sample_chat(server.base_url, "m", ["a"], exact_tokens=True, **kw)[0]
-        assert server.chat_requests[2]["json"]["logprobs"] is True and "seed" not in server.chat_requests[0]["json"]
+        assert "seed" not in server.chat_requests[0]["json"]
     assert [c["n_tokens"] for c in split] == [2, 7, 0]  # 9 split 1:3:0 by words
     assert [c["n_tokens"] for c in words] == [1, 3, 0]  # no usage reported: word counts
-    assert [c["n_tokens"] for c in exact] == [1, 1, 1]  # the stub's logprobs carry one token per choice
+
+
+def test_sample_chat_exact_tokens_from_vllms_per_token_logprobs():
+    """vLLM returns one logprobs entry per generated token: exact_tokens counts them, and a choice cut at max_tokens
+    is truncated with exactly max_tokens tokens."""
+    with ScriptedOpenAI(None, vllm=Vllm(model="m")) as server:
+        long, short = (sample_chat(server.base_url, "m", ["a question"], n=2, temperature=1.0, top_p=1.0, max_tokens=budget,
+                                   seed=3, exact_tokens=True)[0] for budget in (64, 4))
+        assert server.chat_requests[0]["json"]["logprobs"] is True
+    assert [c["n_tokens"] for c in long] == [len(token_split(c["response"])) for c in long] == [7, 7]
+    assert [c["truncated"] for c in long] == [False, False]
+    assert [(c["n_tokens"], c["truncated"], c["response"]) for c in short] == [(4, True, "answer 0 to: a"), (4, True, "answer 1 to: a")]
+
+
+def test_sample_chat_greedy_with_several_choices_is_refused_as_vllm_refuses_it():
+    with ScriptedOpenAI(None, vllm=Vllm(model="m")) as server:
+        with pytest.raises(SamplingError, match="refused the request \\(400\\).*n must be 1 when using greedy sampling, got 2"):
+            sample_chat(server.base_url, "m", ["a"], n=2, temperature=0.0, top_p=1.0, max_tokens=4, seed=0)
+        with pytest.raises(SamplingError, match="\\(404\\).*The model `other` does not exist"):
+            sample_chat(server.base_url, "other", ["a"], n=1, temperature=0.0, top_p=1.0, max_tokens=4, seed=0)
 
 
 def test_sample_chat_retries_then_succeeds_and_fails_on_4xx():
@@ -324,18 +354,34 @@ def test_sample_chat_from_a_running_event_loop():
 # --------------------------------------------------------------------------------------------------- LoRA
 
 
-def test_load_and_unload_lora_adapter():
-    with ScriptedOpenAI(Reply(json=chat_completion("x"))) as server:
-        load_lora_adapter(server.base_url, "round-2", Path("/runs/x/round-2/adapter"), api_key="sk-test")
-        unload_lora_adapter(server.url, "round-2")  # base_url with or without /v1
+def test_load_and_unload_lora_adapter_with_vllms_answers(tmp_path):
+    adapter = tmp_path / "round_2" / "train" / "checkpoint"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text('{"r": 8}')
+    with ScriptedOpenAI(None, vllm=Vllm(model="base", runtime_lora=True, api_keys=["sk-test"])) as server:
+        load_lora_adapter(server.base_url, "round-2", adapter, api_key="sk-test")
+        listed = {m["id"]: m for m in httpx.get(f"{server.base_url}/models", headers={"Authorization": "Bearer sk-test"}).json()["data"]}
+        assert (listed["round-2"]["parent"], listed["round-2"]["root"], listed["base"]["parent"]) == ("base", str(adapter), None)
+        with pytest.raises(LoraAdapterError, match="answered 400: The lora adapter 'round-2' has already been loaded") as twice:
+            load_lora_adapter(server.base_url, "round-2", adapter, api_key="sk-test")
+        unload_lora_adapter(server.url, "round-2", api_key="sk-test")  # base_url with or without /v1
+        with pytest.raises(LoraAdapterError, match="answered 404: The lora adapter 'round-2' cannot be found") as gone:
+            unload_lora_adapter(server.url, "round-2", api_key="sk-test")
+        with pytest.raises(LoraAdapterError, match="answered 404: Loading lora x failed: No adapter found for /nowhere.*"
+                           "the path must be one the server sees") as missing:
+            load_lora_adapter(server.base_url, "x", "/nowhere", api_key="sk-test")
+        with pytest.raises(LoraAdapterError, match="answered 401: Unauthorized"):
+            load_lora_adapter(server.base_url, "round-2", adapter, api_key="wrong")
         requests = server.requests
-        with pytest.raises(LoraAdapterError, match="answered 404.*VLLM_ALLOW_RUNTIME_LORA_UPDATING"):
-            load_lora_adapter(f"{server.url}/elsewhere/v1", "a", "/p")
-    assert [(r["path"], r["json"]) for r in requests] == [
-        ("/v1/load_lora_adapter", {"lora_name": "round-2", "lora_path": "/runs/x/round-2/adapter"}),
-        ("/v1/unload_lora_adapter", {"lora_name": "round-2"}),
-    ]
+    for info in (twice, gone, missing):  # vLLM's own 4xx: the runtime API is on, so no word of turning it on
+        assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in str(info.value)
+    assert [(r["path"], r["json"]) for r in requests][:1] == [
+        ("/v1/load_lora_adapter", {"lora_name": "round-2", "lora_path": str(adapter)})]
     assert requests[0]["headers"]["authorization"] == "Bearer sk-test"
+    # without VLLM_ALLOW_RUNTIME_LORA_UPDATING vLLM registers no LoRA route: FastAPI's 404, and the hint says so
+    with ScriptedOpenAI(None, vllm=Vllm(model="base")) as server:
+        with pytest.raises(LoraAdapterError, match="answered 404: Not Found; .*VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"):
+            load_lora_adapter(server.base_url, "round-2", adapter)
 
 
 # ---------------------------------------------------------------- GPU memory given back (a FAKE nvidia-smi)
@@ -343,11 +389,14 @@ def test_load_and_unload_lora_adapter():
 
 @pytest.fixture
 def fake_nvidia_smi(tmp_path, monkeypatch):
-    """A FAKE `nvidia-smi` on PATH that prints whatever the test writes to its readings file (index, used, total)."""
+    """A FAKE `nvidia-smi` on PATH: `--query-gpu` prints what the test writes to its readings file (index, used,
+    total), `--query-compute-apps` what it writes to readings.csv.apps (pid, name, MiB)."""
     readings = tmp_path / "readings.csv"
+    apps = tmp_path / "readings.csv.apps"
+    apps.write_text("")
     tool = tmp_path / "bin" / "nvidia-smi"
     tool.parent.mkdir()
-    tool.write_text(f"#!/bin/sh\ncat {readings}\n")
+    tool.write_text(f'#!/bin/sh\ncase "$1" in --query-compute-apps*) cat {apps} ;; *) cat {readings} ;; esac\n')
     tool.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tool.parent}:{__import__('os').environ['PATH']}")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -362,7 +411,7 @@ def test_wait_gpu_free_waits_for_the_memory_used_before_the_server(fake_nvidia_s
     # 20 GB already in use before the server (a resident judge, say): that is the level to come back to, not zero.
     fake_nvidia_smi.write_text("0, 20000, 81559\n")
     assert gpu_memory_mib() == {0: (20000, 81559)}
-    server = ModelServer(stub_spec(gpu_free_timeout=1.0), "/models/m", tmp_path / "server.log").start()
+    server = ModelServer(stub_spec(gpu_free_timeout=1.0, gpu_memory_utilization=0.5), "/models/m", tmp_path / "server.log").start()
     fake_nvidia_smi.write_text("0, 70000, 81559\n")  # what the server took
     server.stop()
     started = time.monotonic()
@@ -374,6 +423,32 @@ def test_wait_gpu_free_waits_for_the_memory_used_before_the_server(fake_nvidia_s
     started = time.monotonic()
     assert server.wait_gpu_free(timeout=30.0) is True
     assert 0.9 <= time.monotonic() - started < 10
+    timer.join()
+
+
+def test_a_server_is_not_started_into_memory_that_has_not_come_back(fake_nvidia_smi, tmp_path):
+    """vLLM refuses to start with less than gpu_memory_utilization x total free, naming no cause: the start waits
+    for the memory (up to gpu_free_timeout) and then fails naming the processes that hold it."""
+    import threading
+
+    fake_nvidia_smi.write_text("0, 50000, 81559\n")  # 31.5 GB free; 0.85 x 81559 = 69325 MiB needed
+    (fake_nvidia_smi.parent / "readings.csv.apps").write_text("4242, /opt/vllm/bin/python3, 49000\n")
+    server = ModelServer(stub_spec(gpu_free_timeout=1.0), "/models/m", tmp_path / "server.log")
+    t0 = time.monotonic()
+    with pytest.raises(ServerStartError, match=r"GPU 0 has 31559 MiB free of 81559, and needs 0.85 x 81559 = 69325 MiB\. "
+                                               r"Held by pid 4242 \(/opt/vllm/bin/python3, 49000 MiB\)"):
+        server.start()
+    assert 1.0 <= time.monotonic() - t0 < 5 and server.pid is None  # nothing was started
+    # The FAKE vLLM itself refuses as vLLM does when started into that memory anyway:
+    refused = subprocess.run([*STUB, "/models/m", "--port", str(free_port()), "--gpu-memory-utilization", "0.85"], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "Free memory on device cuda:0 (30.82/79.65 GiB) on startup is less than desired GPU " \
+        "memory utilization (0.85, 67.70 GiB)" in refused.stdout
+    # Memory that comes back within the wait: the server starts.
+    timer = threading.Timer(0.5, lambda: fake_nvidia_smi.write_text("0, 1000, 81559\n"))
+    timer.start()
+    with ModelServer(stub_spec(gpu_free_timeout=30.0), "/models/m", tmp_path / "server.log") as started:
+        assert started.running
     timer.join()
 
 
@@ -390,7 +465,7 @@ def test_gpu_memory_follows_cuda_visible_devices(fake_nvidia_smi, monkeypatch):
 
 def test_requests_name_the_model_as_the_started_server_knows_it(tmp_path, monkeypatch):
     named = ModelServer(ServerSpec(), "/models/m", tmp_path / "a.log", served_name="judge")
-    unnamed = ModelServer(stub_spec(), "/models/m", tmp_path / "b.log", served_name="judge")  # no --served-model-name
+    unnamed = ModelServer(stub_spec(served_name_flag=None), "/models/m", tmp_path / "b.log", served_name="judge")  # no --served-model-name
     assert (named.api_model, unnamed.api_model) == ("judge", "/models/m")
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
     assert named.api_key == "EMPTY"
