@@ -4,7 +4,7 @@ own) or through an OpenAI-compatible server (a vLLM server started for the round
 Each completion is a dict: prompt index, sample index, text, prompt tokens, tokens generated, and `truncated` (it
 hit the token budget before its end-of-sequence token). The sample stage draws K per prompt from the round's
 policy (`sample_local`, `sample_from_server`); the evaluate stage one per held-out prompt from each model it
-compares (`eval_generations`). A policy is always loaded from its saved checkpoint.
+compares, from the sampling backend's server (`eval_generations_from_server`) or in-process (`eval_generations`). A policy is always loaded from its saved checkpoint.
 """
 
 from __future__ import annotations
@@ -168,7 +168,88 @@ def sample_local(policy: str, prompts: list[str], s, seed: int, *, log, progress
     return rows
 
 
-def eval_generations(cfg: RunConfig, jobs: list[tuple[str, list[dict[str, str]], float, int]], *, log=None,
+def _generation_table(prompts: list[dict[str, str]], answers: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame([{"prompt_id": p["id"], "prompt": p["prompt"], "reference": p.get("reference"), "verifier": p.get("verifier"),
+                          "response": a["response"], "n_tokens": a["n_tokens"], "truncated": a["truncated"]}
+                         for p, a in zip(prompts, answers)], columns=GENERATION_COLUMNS)
+
+
+EvalJob = tuple[str, list[dict[str, str]], float, int]  # (model, prompts, temperature, max_new_tokens)
+
+
+def eval_generations_from_server(cfg: RunConfig, k: int, jobs: list[EvalJob], base: str, log_dir: Path, log) -> list[pd.DataFrame] | None:
+    """The evaluate stage's answers from the sampling backend's server, when `sample.backend` is `vllm` or
+    `endpoint`: one answer per prompt and job, `n=1`, seeded with `evaluate.seed` (`seed + index` per prompt), greedy
+    where the job's temperature is 0. None when the backend is `transformers` (the caller generates in-process).
+
+    `vllm`: one server per full model (`sample.server`, the spec the round's samples came from), and one server for
+    a base with all its adapters (`train.merge: false`: the new and the current checkpoint in one start), each
+    stopped, its GPU memory given back, before the next. `endpoint`: the running server, each adapter loaded and
+    unloaded around its jobs; where a job's model is neither the endpoint's own (round 0's policy) nor an adapter
+    (a merged checkpoint, `rounds: 1`), every job is generated in-process instead, so that both sides of a
+    comparison come from the same engine.
+    """
+    from selfplay.lora_serving import (LoraAdapterError, adapter_name, adapter_rank, load_lora_adapter, lora_modules_args,
+                                       unload_lora_adapter)
+    from selfplay.model_server import ModelServer
+    from selfplay.models import adapter_base
+    from selfplay.openai_client import resolve_api_key, sample_chat
+
+    s, e = cfg.sample, cfg.evaluate
+    if s.backend not in ("vllm", "endpoint"):
+        return None
+    tables: list[pd.DataFrame | None] = [None] * len(jobs)
+    models = list(dict.fromkeys(job[0] for job in jobs))
+    names = {m: adapter_name(cfg.name, Path(m).resolve()) for m in models if is_adapter(m)}
+
+    def answer(base_url: str, api_key: str, served: dict[str, str], **kw) -> None:
+        for i, (path, prompts, temperature, max_new_tokens) in enumerate(jobs):
+            if path in served:
+                out = sample_chat(base_url, served[path], [p["prompt"] for p in prompts], n=1, temperature=temperature, top_p=1.0,
+                                  max_tokens=max_new_tokens, seed=e.seed, exact_tokens=True, api_key=api_key, **kw)
+                tables[i] = _generation_table(prompts, [choices[0] for choices in out])
+
+    if s.backend == "vllm":
+        groups: dict[str, list[str]] = {}
+        for m in models:
+            groups.setdefault(adapter_base(m) if m in names else str(m), []).append(m)
+        for n, (model_path, members) in enumerate(groups.items()):
+            adapters = [m for m in members if m in names]
+            spec = s.server
+            if adapters:
+                extra = lora_modules_args([(names[m], Path(m).resolve(), adapter_rank(m)) for m in adapters])
+                spec = spec.model_copy(update={"extra_args": [*spec.extra_args, *extra]})
+            log.info("round %d: evaluation answers from a vLLM server on %s%s", k, model_path,
+                     f" with adapters {', '.join(names[m] for m in adapters)}" if adapters else "")
+            with ModelServer(spec, model_path, log_dir / f"eval-server-{n + 1}.log") as server:
+                answer(server.base_url, server.api_key, {m: names.get(m, server.api_model) for m in members})
+            if not server.wait_gpu_free():
+                log.warning("round %d: GPU memory was not all given back %g s after the evaluation server stopped; held by %s", k,
+                            spec.gpu_free_timeout, gpu.holders())
+        return tables
+    endpoint = s.endpoint
+    own = {m for m in models if m not in names and Path(m).resolve() == Path(base).resolve()}
+    if len(own) + len(names) < len(models):
+        log.info("round %d: the endpoint cannot serve a merged checkpoint: every evaluation answer is generated in-process", k)
+        return None
+    key = resolve_api_key(endpoint)
+    kw = dict(max_concurrency=endpoint.max_concurrency, timeout=endpoint.timeout)
+    answer(endpoint.base_url, key, {m: endpoint.model for m in own}, **kw)
+    for m, name in names.items():
+        with contextlib.suppress(LoraAdapterError):  # left loaded by a crash
+            unload_lora_adapter(endpoint.base_url, name, api_key=key)
+        load_lora_adapter(endpoint.base_url, name, Path(m).resolve(), api_key=key)
+        try:
+            answer(endpoint.base_url, key, {m: name}, **kw)
+        finally:
+            try:
+                unload_lora_adapter(endpoint.base_url, name, api_key=key)
+            except LoraAdapterError as exc:
+                log.warning("round %d: could not unload adapter %r: %s", k, name, exc)
+    return tables
+
+
+def eval_generations(cfg: RunConfig, jobs: list[EvalJob], *, log=None,
                      progress=None) -> list[pd.DataFrame]:
     """One answer per prompt for each job (model, prompts, temperature, max_new_tokens), with the evaluate stage's
     seed for all; each model is loaded once, whatever the number of its jobs."""
@@ -181,9 +262,7 @@ def eval_generations(cfg: RunConfig, jobs: list[tuple[str, list[dict[str, str]],
                 continue
             rows = generate(model, tokenizer, [p["prompt"] for p in prompts], num_samples=1, temperature=temperature, top_p=1.0,
                             max_new_tokens=max_new_tokens, batch_size=cfg.sample.batch_size, seed=e.seed)
-            tables[i] = pd.DataFrame([{"prompt_id": p["id"], "prompt": p["prompt"], "reference": p.get("reference"),
-                                       "verifier": p.get("verifier"), "response": r["response"], "n_tokens": r["n_tokens"],
-                                       "truncated": r["truncated"]} for p, r in zip(prompts, rows)], columns=GENERATION_COLUMNS)
+            tables[i] = _generation_table(prompts, rows)
         del model
         release_memory()
         if progress:

@@ -20,7 +20,7 @@ from pathlib import Path
 from selfplay.errors import SelfplayError
 from selfplay.server_spec import ServerSpec
 
-__all__ = ["LoraAdapterError", "adapter_name", "lora_args", "serving_plan", "load_lora_adapter", "unload_lora_adapter"]
+__all__ = ["LoraAdapterError", "adapter_name", "adapter_rank", "lora_args", "lora_modules_args", "serving_plan", "load_lora_adapter", "unload_lora_adapter"]
 
 
 class LoraAdapterError(SelfplayError, RuntimeError):
@@ -86,8 +86,26 @@ def lora_args(name: str, adapter: str | os.PathLike, rank: int) -> list[str]:
     ['--enable-lora', '--max-lora-rank', '16', '--lora-modules',
      '{"name": "run-round_1", "path": "/runs/run/round_1/train/checkpoint"}']
     """
+    return lora_modules_args([(name, adapter, rank)])
+
+
+def lora_modules_args(modules: list[tuple[str, str | os.PathLike, int]]) -> list[str]:
+    """The flags for several adapters (name, path, rank) over one base: one `--lora-modules` with every module (vLLM
+    keeps only the last of repeated `--lora-modules` flags), a rank that fits all, and `--max-loras` for more than one.
+
+    >>> lora_modules_args([("a", "/x", 8), ("b", "/y", 32)])  # doctest: +NORMALIZE_WHITESPACE
+    ['--enable-lora', '--max-lora-rank', '32', '--max-loras', '2', '--lora-modules', '{"name": "a", "path": "/x"}',
+     '{"name": "b", "path": "/y"}']
+    """
+    rank = max(r for _, _, r in modules)
     max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), rank)
-    return ["--enable-lora", "--max-lora-rank", str(max_rank), "--lora-modules", json.dumps({"name": name, "path": str(adapter)})]
+    many = ["--max-loras", str(len(modules))] if len(modules) > 1 else []
+    return ["--enable-lora", "--max-lora-rank", str(max_rank), *many, "--lora-modules",
+            *(json.dumps({"name": name, "path": str(path)}) for name, path, _ in modules)]
+
+
+def adapter_rank(adapter: str | os.PathLike) -> int:
+    return json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
 
 
 def serving_plan(spec: ServerSpec, model: str | os.PathLike, lora_name: str) -> tuple[ServerSpec, str, str | None]:
@@ -98,8 +116,7 @@ def serving_plan(spec: ServerSpec, model: str | os.PathLike, lora_name: str) -> 
     if not is_adapter(model):
         return spec, str(model), None
     adapter = Path(model).resolve()
-    rank = json.loads((adapter / "adapter_config.json").read_text())["r"]
-    return spec.model_copy(update={"extra_args": [*spec.extra_args, *lora_args(lora_name, adapter, rank)]}), adapter_base(adapter), lora_name
+    return spec.model_copy(update={"extra_args": [*spec.extra_args, *lora_args(lora_name, adapter, adapter_rank(adapter))]}), adapter_base(adapter), lora_name
 
 
 def load_lora_adapter(base_url: str, name: str, path: str | os.PathLike, api_key: str = "EMPTY", timeout: float = 300.0) -> None:

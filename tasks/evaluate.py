@@ -1,7 +1,8 @@
 """Stage 5, evaluate: the new checkpoint against the current one and against round 0, on held-out prompts.
 
 Every model answers the same held-out prompts (the first `prompts.eval_size`, the same every round) with the
-same seed and settings, so a checkpoint's answers are generated once and reused by later rounds
+same seed and settings (from the sampling backend's server when `sample.backend` is `vllm` or `endpoint`, seeded
+and greedy where the temperature is 0; in-process with transformers otherwise), so a checkpoint's answers are generated once and reused by later rounds
 (`generations*.parquet`). Each comparison is judged in both orders with the judge stage's swap rule (`selfplay.judging`) and reported
 as wins / ties / losses, a win rate counting ties as half, its 95% Wilson interval, and a length-controlled win
 rate (`selfplay.quality.win_summary`). Pathology measures of the generations (verbosity, sycophantic openers,
@@ -34,7 +35,7 @@ from prefect.cache_policies import NONE
 from selfplay import isolate
 from selfplay.config import RunConfig
 from selfplay.evaluation import accuracy_change, accuracy_summary, accuracy_table, comparisons, evaluation_table, win_rates
-from selfplay.generation import GENERATION_COLUMNS
+from selfplay.generation import GENERATION_COLUMNS, eval_generations_from_server
 from selfplay.isolate import isolated
 from selfplay.judging import check_error_rate, judge_stats, run_judge
 from selfplay.orchestration import gpu_slot, run_logger, stage
@@ -82,9 +83,12 @@ def evaluate(cfg: RunConfig, k: int, previous: str, base: str | None = None) -> 
         + ([(base, held_out, *sampled)] if against_base and first is None else []) \
         + ([(checkpoint, checkable, *greedy)] if checkable else []) + ([(previous, checkable, *greedy)] if checkable and old_greedy is None else [])
     with gpu_slot(f"{cfg.name} round {k} eval generation"):
-        generated, generation_peak = isolate.call("selfplay.generation:eval_generations", cfg, jobs,
-                                                  isolated=isolated(cfg.isolation), scratch=run.round_dir(k),
-                                                  label=f"round {k} eval generation", log=log)
+        # the sampling backend's server where there is one (vLLM, a running endpoint), else transformers in-process
+        generated, generation_peak = eval_generations_from_server(cfg, k, jobs, base or previous, run.round_dir(k), log), None
+        if generated is None:
+            generated, generation_peak = isolate.call("selfplay.generation:eval_generations", cfg, jobs,
+                                                      isolated=isolated(cfg.isolation), scratch=run.round_dir(k),
+                                                      label=f"round {k} eval generation", log=log)
     verifier = Verifier(cfg.judge.verifier)
     scored = lambda table: score_table(verifier, table)  # noqa: E731
     new = scored(generated.pop(0))

@@ -46,6 +46,17 @@ def test_vllm_backend_runs_a_server_per_round_and_stops_it(prefect_server, tiny_
         assert policy in log  # the round's own policy was served
         port = int(log.split("--port", 1)[1].split()[0])
         assert port_free(port)
+        # the held-out answers came from vLLM too: one server per full model still to answer (round 1: the new
+        # checkpoint and round 0's; round 2: only the new one, round 1's answers are reused), greedy for accuracy
+        servers = sorted(run.round_dir(k).glob("eval-server-*.log"))
+        assert len(servers) == (2 if k == 1 else 1)
+        eval_log = servers[0].read_text()
+        assert f"serve {run.checkpoint(k)} " in eval_log
+        requests = [line for line in eval_log.splitlines() if line.startswith("vllm-stub: request")]
+        assert requests and all("'n': 1" in line and "-> 200" in line for line in requests)
+        assert any("'temperature': 0.0" in line for line in requests)  # the accuracy answers: greedy
+        gens = pd.read_parquet(run.stage_dir(k, "evaluate") / "generations.parquet")
+        assert gens["response"].str.startswith("answer 0 to: ").all()
     assert not [p for p in psutil.process_iter(["cmdline"]) if "tests.vllm_stub" in " ".join(p.info["cmdline"] or [])]
 
 
@@ -79,19 +90,31 @@ def test_endpoint_backend_loads_each_rounds_adapter_and_samples_from_it(prefect_
         run_self_play(cfg, tmp_path / "endpoint-lora.yaml")
         requests = server.requests
     run = RunDir(Path(cfg["output_dir"]) / "endpoint-lora")
-    adapter = str(run.checkpoint(1).resolve())
+    def trio(k: int) -> list:
+        name = f"endpoint-lora-round_{k}"
+        return [("/v1/unload_lora_adapter", {"lora_name": name}),
+                ("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(run.checkpoint(k).resolve())}),
+                ("/v1/unload_lora_adapter", {"lora_name": name})]
+
     lora = [(r["path"], r["json"]) for r in requests if "lora_adapter" in r["path"]]
-    # An unload first (a crash after an earlier load may have left it loaded), the load, and the unload after sampling.
-    assert lora == [("/v1/unload_lora_adapter", {"lora_name": "endpoint-lora-round_1"}),
-                    ("/v1/load_lora_adapter", {"lora_name": "endpoint-lora-round_1", "lora_path": adapter}),
-                    ("/v1/unload_lora_adapter", {"lora_name": "endpoint-lora-round_1"})]
+    # Each adapter: an unload first (a crash after an earlier load may have left it loaded), the load, and the unload
+    # after use: round 1's for round 1's evaluation answers and round 2's samples, round 2's for its evaluation.
+    assert lora == trio(1) + trio(1) + trio(2)
     chats = [r for r in requests if r["path"] == "/v1/chat/completions"]
-    per_round = cfg["prompts"]["per_round"]
-    assert [r["json"]["model"] for r in chats] == ["policy"] * per_round + ["endpoint-lora-round_1"] * per_round
-    # Round 2 sampled between the load and the unload.
-    paths = [r["path"] for r in requests]
-    first_round2 = next(i for i, r in enumerate(requests) if r["json"] and r["json"].get("model") == "endpoint-lora-round_1")
-    assert paths.index("/v1/load_lora_adapter") < first_round2 < len(paths) - 1 - paths[::-1].index("/v1/unload_lora_adapter")
+    per_round, k_samples = cfg["prompts"]["per_round"], cfg["sample"]["num_samples"]
+    sampled = [r["json"]["model"] for r in chats if r["json"]["n"] == k_samples]
+    assert sampled == ["policy"] * per_round + ["endpoint-lora-round_1"] * per_round
+    # Round 2 sampled between its adapter's load and unload.
+    index = {id(r): i for i, r in enumerate(requests)}
+    loads = [i for i, r in enumerate(requests) if r["path"] == "/v1/load_lora_adapter"]
+    unloads = [i for i, r in enumerate(requests) if r["path"] == "/v1/unload_lora_adapter"]
+    round2 = [index[id(r)] for r in chats if r["json"]["n"] == k_samples and r["json"]["model"] == "endpoint-lora-round_1"]
+    assert loads[1] < min(round2) and max(round2) < unloads[3]
+    # The evaluation answered from the endpoint too: one answer a request, round 0's model as the endpoint's own.
+    evaluated = {r["json"]["model"] for r in chats if r["json"]["n"] == 1}
+    assert evaluated == {"policy", "endpoint-lora-round_1", "endpoint-lora-round_2"}
+    gens = pd.read_parquet(run.stage_dir(2, "evaluate") / "generations.parquet")
+    assert gens["response"].str.startswith("endpoint-lora-round_2 reply").all()
     samples = pd.read_parquet(run.stage_dir(2, "sample") / "samples.parquet")
     assert samples["response"].str.startswith("endpoint-lora-round_1 reply").all()
 
@@ -105,6 +128,11 @@ def test_vllm_backend_serves_an_adapter_policy_over_its_base(prefect_server, tin
     base = str(Path(tiny_model).resolve())
     assert f"serve {base} " in log  # the base model, not the adapter directory
     assert f"vllm-stub: LoRA module vllm-lora-round_1 at {run.checkpoint(1).resolve()} (max rank 8)" in log
+    # Round 1's evaluation: the base (round 0) and round 1's adapter answered from one server start.
+    [eval_log] = [p.read_text() for p in run.round_dir(1).glob("eval-server-*.log")]
+    assert f"serve {base} " in eval_log and "vllm-lora-round_1 at" in eval_log
+    models = {line.split("model=")[1].split()[0] for line in eval_log.splitlines() if line.startswith("vllm-stub: request")}
+    assert models == {"policy", "vllm-lora-round_1"}
     assert len(pd.read_parquet(run.stage_dir(2, "sample") / "samples.parquet")) == cfg["prompts"]["per_round"] * cfg["sample"]["num_samples"]
 
 

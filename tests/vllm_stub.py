@@ -324,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--generation-config", default="auto")
     p.add_argument("--enable-lora", action="store_true")
     p.add_argument("--max-lora-rank", type=int, default=16)
+    p.add_argument("--max-loras", type=int, default=1)
     p.add_argument("--lora-modules", nargs="+", action=_LoraModules, default=[])
     # the fake's own knobs
     p.add_argument("--startup-delay", type=float, default=0.0, help="seconds of 'model loading' before it listens")
@@ -342,6 +343,14 @@ def main(argv: list[str] | None = None) -> int:
     if refusal:
         print(refusal, flush=True)
         print("RuntimeError: Engine core initialization failed. See root cause above.", flush=True)
+        return 1
+    ranks = []
+    for module in args.lora_modules:
+        config = Path(module["path"]) / "adapter_config.json"
+        if config.is_file():
+            ranks.append(json.loads(config.read_text()).get("r", 0))
+    if ranks and max(ranks) > args.max_lora_rank:  # vLLM: the adapter's rank must fit --max-lora-rank
+        print(f"ValueError: LoRA rank {max(ranks)} is greater than max_lora_rank {args.max_lora_rank}.", flush=True)
         return 1
     if args.lora_modules and not args.enable_lora:
         print("ValueError: --lora-modules needs --enable-lora", flush=True)
