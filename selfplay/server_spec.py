@@ -10,10 +10,12 @@ vLLM in its own virtualenv::
 
     ServerSpec(command=["/opt/vllm-venv/bin/vllm", "serve"], max_model_len=4096)
 
-The container instead (it listens on 8000 inside; the host port is substituted for "{port}")::
+The container instead (it listens on 8000 inside; the host port is substituted for "{port}"; `--ipc=host` gives
+vLLM's tensor parallelism the shared memory it needs; the models, the run directory and the Hugging Face cache are
+mounted at the same paths inside, since checkpoints and adapters are passed by their paths)::
 
-    ServerSpec(command=["docker", "run", "--rm", "--gpus", "all", "-p", "{port}:8000",
-                        "-v", "/runs:/runs", "vllm/vllm-openai"],
+    ServerSpec(command=["docker", "run", "--rm", "--gpus", "all", "--ipc=host", "-p", "{port}:8000",
+                        "-v", "/models:/models", "-v", "/work/runs:/work/runs", f"vllm/vllm-openai:v{VLLM_VERSION}"],
                model_arg_style="flag", container_port=8000)
 """
 
@@ -24,7 +26,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ServerSpec", "build_command", "redact"]
+__all__ = ["VLLM_VERSION", "VLLM_IMAGE", "ServerSpec", "build_command", "redact"]
+
+# The vLLM this project is written against: the compose file's image, the README and the recipes name it (a test
+# keeps them in step). vLLM runs from its own virtualenv or this image, never in selfplay's environment.
+VLLM_VERSION = "0.33.0"
+VLLM_IMAGE = f"vllm/vllm-openai:v{VLLM_VERSION}"
 
 
 OPERATIONAL = {"affects_results": False}  # how and where the server runs, not what it answers
@@ -39,7 +46,8 @@ class ServerSpec(BaseModel):
     command: list[str] = Field(
         default_factory=lambda: ["vllm", "serve"], min_length=1,
         json_schema_extra=OPERATIONAL, description="Executable and subcommand, e.g. ['/opt/vllm-venv/bin/vllm', 'serve'] or ['docker', 'run', '--rm', "
-        "'--gpus', 'all', '-p', '{port}:8000', 'vllm/vllm-openai']; '{port}' in any item becomes the chosen port.")
+        "'--gpus', 'all', '--ipc=host', '-p', '{port}:8000', '-v', '/models:/models', '-v', '/work/runs:/work/runs', "
+        "'vllm/vllm-openai:v0.33.0'] (mount models and runs at the same paths inside); '{port}' in any item becomes the chosen port.")
     host: str = Field("127.0.0.1", json_schema_extra=OPERATIONAL, description="Address the server listens on and this process connects to.")
     port: int | None = Field(None, ge=1, le=65535, json_schema_extra=OPERATIONAL, description="Port on `host`; None picks a free one at start.")
     container_port: int | None = Field(

@@ -251,8 +251,45 @@ def check_compose(cfg: dict, compose_dir: Path) -> None:
 
 # --- tests ---
 
+def interpolate_defaults(text: str) -> str:
+    """`${VAR:-default}` as compose resolves it with VAR unset (`docker compose config` does this itself)."""
+    return re.sub(r"\$\{[A-Z_][A-Z0-9_]*:-([^}]*)\}", r"\1", text)
+
+
 def test_compose_file_as_written():
-    check_compose(yaml.safe_load(COMPOSE.read_text()), COMPOSE.parent)
+    check_compose(yaml.safe_load(interpolate_defaults(COMPOSE.read_text())), COMPOSE.parent)
+
+
+def test_one_vllm_version_everywhere():
+    """The compose file's image, the README, the recipes and the Dockerfile name the vLLM the project is written
+    against (selfplay.server_spec.VLLM_VERSION), and no other."""
+    from selfplay.server_spec import VLLM_IMAGE, VLLM_VERSION
+
+    judge = yaml.safe_load(interpolate_defaults(COMPOSE.read_text()))["services"]["vllm-judge"]
+    assert judge["image"] == VLLM_IMAGE
+    files = [REPO / "README.md", *DOCKER_DIR.rglob("*"), *(REPO / "deployments").rglob("*.yaml"), REPO / "selfplay" / "server_spec.py"]
+    for path in (f for f in files if f.is_file()):
+        text = path.read_text()
+        for tag in re.findall(r"vllm/vllm-openai:([\w.{}]+)", text) + ["v" + t for t in re.findall(r"vllm==([\w.]+)", text)]:
+            assert tag in (f"v{VLLM_VERSION}", "v{VLLM_VERSION}"), f"{path.relative_to(REPO)} names vLLM {tag}, not v{VLLM_VERSION}"
+        assert "v0.11" not in text, f"{path.relative_to(REPO)} still names v0.11"
+    assert f"vLLM {VLLM_VERSION}" in (REPO / "README.md").read_text()
+
+
+def test_the_compose_judges_memory_share_holds_its_weights_and_kv_cache():
+    """vLLM puts the weights and the KV cache inside gpu_memory_utilization x total: the compose default, on the
+    80 GB GPU it is sized for, holds a 7B judge's 15.2 GB of weights, 4 GB of KV cache and 2 GB of overhead, and
+    leaves training at least 48 GB."""
+    judge = yaml.safe_load(interpolate_defaults(COMPOSE.read_text()))["services"]["vllm-judge"]
+    words = [str(w) for w in judge["command"]]
+    share = float(flag_value(words, "--gpu-memory-utilization"))
+    weights = 7.62e9 * 2 / 1e9
+    kv = 4.0
+    assert share * 80 >= weights + kv + 2.0
+    assert (1 - share) * 80 >= 48
+    text = COMPOSE.read_text()
+    for gpu in ("80 GB", "48 GB", "40 GB", "24 GB"):
+        assert gpu in text  # the table sizes it per GPU
 
 
 def test_compose_file_documents_the_vllm_judge():

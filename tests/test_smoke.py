@@ -23,3 +23,33 @@ def test_smoke_prints_seconds_throughput_and_memory_per_stage(prefect_server, ti
     assert all(float(rows[stage][0]) > 0 for stage in ("sample", "judge", "train", "evaluate")), out
     assert float(rows["sample"][1]) > 0 and float(rows["train"][1]) > 0  # tokens per second
     assert all(peak == "-" for _, _, peak in rows.values())  # no GPU here
+    assert "vLLM round: skipped, no GPU (vLLM is CUDA-only)" in out
+
+
+def test_smoke_runs_a_vllm_round_where_a_vllm_is_found(prefect_server, tiny_model, tmp_path, capsys, monkeypatch):
+    """The vLLM round's path, with the FAKE vLLM (tests/vllm_stub.py) as the executable and CUDA reported present:
+    the round samples and answers the evaluation through the server, and its figures are printed."""
+    import sys
+
+    import torch
+
+    from selfplay.smoke import main
+    from tests.conftest import REPO
+
+    fake = tmp_path / "bin" / "vllm"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\ncd {REPO} && exec {sys.executable} -m tests.vllm_stub \"$@\"\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "FAKE GPU")
+    recipe = tmp_path / "smoke.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_config(tiny_model, tmp_path / "runs", rounds=1)))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the stages themselves stay on the CPU
+    assert main(["--recipe", str(recipe), "--name", "smoke", "--vllm", str(fake)]) == 0
+    out = capsys.readouterr().out
+    assert f"vLLM round ({fake}) on FAKE GPU" in out
+    vllm_part = out.split("vLLM round (", 1)[1]
+    rows = {m.group(1): m.groups()[1:] for m in re.finditer(r"^(\w+)\s+([\d.]+)\s+(\S+)\s+(\S+)$", vllm_part, re.M)}
+    assert float(rows["sample"][0]) > 0 and float(rows["sample"][1]) > 0  # seconds and tokens/s through the server
+    log = (tmp_path / "runs" / "smoke-vllm" / "round_1" / "sample-server.log").read_text()
+    assert "vllm-stub: FAKE vLLM server" in log and list((tmp_path / "runs" / "smoke-vllm" / "round_1").glob("eval-server-*.log"))
