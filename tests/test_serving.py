@@ -473,3 +473,23 @@ def test_requests_name_the_model_as_the_started_server_knows_it(tmp_path, monkey
     assert named.api_key == "sk-local"
     own = ModelServer(ServerSpec(env={"VLLM_API_KEY": "sk-spec"}), "/models/m", tmp_path / "c.log")
     assert own.api_key == "sk-spec"
+
+
+def test_the_models_generation_config_fills_only_what_a_request_leaves_out(tmp_path):
+    """vLLM takes the model's generation_config.json as the defaults of every request (`--generation-config auto`):
+    the sampler sets temperature, top_p and max_tokens itself, so the model's own values of those never apply,
+    while those it leaves out (top_k, repetition_penalty here) do, as they do in transformers' generate()."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "generation_config.json").write_text(
+        '{"temperature": 0.2, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "max_new_tokens": 3}')
+    log = tmp_path / "server.log"
+    with ModelServer(stub_spec(), model, log) as server:
+        [choices] = sample_chat(server.base_url, server.api_model, ["q"], n=2, temperature=0.9, top_p=0.95, max_tokens=8, seed=1,
+                                exact_tokens=True)
+    text = log.read_text()
+    assert "default sampling parameters from the model's generation config" in text
+    [request] = [line for line in text.splitlines() if line.startswith("vllm-stub: request")]
+    for expected in ("'temperature': 0.9", "'top_p': 0.95", "'max_tokens': 8", "'top_k': 20", "'repetition_penalty': 1.05"):
+        assert expected in request, request
+    assert [c["n_tokens"] for c in choices] == [6, 6]  # the request's 8 tokens, not the model's 3
