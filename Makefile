@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: setup run test gpu-smoke clean
+.PHONY: setup run test gpu-smoke bench clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ test: setup
 # One real round on CUDA (or CPU) with figures per stage: seconds, tokens/s, peak GPU memory.
 gpu-smoke: setup
 	$(BIN)/python -m selfplay.smoke
+
+# One round's cost by stage and per kept pair, beside a plain in-process loop on the same prompts (prints figures).
+bench: setup
+	$(BIN)/python -m selfplay.bench speed $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -77,7 +77,8 @@ class SampleConfig(Section):
     backend: BackendName = Field(DEFAULT_BACKEND, description="'transformers', 'vllm' or 'endpoint'.")  # first in the form
 
     num_samples: int = Field(4, ge=2, description="Completions per prompt (K).")
-    temperature: float = Field(0.8, gt=0, description="Sampling temperature.")
+    temperature: float = Field(0.8, ge=1e-5, description="Sampling temperature (at least 1e-5: vLLM samples greedily below that, "
+                               "and refuses greedy sampling with K > 1).")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
     max_new_tokens: int = Field(96, ge=1, description="Generation budget; completions that hit it are marked truncated.")
     batch_size: int = Field(32, ge=1, description="Sequences per generate() call (the transformers sampler, and the evaluate stage's generations).")

@@ -2,6 +2,8 @@
 
     python -m selfplay.bench improvement            # 3 rounds, 128 prompts a round, K=8, verifier-judged
     python -m selfplay.bench improvement --tiny     # the pipeline end to end in a minute or two (CI runs this)
+    python -m selfplay.bench speed                  # one round's cost by stage and per kept pair, beside a plain loop
+    python -m selfplay.bench speed --tiny           # (make bench runs the full one; CI the tiny one)
 
 `improvement` runs real self-play rounds through `selfplay run` (the same flow, a temporary Prefect server when
 PREFECT_API_URL is unset) on the generated checkable workload (`selfplay.checkable`: bundled:checkable_train and
@@ -96,6 +98,159 @@ def improvement(args: argparse.Namespace) -> int:
     return code
 
 
+SPEED_RECIPE = Path(__file__).resolve().parents[1] / "deployments" / "recipes" / "bench-speed.yaml"
+SPEED_TINY = ["prompts.per_round=8", "sample.num_samples=4", "prompts.eval_size=4", "prompts.accuracy_size=4", "train.min_pairs=1"]
+
+
+def _peak_rss_gb() -> float:
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / 2**20  # KiB on Linux
+
+
+def speed_figures(run: RunDir, wall_s: float) -> dict[str, Any]:
+    """What a round of `selfplay run` cost: seconds per stage, per kept pair, throughputs, and the orchestration
+    overhead (the run's wall time minus its stages' own time: server start, preflight, flow and artifacts)."""
+    stages = _stage_seconds(run, 1)
+    sample, judge, train = (run.manifest(1, st)["metrics"] for st in ("sample", "judge", "train"))
+    kept = run.round_summary(1).get("kept") or 0
+    loop = sum(stages[st] for st in ("sample", "judge", "filter", "train"))
+    return {"stages": stages, "kept": kept, "wall_s": wall_s,
+            "per_kept_pair_s": (loop / kept) if kept else None,
+            "per_kept_pair_with_eval_s": (wall_s / kept) if kept else None,
+            "sample_tokens_per_s": sample.get("tokens_per_second"), "train_tokens_per_s": train.get("tokens_per_second"),
+            "judge_calls": judge.get("calls"), "judge_calls_per_s": judge.get("calls", 0) / max(stages.get("judge", 0), 1e-9),
+            "overhead_s": wall_s - sum(stages.values()), "overhead_share": (wall_s - sum(stages.values())) / wall_s}
+
+
+def plain_loop(prompts: list[dict[str, str]], cfg, workdir: Path) -> dict[str, Any]:
+    """The reference: the same prompts through a plain in-process loop: batched `model.generate` (K return sequences
+    per prompt), the number verifier in-process (best against worst), a bare TRL DPOTrainer with the same LoRA and
+    DPO settings (gradient checkpointing off, as selfplay runs on CPU), merged and saved."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from selfplay.models import resolve_model
+    from selfplay.verifiers import number_score, parse_number
+
+    s, t = cfg.sample, cfg.train
+    path = str(resolve_model(cfg.policy.model))
+    out: dict[str, Any] = {}
+    started = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    out["load_s"] = time.perf_counter() - started
+    torch.manual_seed(s.seed + 1)
+    texts = [tok.apply_chat_template([{"role": "user", "content": p["prompt"]}], tokenize=False, add_generation_prompt=True) for p in prompts]
+    per_call = max(1, s.batch_size // s.num_samples)
+    started, completions, new_tokens = time.perf_counter(), [], 0
+    for i in range(0, len(texts), per_call):
+        enc = tok(texts[i:i + per_call], return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            gen = model.generate(**enc, do_sample=True, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+                                 num_return_sequences=s.num_samples, pad_token_id=tok.pad_token_id)
+        rows = gen[:, enc["input_ids"].shape[1]:]
+        new_tokens += int((rows != tok.pad_token_id).sum())
+        completions += tok.batch_decode(rows, skip_special_tokens=True)
+    out["sample_s"] = time.perf_counter() - started
+    out["sample_tokens_per_s"] = new_tokens / out["sample_s"]
+    started, records = time.perf_counter(), []
+    for i, p in enumerate(prompts):
+        answers = completions[i * s.num_samples:(i + 1) * s.num_samples]
+        if parse_number(str(p.get("reference"))) is None:
+            continue
+        scores = [number_score(a, str(p["reference"])) for a in answers]
+        best, worst = max(range(len(scores)), key=scores.__getitem__), min(range(len(scores)), key=scores.__getitem__)
+        if scores[best] > scores[worst]:
+            records.append({"prompt": [{"role": "user", "content": p["prompt"]}],
+                            "chosen": [{"role": "assistant", "content": answers[best].strip()}],
+                            "rejected": [{"role": "assistant", "content": answers[worst].strip()}]})
+    out["score_s"] = time.perf_counter() - started
+    out["kept"] = len(records)
+    tok.padding_side = "right"
+    started = time.perf_counter()
+    dpo = dict(t.dpo)
+    args = DPOConfig(output_dir=str(workdir / "plain-dpo"), per_device_train_batch_size=dpo["per_device_train_batch_size"],
+                     learning_rate=dpo["learning_rate"], beta=dpo["beta"], max_length=dpo["max_length"], num_train_epochs=1,
+                     gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(), report_to=[], save_strategy="no",
+                     logging_steps=1, disable_tqdm=True, seed=cfg.seed)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tok,
+                         peft_config=LoraConfig(task_type="CAUSAL_LM", **t.lora))
+    trainer.train()
+    out["train_steps"] = trainer.state.global_step
+    out["train_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    merged = trainer.model.merge_and_unload()
+    merged.save_pretrained(workdir / "plain-checkpoint")
+    out["merge_save_s"] = time.perf_counter() - started
+    out["total_s"] = out["sample_s"] + out["score_s"] + out["train_s"] + out["merge_save_s"]
+    out["per_kept_pair_s"] = out["total_s"] / out["kept"] if out["kept"] else None
+    return out
+
+
+def format_speed(ours: dict[str, Any], plain: dict[str, Any] | None) -> str:
+    st = ours["stages"]
+    lines = ["stage                  selfplay (s)   plain loop (s)"]
+    pairs = [("sample", st.get("sample"), plain and plain["sample_s"]), ("judge / score", st.get("judge"), plain and plain["score_s"]),
+             ("filter", st.get("filter"), None), ("train (+ merge, save)", st.get("train"), plain and plain["train_s"] + plain["merge_save_s"]),
+             ("evaluate", st.get("evaluate"), None), ("publish", st.get("publish"), None)]
+    for name, a, b in pairs:
+        lines.append(f"{name:<22} {'-' if a is None else f'{a:.1f}':>12}   {'-' if b is None else f'{b:.1f}':>14}")
+    lines.append(f"{'kept pairs':<22} {ours['kept']:>12}   {'-' if plain is None else plain['kept']:>14}")
+    lines.append("")
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    lines.append(f"seconds per kept pair (sample to trained checkpoint): {fmt(ours['per_kept_pair_s'], '.2f')}"
+                 + (f"   plain loop: {fmt(plain['per_kept_pair_s'], '.2f')}" if plain else ""))
+    if plain and ours["per_kept_pair_s"] and plain["per_kept_pair_s"]:
+        lines.append(f"selfplay / plain loop, per kept pair: {ours['per_kept_pair_s'] / plain['per_kept_pair_s']:.2f}")
+    lines.append(f"seconds per kept pair, the whole run (evaluation, server start, preflight included): {fmt(ours['per_kept_pair_with_eval_s'], '.2f')}")
+    lines.append(f"sampling: {fmt(ours['sample_tokens_per_s'], '.0f')} tokens/s" + (f" (plain loop {plain['sample_tokens_per_s']:.0f})" if plain else "")
+                 + f"; training: {fmt(ours['train_tokens_per_s'], '.0f')} tokens/s; judge: {ours['judge_calls']} calls, "
+                 f"{fmt(ours['judge_calls_per_s'], '.0f')} calls/s")
+    lines.append(f"orchestration overhead: {ours['overhead_s']:.1f} s of {ours['wall_s']:.1f} s ({100 * ours['overhead_share']:.1f} %)")
+    lines.append(f"peak RSS: {_peak_rss_gb():.2f} GB")
+    return "\n".join(lines)
+
+
+def speed(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import pandas as pd
+
+    from selfplay.checking_judge import CheckingJudge
+    from selfplay.cli import main as selfplay_main
+    from selfplay.config import load_config
+
+    overrides = [f"name={args.name}", f"output_dir={args.output_dir}"] + (SPEED_TINY if args.tiny else []) + (args.set or [])
+    with CheckingJudge() as checker:
+        overrides.append(f"judge.endpoint.base_url={checker.base_url}")
+        started = time.time()
+        code = selfplay_main(["run", "--config", str(args.recipe), *sum((["--set", o] for o in overrides), [])])
+        wall = time.time() - started
+    if code != 0:
+        return code
+    run = RunDir(Path(args.output_dir) / args.name)
+    ours = speed_figures(run, wall)
+    plain = None
+    if not args.no_plain:
+        cfg = load_config(str(args.recipe), overrides)
+        samples = pd.read_parquet(run.stage_dir(1, "sample") / "samples.parquet").drop_duplicates("prompt_id")
+        prompts = [{"id": r.prompt_id, "prompt": r.prompt, "reference": r.reference} for r in samples.itertuples()]
+        with tempfile.TemporaryDirectory() as tmp:
+            plain = plain_loop(prompts, cfg, Path(tmp))
+    print(f"\nspeed benchmark ({run.root}): 1 round, {len(pd.read_parquet(run.stage_dir(1, 'sample') / 'samples.parquet'))} "
+          f"completions, checking judge at ~1 ms a call\n")
+    print(format_speed(ours, plain))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"selfplay": ours, "plain": plain}, indent=1, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m selfplay.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -109,8 +264,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="a minute-long version that checks the pipeline runs (CI)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="more config overrides")
     p.add_argument("--json", help="also write the rows as JSON here")
+    q = sub.add_parser("speed", help="one round's cost by stage and per kept pair, beside a plain in-process loop")
+    q.add_argument("--recipe", default=str(SPEED_RECIPE))
+    q.add_argument("--name", default=f"bench-speed-{time.strftime('%Y%m%d-%H%M%S')}")
+    q.add_argument("--output-dir", default="runs")
+    q.add_argument("--tiny", action="store_true", help="a small version that checks the benchmark runs (CI)")
+    q.add_argument("--no-plain", action="store_true", help="skip the plain reference loop")
+    q.add_argument("--set", action="append", metavar="KEY=VALUE", help="more config overrides")
+    q.add_argument("--json", help="also write the figures as JSON here")
     args = parser.parse_args(argv)
-    return improvement(args)
+    return improvement(args) if args.bench == "improvement" else speed(args)
 
 
 if __name__ == "__main__":

@@ -158,17 +158,22 @@ def judge_comparisons(judge: Judge, comparisons: Sequence[Comparison], cfg: Judg
     """Decide each comparison: by the verifier's scores where they decide, else by asking `judge` both orders and
     combining them. `Judged.results` holds the LLM's answers only, two per comparison it judged, in order.
 
-    Calls go to the backend `chunk` at a time, with `progress(done, total)` after each chunk.
+    A backend that streams (`judge.streams`: the OpenAI-compatible one) gets every call at once and keeps a fixed
+    number in flight, refilling each slot as a call ends, with `progress(done, total)` every few seconds; a batching
+    one (the local model) gets them `chunk` at a time, with `progress` after each chunk.
     """
     decided = [verifier_verdict(c, cfg.verifier.fallback) for c in comparisons]
     asked = [c for c, d in zip(comparisons, decided) if d is None]
     rubric = load_rubric(cfg.rubric)
     calls = swap_calls(asked, templates_for(cfg.template), rubric, cfg.system_prompt) if asked else []
     results: list[JudgeResult] = []
-    for start in range(0, len(calls), chunk):
-        results.extend(judge.judge(calls[start : start + chunk]))
-        if progress:
-            progress(len(results), len(calls))
+    if calls and getattr(judge, "streams", False):
+        results = judge.judge(calls, progress=progress)
+    else:
+        for start in range(0, len(calls), chunk):
+            results.extend(judge.judge(calls[start : start + chunk]))
+            if progress:
+                progress(len(results), len(calls))
     llm = iter(verdict_rows(results, cfg.margin))
     return Judged([d if d is not None else next(llm) for d in decided], results)
 

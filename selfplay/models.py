@@ -144,11 +144,28 @@ def exclusive(path: Path) -> Iterator[None]:
         fh.close()
 
 
+def content_key(path: Path, span: int = 4 << 20) -> str:
+    """A key for a file's content, not its place: its size and a hash of its first and last `span` bytes. The same
+    model file in two clones (or virtualenvs) of one machine maps to one converted copy.
+
+    >>> import tempfile; d = Path(tempfile.mkdtemp())
+    >>> _ = (d / "a").write_bytes(b"x" * 10), (d / "b").write_bytes(b"x" * 10), (d / "c").write_bytes(b"y" * 10)
+    >>> content_key(d / "a") == content_key(d / "b"), content_key(d / "a") == content_key(d / "c")
+    (True, False)
+    """
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:
+        digest.update(fh.read(span))
+        if size > span:
+            fh.seek(max(span, size - span))
+            digest.update(fh.read(span))
+    return digest.hexdigest()[:12]
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF file once into a cached safetensors checkpoint; return its directory."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    out = cache_root() / "models" / f"{gguf.stem}-{key}-v2"
+    out = cache_root() / "models" / f"{gguf.stem}-{content_key(gguf)}-v3"
     if is_hf_dir(out):
         return out
     check_gguf(gguf)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable, Coroutine
@@ -39,6 +40,11 @@ __all__ = ["EndpointError", "RequestFailed", "SamplingError", "resolve_api_key",
            "describe", "run_sync", "request_seed", "asample_chat", "sample_chat"]
 
 T = TypeVar("T")
+
+# One INFO line per HTTP request ("HTTP Request: POST ... 200 OK") is thousands a judge stage: keep the clients'
+# request logs out of the run log (their warnings and errors still reach it).
+for _name in ("httpx", "httpcore", "openai"):
+    logging.getLogger(_name).setLevel(max(logging.getLogger(_name).level, logging.WARNING))
 # Pause before asking again after a 200 reply that was not a usable completion (the client's backoff covers the rest).
 MALFORMED_RETRY_DELAY_S = 0.5
 

@@ -42,3 +42,29 @@ def test_improvement_benchmark_tiny_runs_the_verifier_judged_pipeline(prefect_se
     assert ev["accuracy_previous"]["correct"] == int(accuracy["correct_previous"].sum())
     row = run.round_summary(1)
     assert row["accuracy"] == ev["accuracy"]["accuracy"] and row["accuracy_previous"] == ev["accuracy_previous"]["accuracy"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_speed_benchmark_tiny_prints_its_figures_beside_the_plain_loop(prefect_server, tmp_path):
+    """`python -m selfplay.bench speed --tiny`: one round judged over HTTP by the checking judge, then the plain
+    loop on the same prompts; every figure the benchmark promises is printed and agrees with the run's files."""
+    import json
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    proc = subprocess.run([sys.executable, "-m", "selfplay.bench", "speed", "--tiny", "--output-dir", str(tmp_path), "--name", "speed",
+                           "--json", str(tmp_path / "speed.json")], cwd=REPO, env=env, capture_output=True, text=True, timeout=1100)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    run = RunDir(tmp_path / "speed")
+    figures = json.loads((tmp_path / "speed.json").read_text())
+    ours, plain = figures["selfplay"], figures["plain"]
+    judge = run.manifest(1, "judge")["metrics"]
+    assert judge["calls"] == ours["judge_calls"] > 0 and judge["sources"]["verifier"] == 0  # every pair over HTTP
+    calls = pd.read_parquet(run.stage_dir(1, "judge") / "calls.parquet")
+    assert calls["error"].isna().all() and (calls["mode"] == "logprobs").all()
+    assert ours["kept"] == run.round_summary(1)["kept"] > 0 and plain["kept"] > 0 and plain["train_steps"] >= 1
+    assert set(ours["stages"]) >= {"sample", "judge", "filter", "train", "evaluate"}
+    assert 0 <= ours["overhead_s"] < ours["wall_s"]
+    for text in ("seconds per kept pair (sample to trained checkpoint):", "selfplay / plain loop, per kept pair:",
+                 "calls/s", "tokens/s", "orchestration overhead:", "peak RSS:"):
+        assert text in proc.stdout

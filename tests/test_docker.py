@@ -274,6 +274,10 @@ def test_one_vllm_version_everywhere():
             assert tag in (f"v{VLLM_VERSION}", "v{VLLM_VERSION}"), f"{path.relative_to(REPO)} names vLLM {tag}, not v{VLLM_VERSION}"
         assert "v0.11" not in text, f"{path.relative_to(REPO)} still names v0.11"
     assert f"vLLM {VLLM_VERSION}" in (REPO / "README.md").read_text()
+    # the docker form of a server command gives vLLM's tensor parallelism its shared memory, and says so
+    for path in (REPO / "README.md", REPO / "selfplay" / "server_spec.py", REPO / "deployments" / "recipes" / "judges" / "vllm.yaml"):
+        assert "--ipc=host" in path.read_text(), f"{path.relative_to(REPO)}: a docker run of vLLM without --ipc=host"
+    assert yaml.safe_load(interpolate_defaults(COMPOSE.read_text()))["services"]["vllm-judge"]["ipc"] == "host"
 
 
 def test_the_compose_judges_memory_share_holds_its_weights_and_kv_cache():

@@ -149,3 +149,19 @@ def test_lora_modules_in_json_form_survive_names_and_paths_that_break_the_name_p
         parser.parse_args(["--lora-modules", "run=a-round_1=/runs/x"])
     with pytest.raises(SystemExit):  # a ",": read as JSON, and the server exits
         parser.parse_args(["--lora-modules", f"{name}={path}"])
+
+
+@pytest.mark.parametrize("change, status, message", [
+    ({"logprobs": True, "top_logprobs": 21}, 400, "Requested sample logprobs of 21, which is greater than max allowed: 20"),
+    ({"top_logprobs": 5}, 400, "when using `top_logprobs`, `logprobs` must be set to true"),
+    ({"n": 2, "temperature": 0.0}, 400, "n must be 1 when using greedy sampling, got 2."),
+    ({"model": "other"}, 404, "The model `other` does not exist."),
+])
+def test_the_fake_vllm_refuses_what_vllm_refuses(change, status, message):
+    """The limits the project's requests must stay within (the judge asks for 20 top logprobs, samplers never send
+    a greedy n > 1), with vLLM's status codes and messages."""
+    request = {"model": "m", "messages": [{"role": "user", "content": "q"}], "max_tokens": 4, **change}
+    with ScriptedOpenAI(None, vllm=Vllm(model="m")) as server:
+        reply = httpx.post(f"{server.base_url}/chat/completions", json=request)
+    assert reply.status_code == status and reply.json()["error"]["code"] == status
+    assert message in reply.json()["error"]["message"]

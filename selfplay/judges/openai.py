@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import openai
@@ -32,6 +33,7 @@ from selfplay.judges.verdicts import (
 )
 
 
+PROGRESS_EVERY_S = 5.0  # a streaming judge reports progress this often, not per call
 TOP_LOGPROBS = 20  # OpenAI's maximum; enough to hold every variant of both labels
 
 
@@ -70,9 +72,14 @@ class OpenAIJudge:
 
     # ---------------------------------------------------------------- public
 
-    def judge(self, calls: list[JudgeCall]) -> list[JudgeResult]:
-        """All calls, concurrently up to the limit; one result per call, in order."""
-        return run_sync(self._judge_all(calls))
+    streams = True  # judging.judge_comparisons hands it every call at once
+
+    def judge(self, calls: list[JudgeCall], progress: Callable[[int, int], None] | None = None,
+              every_s: float = PROGRESS_EVERY_S) -> list[JudgeResult]:
+        """All calls through one pool of `max_concurrency` requests in flight, each slot refilled as its call ends
+        (no barrier between batches); one result per call, in order. `progress(done, total)` every `every_s`
+        seconds and once at the end."""
+        return run_sync(self._judge_all(calls, progress, every_s))
 
     def close(self) -> None:
         if self._cache is not None:
@@ -80,11 +87,22 @@ class OpenAIJudge:
 
     # ---------------------------------------------------------------- internals
 
-    async def _judge_all(self, calls: list[JudgeCall]) -> list[JudgeResult]:
+    async def _judge_all(self, calls: list[JudgeCall], progress=None, every_s: float = PROGRESS_EVERY_S) -> list[JudgeResult]:
         limit = asyncio.Semaphore(self.endpoint.max_concurrency)
+        done, last = 0, time.monotonic()
+
+        async def tracked(client, call: JudgeCall) -> JudgeResult:
+            nonlocal done, last
+            result = await self._one(client, limit, call)
+            done += 1
+            if progress is not None and (time.monotonic() - last >= every_s or done == len(calls)):
+                last = time.monotonic()
+                progress(done, len(calls))
+            return result
+
         async with async_client(self.endpoint.base_url, self._api_key, timeout=self.endpoint.timeout,
                                 max_retries=self.endpoint.max_retries) as client:
-            return list(await asyncio.gather(*(self._one(client, limit, call) for call in calls)))
+            return list(await asyncio.gather(*(tracked(client, call) for call in calls)))
 
     async def _one(self, client, limit: asyncio.Semaphore, call: JudgeCall) -> JudgeResult:
         key = call_key(self.endpoint.model, self.configured_mode, call.system, call.user, self.endpoint.base_url)
