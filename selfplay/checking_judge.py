@@ -75,13 +75,17 @@ def _reply(body: dict) -> dict:
 
 
 class CheckingJudge:
-    """The checking judge served on 127.0.0.1 (a free port) from a daemon thread; a context manager."""
+    """The checking judge served on 127.0.0.1 (a free port); a context manager. In a process of its own by default
+    (`process=True`), as a real judge server would be, so that its work does not share the caller's interpreter;
+    from a daemon thread of this process otherwise (then `calls` counts the requests)."""
 
-    def __init__(self, model: str = "checker", host: str = "127.0.0.1"):
+    def __init__(self, model: str = "checker", host: str = "127.0.0.1", process: bool = True):
         self.model, self.host, self.port = model, host, 0
+        self.process = process
         self.calls = 0
         self._server = None
         self._thread: threading.Thread | None = None
+        self._proc = None
 
     @property
     def base_url(self) -> str:
@@ -108,6 +112,8 @@ class CheckingJudge:
     def __enter__(self) -> "CheckingJudge":
         import uvicorn
 
+        if self.process:
+            return self._start_process()
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, 0))
@@ -124,7 +130,55 @@ class CheckingJudge:
             time.sleep(0.01)
         return self
 
+    def _start_process(self) -> "CheckingJudge":
+        import subprocess
+        import sys
+
+        import httpx
+
+        with socket.socket() as probe:
+            probe.bind((self.host, 0))
+            self.port = probe.getsockname()[1]
+        self._proc = subprocess.Popen([sys.executable, "-m", "selfplay.checking_judge", "--host", self.host, "--port", str(self.port),
+                                       "--model", self.model], stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://{self.host}:{self.port}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self._proc.kill()
+                raise RuntimeError("the checking judge did not start")
+            time.sleep(0.05)
+
     def __exit__(self, *exc) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except Exception:  # noqa: BLE001
+                self._proc.kill()
         if self._server is not None:
             self._server.should_exit = True
             self._thread.join(timeout=5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    import uvicorn
+
+    p = argparse.ArgumentParser(prog="python -m selfplay.checking_judge", description="The checking judge as a server.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--model", default="checker")
+    args = p.parse_args(argv)
+    judge = CheckingJudge(args.model, args.host, process=False)
+    uvicorn.run(judge._app(), host=args.host, port=args.port, log_level="warning", access_log=False, lifespan="off")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -158,9 +158,9 @@ def sample_from_server(cfg: RunConfig, k: int, policy: str, prompts: list[str], 
             for i, choices in enumerate(out) for j, c in enumerate(choices)]
 
 
-def sample_local(policy: str, prompts: list[str], s, seed: int, *, log, progress=None) -> list[dict[str, Any]]:
-    """The transformers backend: load `policy` from disk, generate, give the memory back."""
-    model, tokenizer = load_causal_lm(policy), load_tokenizer(policy)
+def sample_local(policy: str, prompts: list[str], s, seed: int, *, log, progress=None, cpu_dtype: str = "float32") -> list[dict[str, Any]]:
+    """The transformers backend: load `policy` from disk (on the CPU in `cpu_dtype`), generate, give the memory back."""
+    model, tokenizer = load_causal_lm(policy, cpu_dtype=cpu_dtype), load_tokenizer(policy)
     rows = generate(model, tokenizer, prompts, num_samples=s.num_samples, temperature=s.temperature, top_p=s.top_p,
                     max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed=seed, progress=progress)
     del model
@@ -256,7 +256,7 @@ def eval_generations(cfg: RunConfig, jobs: list[EvalJob], *, log=None,
     e = cfg.evaluate
     tables: list[pd.DataFrame | None] = [None] * len(jobs)
     for n, model_path in enumerate(dict.fromkeys(job[0] for job in jobs)):
-        model, tokenizer = load_causal_lm(model_path), load_tokenizer(model_path)
+        model, tokenizer = load_causal_lm(model_path, cpu_dtype=cfg.policy.cpu_dtype), load_tokenizer(model_path)
         for i, (path, prompts, temperature, max_new_tokens) in enumerate(jobs):
             if path != model_path:
                 continue

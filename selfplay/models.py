@@ -252,11 +252,17 @@ def load_merged(path: str | Path, dtype=None):
     return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
 
 
-def load_causal_lm(path: Path, device: str | None = None):
-    """Load a checkpoint (a full model or a LoRA adapter over one) for inference (eval mode) on the auto-picked device."""
+def load_causal_lm(path: Path, device: str | None = None, cpu_dtype: str = "float32"):
+    """Load a checkpoint (a full model or a LoRA adapter over one) for inference (eval mode) on the auto-picked device;
+    on the CPU in `cpu_dtype` ('bfloat16': cast after loading, the file stays as it is)."""
+    import torch
+
     auto_device, _ = pick_device()
     model = load_merged(path)
-    model.to(device or auto_device)
+    device = device or auto_device
+    model.to(device)
+    if device == "cpu" and cpu_dtype == "bfloat16":
+        model.to(torch.bfloat16)
     model.eval()
     return model
 

@@ -43,7 +43,7 @@ T = TypeVar("T")
 
 # One INFO line per HTTP request ("HTTP Request: POST ... 200 OK") is thousands a judge stage: keep the clients'
 # request logs out of the run log (their warnings and errors still reach it).
-for _name in ("httpx", "httpcore", "openai"):
+for _name in ("httpx", "httpx2", "httpcore", "openai"):  # openai 2 sends through its own fork, httpx2
     logging.getLogger(_name).setLevel(max(logging.getLogger(_name).level, logging.WARNING))
 # Pause before asking again after a 200 reply that was not a usable completion (the client's backoff covers the rest).
 MALFORMED_RETRY_DELAY_S = 0.5

@@ -91,11 +91,14 @@ def evaluate(cfg: RunConfig, k: int, previous: str, base: str | None = None) -> 
                                                       label=f"round {k} eval generation", log=log)
     verifier = Verifier(cfg.judge.verifier)
     scored = lambda table: score_table(verifier, table)  # noqa: E731
+    # Held-out accuracy is checked even where the verifier does not judge (kind none: the LLM judges every pair).
+    checker = verifier if cfg.judge.verifier.kind != "none" else Verifier(cfg.judge.verifier.model_copy(update={"kind": "auto"}))
+    checked = lambda table: score_table(checker, table)  # noqa: E731
     new = scored(generated.pop(0))
     old = scored(generated.pop(0) if old is None else old)
     first = scored(generated.pop(0) if against_base and first is None else first) if against_base else None
-    new_greedy = scored(generated.pop(0)) if checkable else None
-    old_greedy = scored(generated.pop(0) if old_greedy is None else old_greedy) if checkable else None
+    new_greedy = checked(generated.pop(0)) if checkable else None
+    old_greedy = checked(generated.pop(0) if old_greedy is None else old_greedy) if checkable else None
 
     batches = [comparisons(new, old)] + ([comparisons(new, first)] if against_base else [])
     judged, judge_peak = run_judge(cfg, previous, batches, run.round_dir(k), f"round {k} eval judge", log,

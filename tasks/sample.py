@@ -50,7 +50,7 @@ def sample(cfg: RunConfig, k: int, policy: str) -> None:
         with gpu_slot(f"{cfg.name} round {k} sample"):
             rows, peak = isolate.call("selfplay.generation:sample_local", policy, [p["prompt"] for p in prompts], s, s.seed + k,
                                       isolated=isolated(cfg.isolation), scratch=run.round_dir(k), label=f"round {k} sample",
-                                      log=log, progress=progress)
+                                      log=log, progress=progress, cpu_dtype=cfg.policy.cpu_dtype)
     else:
         rows = sample_from_server(cfg, k, policy, [p["prompt"] for p in prompts], run.round_dir(k) / "sample-server.log", log)
     for row in rows:

@@ -64,6 +64,9 @@ def test_speed_benchmark_tiny_prints_its_figures_beside_the_plain_loop(prefect_s
     assert calls["error"].isna().all() and (calls["mode"] == "logprobs").all()
     assert ours["kept"] == run.round_summary(1)["kept"] > 0 and plain["kept"] > 0 and plain["train_steps"] >= 1
     assert set(ours["stages"]) >= {"sample", "judge", "filter", "train", "evaluate"}
+    # held-out accuracy is checked although the verifier judges nothing (kind none)
+    accuracy = pd.read_parquet(run.stage_dir(1, "evaluate") / "accuracy.parquet")
+    assert len(accuracy) == 4 and accuracy["score_new"].notna().all() and accuracy["score_previous"].notna().all()
     assert 0 <= ours["overhead_s"] < ours["wall_s"]
     for text in ("seconds per kept pair (sample to trained checkpoint):", "selfplay / plain loop, per kept pair:",
                  "calls/s", "tokens/s", "orchestration overhead:", "peak RSS:"):

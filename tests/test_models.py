@@ -142,3 +142,23 @@ def test_the_conversion_lock_excludes_across_the_removal_of_its_file(tmp_path):
         release.set()
         waiter.join(10)
     assert not path.exists()
+
+
+def test_cpu_dtype_bfloat16_generates_in_bf16_and_leaves_the_checkpoint_float32(tiny_model):
+    """policy.cpu_dtype: the model is cast after loading, for generation only; the file on disk is untouched, and
+    float32 (the default) generates the same as before."""
+    import torch
+
+    from selfplay.config import SampleConfig
+    from selfplay.generation import sample_local
+    from selfplay.models import load_causal_lm
+
+    assert next(load_causal_lm(tiny_model).parameters()).dtype == torch.float32
+    assert next(load_causal_lm(tiny_model, cpu_dtype="bfloat16").parameters()).dtype == torch.bfloat16
+    s = SampleConfig(num_samples=2, max_new_tokens=6, temperature=1.0)
+    log = __import__("logging").getLogger("test")
+    default = sample_local(str(tiny_model), ["Hi", "Name a colour."], s, 3, log=log)
+    assert sample_local(str(tiny_model), ["Hi", "Name a colour."], s, 3, log=log, cpu_dtype="float32") == default
+    bf16 = sample_local(str(tiny_model), ["Hi", "Name a colour."], s, 3, log=log, cpu_dtype="bfloat16")
+    assert len(bf16) == 4 and all(r["n_tokens"] <= 6 for r in bf16)
+    assert next(load_causal_lm(tiny_model).parameters()).dtype == torch.float32  # the checkpoint stays float32
