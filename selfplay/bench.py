@@ -200,6 +200,8 @@ def format_speed(ours: dict[str, Any], plain: dict[str, Any] | None) -> str:
              ("filter", st.get("filter"), None), ("train (+ merge, save)", st.get("train"), plain and plain["train_s"] + plain["merge_save_s"]),
              ("evaluate", st.get("evaluate"), None), ("publish", st.get("publish"), None)]
     for name, a, b in pairs:
+        if a is None and b is None:
+            continue
         lines.append(f"{name:<22} {'-' if a is None else f'{a:.1f}':>12}   {'-' if b is None else f'{b:.1f}':>14}")
     lines.append(f"{'kept pairs':<22} {ours['kept']:>12}   {'-' if plain is None else plain['kept']:>14}")
     lines.append("")
