@@ -626,6 +626,30 @@ def test_concurrency_is_bounded_and_saturated():
     assert col(table, "verdict") == ["first"] * 12
 
 
+def test_the_pool_streams_with_no_barrier_between_batches_and_reports_progress_every_few_seconds():
+    """More calls than the local judge's 64-call chunks: with slots refilled as each call ends, 100 calls at 8 in
+    flight whose latencies alternate 0.02 s and 0.3 s take about as long as the slow ones spread over the slots, not
+    a chunk's slowest call per chunk; progress comes at its interval and once at the end, not per call."""
+    from selfplay.judges import JudgeCall
+
+    def uneven(body, n):
+        reply = prefer_good(body, n)
+        reply.delay = 0.3 if n % 2 else 0.02
+        return reply
+
+    calls = [JudgeCall(system="s", user=f"<response_A>\nGOOD {i}\n</response_A>\n<response_B>\nweak\n</response_B>") for i in range(100)]
+    seen = []
+    with ScriptedOpenAI(uneven) as server:
+        judge = make_judge(server, mode="logprobs", max_concurrency=8)
+        t0 = time.perf_counter()
+        results = judge.judge(calls, progress=lambda done, total: seen.append((done, total)), every_s=0.5)
+        elapsed = time.perf_counter() - t0
+        assert server.count == 100 and server.max_in_flight == 8
+    assert all(r.error is None for r in results)
+    assert elapsed < 3.5, elapsed  # 50 slow calls over 8 slots: ~2 s
+    assert seen[-1] == (100, 100) and 2 <= len(seen) < 20  # every 0.5 s and at the end, not 100 times
+
+
 def test_both_orders_of_a_pair_are_in_flight_together():
     with ScriptedOpenAI(prefer_good, latency=0.3) as server:
         t0 = time.perf_counter()
