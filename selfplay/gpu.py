@@ -66,9 +66,9 @@ def gpu_processes() -> list[dict] | None:
                              capture_output=True, text=True, timeout=30, check=True).stdout
         rows = []
         for line in out.strip().splitlines():
-            pid, name, used = (part.strip() for part in line.rsplit(",", 2)) if line.count(",") >= 2 else (None, None, None)
-            if pid is None:
+            if line.count(",") < 2:
                 continue
+            pid, name, used = (part.strip() for part in line.rsplit(",", 2))  # a process name may hold a comma
             rows.append({"pid": int(pid), "name": name, "mib": int(used) if used.isdigit() else None})
         return rows
     except (OSError, subprocess.SubprocessError, ValueError):

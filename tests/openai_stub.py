@@ -271,6 +271,13 @@ def build_app(state: _State):
             return None
         return state.vllm.unauthorized(request.url.path, {k.lower(): v for k, v in request.headers.items()})
 
+    async def preempted(request) -> Reply | None:
+        """The reply a request gets before its route's own work: a recorded reply for its path, or vLLM's 401."""
+        if request.url.path in state.fixed:
+            await read(request)
+            return state.fixed[request.url.path]
+        return guard(request)
+
     async def chat(request):
         refused = guard(request)
         if refused is not None:
@@ -304,12 +311,8 @@ def build_app(state: _State):
                 state.in_flight -= 1
 
     async def models(request):
-        if request.url.path in state.fixed:
-            await read(request)
-            return _respond(state.fixed[request.url.path])
-        refused = guard(request)
-        if refused is not None:
-            return _respond(refused)
+        if (early := await preempted(request)) is not None:
+            return _respond(early)
         state.record(request.url.path, {k.lower(): v for k, v in request.headers.items()}, None)
         if state.vllm is not None:
             return JSONResponse(state.vllm.models())
@@ -325,12 +328,8 @@ def build_app(state: _State):
         return PlainTextResponse("ok")
 
     async def lora(request):
-        if request.url.path in state.fixed:
-            await read(request)
-            return _respond(state.fixed[request.url.path])
-        refused = guard(request)
-        if refused is not None:
-            return _respond(refused)
+        if (early := await preempted(request)) is not None:
+            return _respond(early)
         body = await read(request)
         if state.vllm is None:
             return PlainTextResponse("ok")
