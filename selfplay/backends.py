@@ -138,10 +138,18 @@ class JudgeConfig(Section):
 
     backend: BackendName = Field(DEFAULT_BACKEND, description="'transformers', 'vllm' or 'endpoint'.")  # first in the form
 
-    pairing: Literal["all_pairs", "random_pair", "tournament"] = Field(
-        "all_pairs", description="Pairs judged among a prompt's K completions; 'tournament' judges all and trains on best vs worst.")
+    pairing: Literal["all_pairs", "random_pair", "tournament", "knockout"] = Field(
+        "all_pairs", description="Pairs judged among a prompt's K completions; 'tournament' judges all and trains on best vs worst; "
+        "'knockout' finds best and worst with about 3K/2 pairs asked in phases (22 calls for K=8, not 56), then judges them against each other.")
     scoring: Literal["copeland", "bradley_terry"] = Field("copeland", description="Tournament scoring.")
     max_calls_per_prompt: int | None = Field(None, ge=2, description="Cap on judge calls per prompt (2 per pair); pairs beyond it are not judged.")
+
+    @model_validator(mode="after")
+    def _no_cap_on_a_knockout(self) -> "JudgeConfig":
+        if self.pairing == "knockout" and self.max_calls_per_prompt is not None:
+            raise ValueError("judge.max_calls_per_prompt caps all_pairs and tournament; a knockout asks at most 3K/2 - 1 pairs of its "
+                             "own choosing: leave the cap unset, or use another pairing")
+        return self
     margin: float = Field(0.1, ge=0, le=1, description="Keep a pair only when |2p-1| >= margin, p the swap-averaged preference.")
     template: str | None = Field(None, description="Judge prompt template file ({prompt}, {response_a}, {response_b}, {rubric}, and {reference}: the prompt's "
                                  "reference answer, or '(none)'); the shipped default, reference-guided where a prompt has a reference, when unset.")

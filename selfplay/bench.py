@@ -4,6 +4,7 @@
     python -m selfplay.bench improvement --tiny     # the pipeline end to end in a minute or two (CI runs this)
     python -m selfplay.bench speed                  # one round's cost by stage and per kept pair, beside a plain loop
     python -m selfplay.bench speed --tiny           # (make bench runs the full one; CI the tiny one)
+    python -m selfplay.bench knockout [JUDGMENTS ...]   # a knockout's best-vs-worst against all pairs' (seconds)
 
 `improvement` runs real self-play rounds through `selfplay run` (the same flow, a temporary Prefect server when
 PREFECT_API_URL is unset) on the generated checkable workload (`selfplay.checkable`: bundled:checkable_train and
@@ -12,6 +13,11 @@ tournament over K samples (K verifier calls a prompt, best against worst), and p
 accuracy with its 95% Wilson interval, the samples' accuracy, the pairs kept, the verdicts' sources and the
 seconds the round took, by stage. The gate is off, so each round builds on the last; the target on the full
 workload is round 3's accuracy at least 2.5 times round 0's.
+
+`knockout` measures `judge.pairing: knockout` (about 3K/2 pairs asked) against the all-pairs tournament (K(K-1)/2):
+on simulated judges of several noise levels over known sample strengths (the share of prompts where each finds the
+true best and worst, and where they agree), and replayed on the all-pairs judgments.parquet files given (a run's
+`round_<k>/judge/`), where only agreement can be measured.
 """
 
 from __future__ import annotations
@@ -248,8 +254,86 @@ def speed(args: argparse.Namespace) -> int:
     print(f"\nspeed benchmark ({run.root}): 1 round, {len(pd.read_parquet(run.stage_dir(1, 'sample') / 'samples.parquet'))} "
           f"completions, checking judge at ~1 ms a call\n")
     print(format_speed(ours, plain))
+    if load_config(str(args.recipe), overrides).judge.pairing == "tournament":
+        judgments = pd.read_parquet(run.stage_dir(1, "judge") / "judgments.parquet")
+        print(format_knockout("knockout replayed on these", ours.setdefault("knockout", knockout_figures(judgments))))
     if args.json:
         Path(args.json).write_text(json.dumps({"selfplay": ours, "plain": plain}, indent=1, default=str))
+    return 0
+
+
+def simulated_judgments(n_prompts: int, k: int, noise: float, seed: int, position_bias: float = 0.5, margin: float = 0.1):
+    """An all-pairs judgments table from a simulated judge, and each prompt's true (best, worst): sample strengths
+    are N(0, 1); each order's P(A wins) = sigmoid((s_A - s_B) / noise + position_bias + N(0, noise)), and the two
+    orders combine as every judge's do (`combine_orders`)."""
+    import math
+    import random
+
+    import pandas as pd
+
+    from selfplay.judging import combine_orders
+    from selfplay.pairs import PAIR_COLUMNS, judgments_table
+
+    rng = random.Random(seed)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    rows, verdicts, truth = [], [], {}
+    for n in range(n_prompts):
+        strength = [rng.gauss(0, 1) for _ in range(k)]
+        truth[f"p{n}"] = (max(range(k), key=strength.__getitem__), min(range(k), key=strength.__getitem__))
+        for i in range(k):
+            for j in range(i + 1, k):
+                d = (strength[i] - strength[j]) / noise
+                p1, p2 = sig(d + position_bias + rng.gauss(0, noise)), sig(-d + position_bias + rng.gauss(0, noise))
+                rows.append({"prompt_id": f"p{n}", "prompt": f"prompt {n}", "reference": None, "i": i, "j": j,
+                             "response_1": f"p{n} sample {i}", "response_2": f"p{n} sample {j}", "truncated_1": False, "truncated_2": False,
+                             "similarity": 0.0, "verify_1": None, "verify_2": None, "screened": None})
+                verdicts.append({"p_a_order1": p1, "p_a_order2": p2, **combine_orders(p1, p2, margin), "mode": "logprobs", "error": None,
+                                 "source": "llm"})
+    return judgments_table(pd.DataFrame(rows, columns=PAIR_COLUMNS), verdicts), truth
+
+
+def knockout_figures(judgments, truth: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+    """`knockout_agreement`, and with the true (best, worst) per prompt, how often each pairing finds them."""
+    from selfplay.pairs import kept_pairs, knockout_agreement, select_pairs
+
+    out = knockout_agreement(judgments)
+    if truth:
+        for name in ("tournament", "knockout"):
+            picks = kept_pairs(select_pairs(judgments, name))
+            out[f"{name}_kept"] = len(picks) / len(truth)
+            out[f"{name}_true_best"] = sum(truth[p][0] == c for p, (c, _) in picks.items()) / len(truth)
+            out[f"{name}_true_worst"] = sum(truth[p][1] == r for p, (_, r) in picks.items()) / len(truth)
+    return out
+
+
+def format_knockout(label: str, f: dict[str, Any]) -> str:
+    pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+    line = (f"{label:<28} LLM calls {f['llm_calls_knockout']:>6} vs {f['llm_calls_all_pairs']:>6} all pairs; of {f['prompts']} tournament "
+            f"pairs the knockout keeps {pct(f['pair_kept'])}, chosen among the best {pct(f['chosen_is_best'])}, rejected among the worst "
+            f"{pct(f['rejected_is_worst'])}, the same pair {pct(f['same_pair'])}")
+    if "tournament_true_best" in f:
+        line += (f"\n{'':<28} true best / worst found: tournament {pct(f['tournament_true_best'])} / {pct(f['tournament_true_worst'])}, "
+                 f"knockout {pct(f['knockout_true_best'])} / {pct(f['knockout_true_worst'])} (prompts with a pair: "
+                 f"{pct(f['tournament_kept'])}, {pct(f['knockout_kept'])})")
+    return line
+
+
+def knockout_bench(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    print(f"knockout against all pairs, K={args.samples}: simulated judges over {args.prompts} prompts (noise: the judge's "
+          "temperature and the spread of its own error; position bias 0.5 in logit)\n")
+    results: dict[str, Any] = {}
+    for noise in args.noise:
+        table, truth = simulated_judgments(args.prompts, args.samples, noise, seed=args.seed)
+        results[f"noise={noise}"] = f = knockout_figures(table, truth)
+        print(format_knockout(f"simulated, noise {noise}", f))
+    for path in args.judgments:
+        table = pd.read_parquet(path)
+        results[str(path)] = f = knockout_figures(table)
+        print(format_knockout(Path(path).parent.parent.name + "/" + Path(path).name, f))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
 
 
@@ -274,8 +358,15 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--no-plain", action="store_true", help="skip the plain reference loop")
     q.add_argument("--set", action="append", metavar="KEY=VALUE", help="more config overrides")
     q.add_argument("--json", help="also write the figures as JSON here")
+    r = sub.add_parser("knockout", help="judge.pairing knockout against the all-pairs tournament: simulated judges, recorded judgments")
+    r.add_argument("judgments", nargs="*", help="all-pairs judgments.parquet files to replay (a tournament run's round_<k>/judge/)")
+    r.add_argument("--prompts", type=int, default=500)
+    r.add_argument("--samples", type=int, default=8, help="K, samples per prompt")
+    r.add_argument("--noise", type=float, nargs="+", default=[0.1, 0.5, 1.0, 2.0])
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--json", help="also write the figures as JSON here")
     args = parser.parse_args(argv)
-    return improvement(args) if args.bench == "improvement" else speed(args)
+    return {"improvement": improvement, "speed": speed, "knockout": knockout_bench}[args.bench](args)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, Union
 from urllib.parse import urlsplit
 
 import pandas as pd
@@ -88,10 +88,47 @@ def verifier_verdict(c: Comparison, fallback: str = "llm") -> dict[str, Any] | N
 
 class Judged(NamedTuple):
     """A batch of comparisons judged: one verdict row (`VERDICT_COLUMNS`) per comparison, in order, and the judge's
-    results, two per comparison (order 1, order 2)."""
+    results, two per comparison (order 1, order 2). Phases (`judge_phases`) also give each comparison's key, in
+    the order asked."""
 
     verdicts: list[dict[str, Any]]
     results: list[JudgeResult]
+    keys: list[Any] | None = None
+
+
+class Phases(Protocol):
+    """Comparisons asked in phases, each chosen from the verdicts so far (a knockout: `selfplay.pairs.KnockoutPhases`).
+    `next(decided)`: the next phase's comparisons by key, {} when done; `candidates`: every comparison it might ask."""
+
+    candidates: list[Comparison]
+
+    def next(self, decided: dict[Any, dict[str, Any]]) -> dict[Any, Comparison]: ...
+
+
+Batch = Union[Sequence[Comparison], Phases]
+
+
+def judge_phases(judge: Judge, phases: Phases, cfg: JudgeConfig, progress: Callable[[int, int], None] | None = None) -> Judged:
+    """Judge phase after phase until `phases` asks nothing more; one `Judged` for all, with the keys in the order asked.
+    Each phase goes to the judge whole (a streaming judge keeps its pool full across the phase's prompts)."""
+    decided: dict[Any, dict[str, Any]] = {}
+    keys: list[Any] = []
+    results: list[JudgeResult] = []
+    while todo := phases.next(decided):
+        done = len(results)
+        step = (lambda d, t: progress(done + d, done + t)) if progress else None
+        judged = judge_comparisons(judge, list(todo.values()), cfg, progress=step)
+        decided.update(zip(todo, judged.verdicts))
+        keys.extend(todo)
+        results.extend(judged.results)
+    return Judged([decided[k] for k in keys], results, keys)
+
+
+def judge_batch(judge: Judge, batch: Batch, cfg: JudgeConfig, progress: Callable[[int, int], None] | None = None) -> Judged:
+    """`judge_comparisons` for a list of comparisons, `judge_phases` for phases."""
+    if isinstance(batch, Sequence):
+        return judge_comparisons(judge, batch, cfg, progress=progress)
+    return judge_phases(judge, batch, cfg, progress=progress)
 
 
 def combine_orders(order1: JudgeResult | float | None, order2: JudgeResult | float | None, margin: float) -> dict[str, Any]:
@@ -259,24 +296,27 @@ def check_error_rate(table: pd.DataFrame, max_error_rate: float, k: int, judge: 
     raise JudgeFailed(message + " Fix the judge and rerun to resume (with judge.cache on, calls that succeeded are not asked again).")
 
 
-def judge_batches(cfg: JudgeConfig, reference: str, batches: list[list[Comparison]], *, log=None,
+def judge_batches(cfg: JudgeConfig, reference: str, batches: list[Batch], *, log=None,
                   progress: Callable[[int, int], None] | None = None) -> list[Judged]:
     """Build the configured judge once and judge each batch of comparisons with it, then close it (an `isolate.call`
     target)."""
     backend = make_judge(cfg, reference)
     try:
-        return [judge_comparisons(backend, batch, cfg, progress=progress) for batch in batches]
+        return [judge_batch(backend, batch, cfg, progress=progress) for batch in batches]
     finally:
         backend.close()
         release_memory()
 
 
-def llm_count(comparisons: Sequence[Comparison], cfg: JudgeConfig) -> int:
-    """How many of the comparisons the LLM judge must decide (the verifier decides the others)."""
+def llm_count(comparisons: Batch, cfg: JudgeConfig) -> int:
+    """How many of the comparisons the LLM judge must decide (the verifier decides the others); of phases, how
+    many it might have to (of every candidate)."""
+    if not isinstance(comparisons, Sequence):
+        comparisons = comparisons.candidates
     return sum(verifier_verdict(c, cfg.verifier.fallback) is None for c in comparisons)
 
 
-def run_judge(cfg: RunConfig, reference: str, batches: list[list[Comparison]], scratch: Path, label: str, log,
+def run_judge(cfg: RunConfig, reference: str, batches: list[Batch], scratch: Path, label: str, log,
               progress: Callable[[int, int], None] | None = None,
               server_log: Path | None = None) -> tuple[list[Judged], float | None]:
     """`judge_batches` where it belongs, and the peak GPU memory it took. A local judge is a model on the GPU: it
@@ -285,7 +325,7 @@ def run_judge(cfg: RunConfig, reference: str, batches: list[list[Comparison]], s
     endpoint judge runs here."""
     j = cfg.judge
     if not any(llm_count(batch, j) for batch in batches):  # the verifier decides everything: no judge to load or start
-        return [judge_comparisons(None, batch, j) for batch in batches], None
+        return [judge_batch(None, batch, j) for batch in batches], None
     if j.backend == "endpoint":
         return judge_batches(j, reference, batches, log=log, progress=progress), None
     if j.backend == "vllm":
@@ -308,7 +348,7 @@ def judge_server_model(cfg: JudgeConfig, reference: str) -> str:
     return cfg.model
 
 
-def serve_and_judge(cfg: JudgeConfig, reference: str, batches: list[list[Comparison]], log_path: Path, lora_name: str, log,
+def serve_and_judge(cfg: JudgeConfig, reference: str, batches: list[Batch], log_path: Path, lora_name: str, log,
                     progress: Callable[[int, int], None] | None = None) -> list[Judged]:
     """Start a vLLM server on the judge model, judge every batch through it, stop it and wait for the GPU."""
     from selfplay.config import EndpointConfig
@@ -324,7 +364,7 @@ def serve_and_judge(cfg: JudgeConfig, reference: str, batches: list[list[Compari
                                       max_concurrency=cfg.max_concurrency, timeout=cfg.request_timeout)
             # A new port each time: nothing to key a cache on.
             judge = OpenAIJudge(endpoint, mode=cfg.mode, cache=None, api_key=server.api_key)
-            results = [judge_comparisons(judge, batch, cfg, progress=progress) for batch in batches]
+            results = [judge_batch(judge, batch, cfg, progress=progress) for batch in batches]
         if not server.wait_gpu_free():
             log.warning("GPU memory was not all given back %g s after the judge server stopped; held by %s", spec.gpu_free_timeout,
                         gpu.holders())

@@ -6,17 +6,19 @@ Reasons, in the order they are checked:
   too_similar   the responses' similarity (rapidfuzz ratio, 0-1) is at least `filter.max_similarity`
   length_ratio  the longer response is more than `filter.max_length_ratio` times the shorter (length control)
   over_budget   beyond `judge.max_calls_per_prompt`, so not judged
+  not_matched   a pair a knockout (`judge.pairing: knockout`) never needed to ask
   judge_error   the judge failed on either order (after retries)
   invalid       the judge answered, but not with a verdict (discrete modes)
   tie           the swap-averaged margin is under `judge.margin`, or a discrete judge said tie both times
   inconsistent  the two orders disagree (discrete verdict modes)
-  not_selected  a tournament pair other than the prompt's best versus worst
-The first five need no judge and are screened before judging (`selfplay.pairs.screen`), so no judge call is spent on
+  not_selected  a tournament or knockout pair other than the prompt's best versus worst
+The first six need no judge and are screened before judging (`selfplay.pairs.screen`), so no judge call is spent on
 them. The selection itself is `selfplay.pairs.select_pairs`.
 
 With `judge.pairing: tournament` every judged pair scores its two completions (Copeland: +1 a win, -1 a loss;
 or a Bradley-Terry fit to the swap-averaged preferences), and each prompt contributes one pair: its best
-completion against its worst.
+completion against its worst. A knockout (`judge.pairing: knockout`) finds them with a bracket instead
+(`selfplay.pairs.knockout`), and trains on their own match where its verdict has a winner.
 
 Output `round_<k>/filter/pairs.parquet`: every judged pair with `kept`, `drop_reason`, `chosen`, `rejected`.
 """

@@ -24,7 +24,7 @@ from prefect.cache_policies import NONE
 from selfplay.config import RunConfig
 from selfplay.judging import check_error_rate, llm_count, run_judge
 from selfplay.orchestration import Progress, run_logger, stage
-from selfplay.pairs import build_pairs, judged_tables, pair_comparisons
+from selfplay.pairs import KnockoutPhases, build_pairs, judged_tables, pair_comparisons
 from selfplay.rundir import RunDir
 from selfplay.verifiers import Verifier, score_table, verifier_stats
 
@@ -38,13 +38,18 @@ def judge(cfg: RunConfig, k: int, reference: str) -> None:
     started = time.time()
     samples = score_table(Verifier(cfg.judge.verifier), pd.read_parquet(run.stage_dir(k, "sample") / "samples.parquet"))
     pairs = build_pairs(samples, cfg.judge.pairing, cfg.seed + k, cfg.filter, cfg.judge.max_calls_per_prompt)
-    comparisons = pair_comparisons(pairs, cfg.judge.pairing)
-    todo, asked = len(comparisons), llm_count(comparisons, cfg.judge)
-    log.info(
-        "round %d: judging %d of %d candidate pairs: %d by the verifier, %d x 2 orders by the %s judge (screened out: %s)",
-        k, todo, len(pairs), todo - asked, asked, cfg.judge.backend, pairs["screened"].value_counts().to_dict(),
-    )
-    bar = Progress(f"{cfg.name} round {k}: judging {asked} pairs x 2 orders")
+    knockout = cfg.judge.pairing == "knockout"
+    comparisons = KnockoutPhases(pairs) if knockout else pair_comparisons(pairs, cfg.judge.pairing)
+    if knockout:
+        log.info("round %d: a knockout among %d candidate pairs, asked in phases (at most %d x 2 orders by the %s judge; screened out: %s)",
+                 k, len(comparisons.candidates), llm_count(comparisons, cfg.judge), cfg.judge.backend, pairs["screened"].value_counts().to_dict())
+    else:
+        todo, asked = len(comparisons), llm_count(comparisons, cfg.judge)
+        log.info(
+            "round %d: judging %d of %d candidate pairs: %d by the verifier, %d x 2 orders by the %s judge (screened out: %s)",
+            k, todo, len(pairs), todo - asked, asked, cfg.judge.backend, pairs["screened"].value_counts().to_dict(),
+        )
+    bar = Progress(f"{cfg.name} round {k}: judging pairs x 2 orders" if knockout else f"{cfg.name} round {k}: judging {asked} pairs x 2 orders")
 
     def progress(done: int, total: int) -> None:
         bar.update(done, total)

@@ -68,6 +68,53 @@ def test_speed_benchmark_tiny_prints_its_figures_beside_the_plain_loop(prefect_s
     accuracy = pd.read_parquet(run.stage_dir(1, "evaluate") / "accuracy.parquet")
     assert len(accuracy) == 4 and accuracy["score_new"].notna().all() and accuracy["score_previous"].notna().all()
     assert 0 <= ours["overhead_s"] < ours["wall_s"]
+    knockout = ours["knockout"]  # the knockout replayed on this tournament's verdicts
+    assert knockout["llm_calls_all_pairs"] == len(calls) and 0 < knockout["llm_calls_knockout"] <= len(calls)
     for text in ("seconds per kept pair (sample to trained checkpoint):", "selfplay / plain loop, per kept pair:",
-                 "calls/s", "tokens/s", "orchestration overhead:", "peak RSS:"):
+                 "calls/s", "tokens/s", "orchestration overhead:", "peak RSS:", "knockout replayed on these"):
         assert text in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_speed_benchmark_tiny_with_a_knockout_asks_fewer_calls_and_trains_best_against_worst(prefect_server, tmp_path):
+    """The same round with `judge.pairing: knockout`: the judge stage asks its phases over HTTP, the pairs it never
+    needed are `not_matched`, and each prompt trains at most one pair."""
+    import json
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    proc = subprocess.run([sys.executable, "-m", "selfplay.bench", "speed", "--tiny", "--no-plain", "--output-dir", str(tmp_path),
+                           "--name", "ko", "--set", "judge.pairing=knockout", "--set", "sample.num_samples=6",
+                           "--json", str(tmp_path / "ko.json")], cwd=REPO, env=env, capture_output=True, text=True, timeout=1100)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    run = RunDir(tmp_path / "ko")
+    judgments = pd.read_parquet(run.stage_dir(1, "judge") / "judgments.parquet")
+    calls = pd.read_parquet(run.stage_dir(1, "judge") / "calls.parquet")
+    assert json.loads((tmp_path / "ko.json").read_text())["selfplay"]["judge_calls"] == len(calls) > 0
+    per_prompt = calls.groupby("prompt_id").size()
+    assert per_prompt.max() <= 2 * (3 * 6 // 2 - 1) < 2 * 15  # at most 8 pairs of 15, in both orders
+    asked = judgments[judgments["source"] == "llm"]
+    assert len(calls) == 2 * len(asked)
+    assert set(judgments["screened"].dropna()) <= {"not_matched", "empty", "too_similar"} and (judgments["screened"] == "not_matched").any()
+    pairs = pd.read_parquet(run.stage_dir(1, "filter") / "pairs.parquet")
+    assert pairs.groupby("prompt_id")["kept"].sum().max() == 1 and pairs["kept"].sum() == run.round_summary(1)["kept"]
+    assert "a knockout among" in proc.stdout + proc.stderr
+
+
+def test_knockout_benchmark_prints_calls_and_how_often_each_pairing_finds_the_true_best_and_worst(tmp_path):
+    """`python -m selfplay.bench knockout`: simulated judges of known strengths, then a recorded table replayed."""
+    import json
+
+    from selfplay.bench import main, simulated_judgments
+
+    table, _ = simulated_judgments(10, 8, 0.5, seed=1)
+    table.to_parquet(tmp_path / "judgments.parquet", index=False)
+    assert main(["knockout", "--prompts", "40", "--noise", "0.05", "2.0", "--json", str(tmp_path / "ko.json"),
+                 str(tmp_path / "judgments.parquet")]) == 0
+    figures = json.loads((tmp_path / "ko.json").read_text())
+    sharp, noisy, replayed = figures["noise=0.05"], figures["noise=2.0"], figures[str(tmp_path / "judgments.parquet")]
+    for f in (sharp, noisy):
+        assert f["llm_calls_all_pairs"] == 40 * 56 and f["llm_calls_knockout"] <= 40 * 22
+    assert sharp["knockout_true_best"] >= 0.95 and sharp["knockout_true_worst"] >= 0.95 and sharp["same_pair"] >= 0.8
+    assert noisy["knockout_true_best"] < sharp["knockout_true_best"]  # a noisier judge is harder to follow
+    assert replayed["llm_calls_all_pairs"] == 10 * 56 and "tournament_true_best" not in replayed

@@ -7,8 +7,12 @@ rendered prompt text, so the swap rule, screening, verdicts, statistics and the 
 from __future__ import annotations
 
 import math
+import pickle
 import random
 import re
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 import pandas as pd
 import pytest
@@ -18,9 +22,10 @@ from selfplay.judges import Judge, JudgeCall, JudgeResult
 from selfplay.quality import win_summary
 from selfplay.evaluation import outcomes
 from selfplay.judges.prompt import default_template, load_rubric, load_template, render_judge_prompt
-from selfplay.judging import VERDICTS, Comparison, combine_orders, judge_comparisons, judge_stats, swap_calls
+from selfplay.judging import VERDICTS, Comparison, Judged, combine_orders, judge_comparisons, judge_stats, swap_calls
 from selfplay.pairs import (
-    COLUMNS, REASONS, build_pairs, candidate_pairs, drop_counts, judged_tables, judgments_table, pair_comparisons, select_pairs,
+    COLUMNS, REASONS, KnockoutPhases, build_pairs, candidate_pairs, drop_counts, judged_tables, judgments_table, knockout,
+    knockout_agreement, pair_comparisons, select_pairs,
 )
 
 PROBS = [i / 100 for i in range(101)] + [random.Random(7).random() for _ in range(200)]
@@ -466,3 +471,131 @@ def test_judge_server_model_resolves_local_models_and_passes_hub_ids(tmp_path, t
     monkeypatch.chdir(tiny_model.parent)
     relative = VllmJudgeConfig(model=f"./{tiny_model.name}")
     assert judge_server_model(relative, "/ref") == str(tiny_model.resolve())  # absolute: the server may run elsewhere
+
+
+# ---------------------------------------------------------------- knockout
+
+def _play(samples, beats_fn):
+    """Run a knockout to the end with `beats_fn` as the judge, phase by phase; (best, worst, matches asked, phases)."""
+    asked: dict[tuple[int, int], bool] = {}
+    phases = 0
+    while True:
+        needed, best, worst = knockout(samples, lambda a, b: asked.get((a, b)))
+        if not needed:
+            return best, worst, asked, phases
+        assert not set(needed) & set(asked), "a match is asked once"
+        assert all(a < b for a, b in needed)
+        asked.update({m: beats_fn(*m) for m in needed})
+        phases += 1
+
+
+@given(st.permutations(list(range(12))).flatmap(lambda p: st.integers(2, 12).map(lambda k: [x for x in p if x < k])))
+def test_knockout_finds_the_best_and_the_worst_of_any_order_with_at_most_3k_over_2_matches(strength):
+    k = len(strength)
+    best, worst, asked, phases = _play(list(range(k)), lambda a, b: strength[a] > strength[b])
+    assert strength[best] == k - 1 and strength[worst] == 0
+    assert len(asked) <= min((3 * k + 1) // 2 - 1, math.comb(k, 2))
+    assert (min(best, worst), max(best, worst)) in asked  # the pair that trains has its own verdict
+    assert phases <= math.ceil(math.log2(k)) + 1
+
+
+@given(st.integers(2, 10), st.randoms(use_true_random=False))
+def test_knockout_ends_with_two_distinct_samples_whatever_the_judge_says(k, rng):
+    best, worst, asked, _ = _play(list(range(k)), lambda a, b: rng.random() < 0.5)  # cycles, contradictions
+    assert best != worst and {best, worst} <= set(range(k))
+    assert len(asked) <= (3 * k + 1) // 2 - 1
+
+
+def _ko_table(strength: dict[str, list[int]], screened: dict[tuple[str, int, int], str] | None = None):
+    """An all-pairs judgments table where the higher strength wins both orders (p_first 0.9 / 0.1)."""
+    samples = samples_frame({pid: [f"{DISTINCT[n % len(DISTINCT)]} #{n} of {pid}" for n in range(len(s))] for pid, s in strength.items()})
+    pairs = build_pairs(samples, "knockout", 0, FilterConfig(max_similarity=1.0))
+    for (pid, i, j), reason in (screened or {}).items():
+        pairs.loc[(pairs.prompt_id == pid) & (pairs.i == i) & (pairs.j == j), "screened"] = reason
+    return pairs
+
+
+def _verdict(first_wins: bool | None) -> dict:
+    p = 0.5 if first_wins is None else 0.9 if first_wins else 0.1
+    return {"p_a_order1": p, "p_a_order2": 1 - p, "p_first": p, "margin": abs(2 * p - 1),
+            "verdict": "tie" if first_wins is None else "first" if first_wins else "second",
+            "consistent": True, "mode": "logprobs", "error": None, "source": "llm"}
+
+
+def test_knockout_phases_ask_a_whole_phase_across_prompts_and_the_selection_trains_best_against_worst():
+    strength = {"p0": [2, 7, 4, 1, 0, 6, 3, 5], "p1": [5, 0, 3, 6, 7, 1, 4, 2]}
+    pairs = _ko_table(strength)
+    phases = KnockoutPhases(pickle.loads(pickle.dumps(pairs)))  # a judge in its own process gets it pickled
+    assert len(phases.candidates) == 2 * 28
+    decided, sizes = {}, []
+    while todo := phases.next(decided):
+        assert not set(todo) & set(decided)
+        sizes.append(len(todo))
+        for idx, comparison in todo.items():
+            row = pairs.loc[idx]
+            assert (comparison.response_a, comparison.response_b) == (row.response_1, row.response_2)
+            decided[idx] = _verdict(strength[row.prompt_id][row.i] > strength[row.prompt_id][row.j])
+    assert sizes[0] == 2 * 4 and len(sizes) == 4 and sum(sizes) <= 2 * 11
+    keys = list(decided)
+    table, calls, stats = judged_tables(pairs, Judged([decided[k] for k in keys], [JudgeResult(0.5, "logprobs")] * 2 * len(keys), keys))
+    assert stats["calls"] == len(calls) == 2 * len(keys) and stats["judged"] == len(keys)
+    assert (table["screened"] == "not_matched").sum() == 2 * 28 - len(keys)
+    selected = select_pairs(table, "knockout")
+    kept = selected[selected["kept"]]
+    assert sorted(kept["prompt_id"]) == ["p0", "p1"]
+    for pid, s in strength.items():
+        row = kept[kept["prompt_id"] == pid].iloc[0]
+        best, worst = s.index(max(s)), s.index(min(s))
+        names = dict(zip(selected.loc[selected.prompt_id == pid, "i"], selected.loc[selected.prompt_id == pid, "response_1"]))
+        names.update(zip(selected.loc[selected.prompt_id == pid, "j"], selected.loc[selected.prompt_id == pid, "response_2"]))
+        assert (row["chosen"], row["rejected"]) == (names[best], names[worst])
+    counts = drop_counts(selected)
+    assert counts["not_matched"] == 2 * 28 - len(keys) and counts["not_selected"] == len(keys) - 2
+
+
+def _ko_run(pairs, first_verdict, later_verdict):
+    phases, decided, asked = KnockoutPhases(pairs), {}, []
+    while todo := phases.next(decided):
+        decided.update({i: (first_verdict if not decided else later_verdict) for i in todo})
+        asked.append([(int(pairs.loc[i].i), int(pairs.loc[i].j)) for i in todo])
+    keys = list(decided)
+    table, _, _ = judged_tables(pairs, Judged([decided[k] for k in keys], [JudgeResult(0.5, "logprobs")] * 2 * len(keys), keys))
+    return select_pairs(table, "knockout"), asked
+
+
+def test_a_knockout_whose_best_and_worst_tie_keeps_nothing_and_a_screened_match_costs_no_call():
+    pairs = _ko_table({"p": [3, 0, 2, 1]})
+    selected, asked = _ko_run(pairs, _verdict(True), _verdict(None))  # every match after the first phase a tie
+    assert asked[0] == [(0, 1), (2, 3)]
+    assert not selected["kept"].any()
+    final = selected[selected["drop_reason"] == "tie"]
+    assert len(final) >= 1 and set(selected["drop_reason"]) <= {"tie", "not_selected", "not_matched"}
+
+    screened = _ko_table({"p": [3, 0, 2, 1]}, screened={("p", 0, 1): "too_similar"})
+    selected, asked = _ko_run(screened, _verdict(True), _verdict(True))
+    assert asked[0] == [(2, 3)]  # (0, 1) is screened: its match is decided without a call
+    assert all((0, 1) not in phase for phase in asked)
+    assert selected.loc[(selected.i == 0) & (selected.j == 1), "drop_reason"].item() == "too_similar"
+    assert selected["kept"].sum() <= 1
+
+
+def test_knockout_agreement_replays_the_knockout_on_an_all_pairs_table():
+    strength = {f"p{n}": random.Random(n).sample(range(8), 8) for n in range(6)}
+    pairs = _ko_table(strength)
+    verdicts = [_verdict(strength[r.prompt_id][r.i] > strength[r.prompt_id][r.j]) for r in pairs.itertuples()]
+    table = judgments_table(pairs, verdicts)
+    agreement = knockout_agreement(table)
+    assert agreement["prompts"] == 6 and agreement["llm_calls_all_pairs"] == 6 * 56
+    assert agreement["llm_calls_knockout"] <= 6 * 22
+    assert agreement["same_pair"] == agreement["chosen_is_best"] == agreement["rejected_is_worst"] == 1.0
+    # A judge that contradicts itself on one pair: the replay still counts only what the bracket asked.
+    flipped = table.copy()
+    row = flipped.index[(flipped.prompt_id == "p0")][0]
+    flipped.loc[row, "verdict"] = "second" if flipped.loc[row, "verdict"] == "first" else "first"
+    assert knockout_agreement(flipped)["prompts"] == 6
+
+
+def test_a_knockout_takes_no_call_cap():
+    with pytest.raises(ValueError, match="knockout asks at most"):
+        JudgeConfig(pairing="knockout", max_calls_per_prompt=10)
+    assert JudgeConfig(pairing="knockout").pairing == "knockout"

@@ -39,9 +39,9 @@ from selfplay.judges import JudgeCall  # noqa: E402
 from selfplay.judges.cache import JudgeCache  # noqa: E402
 from selfplay.judges.openai import OpenAIJudge  # noqa: E402
 from selfplay.judges.prompt import default_template, load_rubric, render_judge_prompt  # noqa: E402
-from selfplay.judging import JudgeFailed, check_error_rate, judge_comparisons  # noqa: E402
+from selfplay.judging import JudgeFailed, check_error_rate, judge_batch, judge_comparisons  # noqa: E402
 from selfplay.openai_client import EndpointError, check_endpoint, resolve_api_key  # noqa: E402
-from selfplay.pairs import build_pairs, drop_counts, judged_tables, pair_comparisons, select_pairs  # noqa: E402
+from selfplay.pairs import KnockoutPhases, build_pairs, drop_counts, judged_tables, pair_comparisons, select_pairs  # noqa: E402
 from tests.openai_stub import Reply, ScriptedOpenAI, api_error, chat_completion  # noqa: E402
 
 KEY = "test-key"
@@ -810,6 +810,35 @@ def test_tournament_keeps_best_against_worst(mode):
             assert row["chosen"] == groups[pid][qs.index(max(qs))], scoring
             assert row["rejected"] == groups[pid][qs.index(min(qs))], scoring
         assert drop_counts(selected)["not_selected"] == 10
+
+
+def test_knockout_over_http_asks_a_third_of_the_calls_and_keeps_best_against_worst():
+    qualities = {"p0": [2, 7, 4, 1, 0, 6, 3, 5], "p1": [5, 0, 3, 6, 7, 1, 4, 2], "p2": [0, 1, 2, 3, 4, 5, 6, 7]}
+    fillers = ["apples and pears grow on trees", "the quick brown fox jumps", "seventeen zebras wander by", "lorem ipsum dolor sit amet",
+               "a lighthouse keeper's log", "twelve tin soldiers march", "rain over the harbour wall", "notes from a cello lesson"]
+    groups = {pid: [f"{fillers[k]} quality={q}" for k, q in enumerate(qs)] for pid, qs in qualities.items()}
+    pairs = build_pairs(samples_frame(groups), "knockout", 0, FilterConfig())
+    assert pairs["screened"].isna().all()
+    with ScriptedOpenAI(prefer_quality) as server:
+        judge = make_judge(server, mode="logprobs")
+        cfg = EndpointJudgeConfig(endpoint=judge.endpoint, margin=0.1, mode="logprobs", pairing="knockout")
+        judged = judge_batch(judge, KnockoutPhases(pairs), cfg)
+        judge.close()
+        assert server.count == len(judged.results) == 2 * len(judged.keys)
+    assert len(judged.keys) <= 3 * 11 and server.count <= 3 * 22 < 3 * 56
+    table, calls, stats = judged_tables(pairs, judged)
+    assert stats["calls"] == len(calls) == server.count
+    assert set(calls["label"].dropna()) <= {"A", "B"} and calls["error"].isna().all()
+    judged_rows = table[table["source"] == "llm"]
+    assert len(judged_rows) == len(judged.keys) and set(judged_rows["verdict"]) == {"first", "second"}
+    for (_, row), (_, call) in zip(judged_rows.iterrows(), calls.iloc[::2].iterrows()):
+        assert (row["prompt_id"], row["i"], row["j"]) == (call["prompt_id"], call["i"], call["j"])  # calls in table order
+    selected = select_pairs(table, "knockout")
+    kept = selected[selected["kept"]]
+    assert sorted(kept["prompt_id"]) == ["p0", "p1", "p2"]
+    for pid, qs in qualities.items():
+        row = kept[kept["prompt_id"] == pid].iloc[0]
+        assert row["chosen"] == groups[pid][qs.index(max(qs))] and row["rejected"] == groups[pid][qs.index(min(qs))]
 
 
 def test_tournament_budget_screens_pairs_over_budget():
