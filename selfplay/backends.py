@@ -87,6 +87,11 @@ class SampleConfig(Section):
 
 class TransformersSampleConfig(SampleConfig):
     backend: Literal["transformers"] = Field("transformers", description="Sample in-process with transformers (the CPU default).")
+    decoder: Literal["generate", "fast"] = Field(
+        "generate", description="'generate': transformers' generate, each prompt prefilled once for its K samples (the same draws as "
+        "without sharing). 'fast': selfplay's own loop: the shared prefill, tokens drawn among the top-k only (the same top-k/top-p "
+        "distribution as generate, other draws), and rows that finish leave the batch. It falls back to generate, with a warning, for "
+        "a model whose generation_config asks for other logits processors (a repetition penalty, say).")
 
 
 class VllmSampleConfig(SampleConfig):

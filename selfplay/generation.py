@@ -47,6 +47,93 @@ def stop_token_ids(tokenizer, model) -> set[int]:
     return {i for i in ids if i is not None}
 
 
+DECODERS = ("generate", "fast")
+HF_TOP_K = 50  # transformers' top_k where neither the call nor the model's generation_config sets one
+
+
+def shared_prefill(model, enc, k: int):
+    """Every prompt token but the last through the model once, and the cache repeated for the prompt's `k` samples:
+    the K copies `num_return_sequences` would prefill separately share one prefill. Position ids follow the
+    attention mask (left padding), as `generate` computes them. Returns the cache (`generate(cache=...)` then feeds
+    only the last prompt token)."""
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True, logits_to_keep=1)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    cache.batch_repeat_interleave(k)
+    return cache
+
+
+def fast_decoder_refusal(model) -> str | None:
+    """Why the fast decoder cannot stand in for `generate` with this model (its generation_config asks for a logits
+    processor the fast loop does not apply), or None."""
+    gc = model.generation_config
+    for name, neutral in (("repetition_penalty", 1.0), ("typical_p", 1.0), ("min_p", None), ("no_repeat_ngram_size", 0),
+                          ("epsilon_cutoff", 0.0), ("eta_cutoff", 0.0), ("bad_words_ids", None), ("suppress_tokens", None),
+                          ("begin_suppress_tokens", None)):
+        value = getattr(gc, name, None)
+        if value not in (None, neutral):
+            return f"its generation_config sets {name}={value!r}"
+    return None
+
+
+def sample_top(logits, temperature: float, top_p: float, top_k: int | None):
+    """One token per row, as transformers samples (temperature, then top-k, then top-p, at least one token kept),
+    drawn among the top-k only: the same distribution, far less work than sorting and drawing over the vocabulary.
+
+    >>> import torch
+    >>> sample_top(torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 2.0]]), 0.0, 1.0, 50).tolist()     # greedy
+    [1, 0]
+    >>> _ = torch.manual_seed(0); sample_top(torch.tensor([[0.0, 9.0, 1.0]] * 4), 1.0, 0.5, 2).tolist()  # the nucleus is one token
+    [1, 1, 1, 1]
+    """
+    import torch
+
+    if temperature == 0:
+        return logits.argmax(-1)
+    k = logits.shape[-1] if not top_k else min(top_k, logits.shape[-1])
+    values, index = (logits / temperature).topk(k, dim=-1)
+    probs = values.softmax(-1)
+    if top_p < 1.0:
+        outside = (probs.cumsum(-1) - probs) >= top_p  # the mass before a token already reaches top_p
+        outside[:, 0] = False
+        probs = probs.masked_fill(outside, 0.0)
+    return index.gather(-1, torch.multinomial(probs, 1)).squeeze(-1)
+
+
+def fast_decode(model, enc, k: int, *, temperature: float, top_p: float, max_new_tokens: int, stop_ids: set[int], pad_id: int):
+    """selfplay's own decoding loop for `sample.decoder: fast`: one shared prefill per prompt (`shared_prefill`),
+    tokens drawn by `sample_top` among the top-k, and every row that reaches a stop token leaves the batch (and the
+    cache), so the steps after it cost nothing. Returns the generated tokens, (rows x max_new_tokens), padded after
+    the stop token as `generate` pads."""
+    import torch
+
+    top_k = model.generation_config.top_k or HF_TOP_K
+    rows = enc["input_ids"].shape[0] * k
+    cache = shared_prefill(model, enc, k)
+    mask = enc["attention_mask"].repeat_interleave(k, 0)
+    last = enc["input_ids"][:, -1:].repeat_interleave(k, 0)
+    positions = mask.long().sum(-1, keepdim=True) - 1
+    out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long)
+    alive = torch.arange(rows)
+    stops = torch.tensor(sorted(stop_ids), dtype=torch.long)
+    for step in range(max_new_tokens):
+        logits = model(input_ids=last, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1).logits
+        token = sample_top(logits[:, -1, :].float(), temperature, top_p, top_k)
+        out[alive, step] = token
+        done = torch.isin(token, stops)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        if bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            alive, mask, positions, token = alive[keep], mask[keep], positions[keep], token[keep]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        positions = positions + 1
+        last = token[:, None]
+    return out
+
+
 def generate(
     model,
     tokenizer,
@@ -59,13 +146,24 @@ def generate(
     batch_size: int,
     seed: int,
     progress: Callable[[int, int], None] | None = None,
+    decoder: str = "generate",
+    log=None,
 ) -> list[dict[str, Any]]:
     """Batched generation: `num_samples` completions for each prompt, `batch_size` sequences per call.
 
-    Returns one dict per completion (prompt index, sample index, text, token counts, truncated), in prompt order.
+    `decoder`: "generate", transformers' `generate`, with each prompt prefilled once for its K samples
+    (`shared_prefill`: the same draws as `num_return_sequences` alone, within float tolerance); "fast",
+    `fast_decode` (the same distribution, other draws). Returns one dict per completion (prompt index, sample
+    index, text, token counts, truncated), in prompt order.
     """
     import torch
 
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown decoder {decoder!r}: one of {', '.join(DECODERS)}")
+    if decoder == "fast" and (why := fast_decoder_refusal(model)):
+        if log:
+            log.warning("sample.decoder fast cannot decode this model (%s): decoding with transformers' generate instead", why)
+        decoder = "generate"
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
     per_call = max(1, batch_size // num_samples)
     stop_ids = stop_token_ids(tokenizer, model)
@@ -75,16 +173,25 @@ def generate(
         chunk = texts[start : start + per_call]
         enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        share = num_samples > 1 and enc["input_ids"].shape[1] > 1
         with torch.no_grad():
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=num_samples,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=sorted(stop_ids),
-                **sampling,
-            )
-        gen = out[:, enc["input_ids"].shape[1] :].tolist()
+            if decoder == "fast":
+                gen = fast_decode(model, enc, num_samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                  stop_ids=stop_ids, pad_id=tokenizer.pad_token_id).tolist()
+            else:
+                inputs = dict(enc) if not share else dict(
+                    input_ids=enc["input_ids"].repeat_interleave(num_samples, 0),
+                    attention_mask=enc["attention_mask"].repeat_interleave(num_samples, 0),
+                    cache=shared_prefill(model, enc, num_samples))
+                out = model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    num_return_sequences=1 if share else num_samples,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=sorted(stop_ids),
+                    **sampling,
+                )
+                gen = out[:, enc["input_ids"].shape[1] :].tolist()
         lengths = completion_lengths(gen, stop_ids)
         prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
         for row_idx, (tokens, (n, truncated)) in enumerate(zip(gen, lengths)):
@@ -162,7 +269,8 @@ def sample_local(policy: str, prompts: list[str], s, seed: int, *, log, progress
     """The transformers backend: load `policy` from disk (on the CPU in `cpu_dtype`), generate, give the memory back."""
     model, tokenizer = load_causal_lm(policy, cpu_dtype=cpu_dtype), load_tokenizer(policy)
     rows = generate(model, tokenizer, prompts, num_samples=s.num_samples, temperature=s.temperature, top_p=s.top_p,
-                    max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed=seed, progress=progress)
+                    max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed=seed, progress=progress,
+                    decoder=s.decoder, log=log)
     del model
     release_memory()
     return rows
@@ -261,7 +369,8 @@ def eval_generations(cfg: RunConfig, jobs: list[EvalJob], *, log=None,
             if path != model_path:
                 continue
             rows = generate(model, tokenizer, [p["prompt"] for p in prompts], num_samples=1, temperature=temperature, top_p=1.0,
-                            max_new_tokens=max_new_tokens, batch_size=cfg.sample.batch_size, seed=e.seed)
+                            max_new_tokens=max_new_tokens, batch_size=cfg.sample.batch_size, seed=e.seed,
+                            decoder=getattr(cfg.sample, "decoder", "generate"), log=log)  # only the transformers sampler has one
             tables[i] = _generation_table(prompts, rows)
         del model
         release_memory()

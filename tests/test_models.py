@@ -149,13 +149,13 @@ def test_cpu_dtype_bfloat16_generates_in_bf16_and_leaves_the_checkpoint_float32(
     float32 (the default) generates the same as before."""
     import torch
 
-    from selfplay.config import SampleConfig
+    from selfplay.config import TransformersSampleConfig
     from selfplay.generation import sample_local
     from selfplay.models import load_causal_lm
 
     assert next(load_causal_lm(tiny_model).parameters()).dtype == torch.float32
     assert next(load_causal_lm(tiny_model, cpu_dtype="bfloat16").parameters()).dtype == torch.bfloat16
-    s = SampleConfig(num_samples=2, max_new_tokens=6, temperature=1.0)
+    s = TransformersSampleConfig(num_samples=2, max_new_tokens=6, temperature=1.0)
     log = __import__("logging").getLogger("test")
     default = sample_local(str(tiny_model), ["Hi", "Name a colour."], s, 3, log=log)
     assert sample_local(str(tiny_model), ["Hi", "Name a colour."], s, 3, log=log, cpu_dtype="float32") == default
