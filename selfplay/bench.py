@@ -40,8 +40,9 @@ def _stage_seconds(run: RunDir, k: int) -> dict[str, float]:
     out = {}
     for stage in STAGES:
         if run.is_done(k, stage):
-            m = run.manifest(k, stage)
-            out[stage] = m.get("metrics", {}).get("seconds") or m["finished_at"] - m["started_at"]
+            m = run.manifest(k, stage)  # from entering the stage to its manifest, where recorded (began_at)
+            out[stage] = (m["finished_at"] - m["began_at"]) if "began_at" in m else (
+                m.get("metrics", {}).get("seconds") or m["finished_at"] - m["started_at"])
     return out
 
 
@@ -116,9 +117,25 @@ def _peak_rss_gb() -> float:
     return max(own, children) / 2**20  # KiB on Linux
 
 
-def speed_figures(run: RunDir, wall_s: float) -> dict[str, Any]:
+def overhead_spans(run: RunDir, k: int, began: float, ended: float) -> list[tuple[str, float]]:
+    """Where the time outside round k's stages went: (gap, seconds) before the first stage (the temporary server's
+    start, preflight, the flow's start), between each two stages (model loads and hand-over that no stage
+    counts, task starts), and after the last (the round's summary, artifacts, the server's stop). A stage's span
+    is from entering its body (`began_at`) to its manifest (`finished_at`); its own `seconds` may be shorter."""
+    spans = [(st, run.manifest(k, st).get("began_at"), run.manifest(k, st)["finished_at"]) for st in STAGES if run.is_done(k, st)]
+    out, last, previous = [], began, "start"
+    for st, start, finish in spans:
+        start = start if start is not None else finish - (run.manifest(k, st).get("metrics", {}).get("seconds") or 0)
+        out.append((f"{previous} -> {st}", max(0.0, start - last)))
+        last, previous = finish, st
+    out.append((f"{previous} -> end", max(0.0, ended - last)))
+    return out
+
+
+def speed_figures(run: RunDir, wall_s: float, began: float | None = None) -> dict[str, Any]:
     """What a round of `selfplay run` cost: seconds per stage, per kept pair, throughputs, and the orchestration
-    overhead (the run's wall time minus its stages' own time: server start, preflight, flow and artifacts)."""
+    overhead (the run's wall time minus its stages' own time: server start, preflight, flow and artifacts), with
+    where it went (`overhead_spans`) when the run's start time `began` is given."""
     stages = _stage_seconds(run, 1)
     sample, judge, train = (run.manifest(1, st)["metrics"] for st in ("sample", "judge", "train"))
     kept = run.round_summary(1).get("kept") or 0
@@ -128,7 +145,8 @@ def speed_figures(run: RunDir, wall_s: float) -> dict[str, Any]:
             "per_kept_pair_with_eval_s": (wall_s / kept) if kept else None,
             "sample_tokens_per_s": sample.get("tokens_per_second"), "train_tokens_per_s": train.get("tokens_per_second"),
             "judge_calls": judge.get("calls"), "judge_calls_per_s": judge.get("calls", 0) / max(stages.get("judge", 0), 1e-9),
-            "overhead_s": wall_s - sum(stages.values()), "overhead_share": (wall_s - sum(stages.values())) / wall_s}
+            "overhead_s": wall_s - sum(stages.values()), "overhead_share": (wall_s - sum(stages.values())) / wall_s,
+            "overhead_spans": overhead_spans(run, 1, began, began + wall_s) if began is not None else None}
 
 
 def plain_loop(prompts: list[dict[str, str]], cfg, workdir: Path) -> dict[str, Any]:
@@ -221,6 +239,8 @@ def format_speed(ours: dict[str, Any], plain: dict[str, Any] | None) -> str:
                  + f"; training: {fmt(ours['train_tokens_per_s'], '.0f')} tokens/s; judge: {ours['judge_calls']} calls, "
                  f"{fmt(ours['judge_calls_per_s'], '.0f')} calls/s")
     lines.append(f"orchestration overhead: {ours['overhead_s']:.1f} s of {ours['wall_s']:.1f} s ({100 * ours['overhead_share']:.1f} %)")
+    if ours.get("overhead_spans"):
+        lines.append("  outside the stages: " + ", ".join(f"{gap} {sec:.1f} s" for gap, sec in ours["overhead_spans"]))
     lines.append(f"peak RSS: {_peak_rss_gb():.2f} GB")
     return "\n".join(lines)
 
@@ -243,7 +263,7 @@ def speed(args: argparse.Namespace) -> int:
     if code != 0:
         return code
     run = RunDir(Path(args.output_dir) / args.name)
-    ours = speed_figures(run, wall)
+    ours = speed_figures(run, wall, started)
     plain = None
     if not args.no_plain:
         cfg = load_config(str(args.recipe), overrides)

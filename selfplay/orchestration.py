@@ -12,12 +12,13 @@ import contextlib
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from selfplay.rundir import RunDir
+from selfplay.rundir import STAGE_BEGAN, RunDir
 
 GPU_LIMIT = "gpu"
 # Holding a cluster-wide Prefect limit: the holder renews its lease while it lives; a crashed one (SIGKILL, a lost
@@ -115,7 +116,11 @@ def stage(name: str) -> Callable[[Callable[..., Any]], Callable[..., dict[str, A
             if run.is_done(k, name):
                 run_logger().info("round %d: %s already complete, reusing %s", k, name, run.stage_dir(k, name))
             else:
-                body(cfg, k, *args, **kwargs)
+                token = STAGE_BEGAN.set(time.time())
+                try:
+                    body(cfg, k, *args, **kwargs)
+                finally:
+                    STAGE_BEGAN.reset(token)
             return run.manifest(k, name)
 
         return run_stage

@@ -21,6 +21,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,9 @@ from selfplay.errors import SelfplayError
 STAGES = ("sample", "judge", "filter", "train", "evaluate")
 MANIFEST = "manifest.json"
 
+
+# Set by `selfplay.orchestration.stage` while a stage's body runs: the time it was entered.
+STAGE_BEGAN: ContextVar[float | None] = ContextVar("selfplay_stage_began", default=None)
 
 class RunDirError(SelfplayError, RuntimeError):
     """The run directory is in a state that refuses this run: in use, or configured differently."""
@@ -104,6 +108,8 @@ class RunDir:
         tmp.mkdir()
         faults.hold("stage", f"round {k} {stage}")
         manifest: dict[str, Any] = {"stage": stage, "round": k, "started_at": time.time(), **(info or {})}
+        if (began := STAGE_BEGAN.get()) is not None:
+            manifest["began_at"] = began  # when the stage's body was entered: the span the speed benchmark counts as the stage's
         try:
             yield tmp, manifest
             if "metrics" in manifest:

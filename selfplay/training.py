@@ -10,16 +10,24 @@ on round after round (TRL copies it as the frozen reference); that is what an en
 Training runs in its own process on a GPU (`isolation`), or under `accelerate launch` on several
 (`train.launcher`, with DeepSpeed configs in deployments/accelerate/); `train.quantization: 4bit` is QLoRA.
 Everything under `train.dpo` goes to `trl.DPOConfig` as is; selfplay only sets defaults a recipe can override
-(`DPO_DEFAULTS`) and the output directory.
+(`DPO_DEFAULTS`) and the output directory, and turns on `precompute_ref_log_probs` for more than one epoch (the
+reference's log-probabilities then cost one pass, not one per epoch; the same values either way).
+
+TRL scores each sequence with a chunked LM head; off CUDA it projects every position, prompt and padding included,
+through the 49k-token head and zeroes the ones that carry no label. `completion_tokens_only` makes it project only
+the completion tokens, as it does on CUDA: the same log-probabilities (the rows are independent), and on the CPU a
+DPO step 2.2x faster (profiled side by side: 18.0 s against 8.1 s a step of 8 pairs of about 76 tokens, the same
+loss to four decimals).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +99,28 @@ def dpo_arguments(cfg: RunConfig, k: int, output_dir: str, device: str, dtype_na
     for key, value in cfg.train.schedule.items():
         v = scheduled(value, k)
         args[key] = int(v) if isinstance(getattr(DPOConfig, key, None), int) and float(v).is_integer() else v
+    if "precompute_ref_log_probs" not in cfg.train.dpo and float(args.get("num_train_epochs", 1)) > 1:
+        args["precompute_ref_log_probs"] = True  # one reference pass for every epoch
     args["output_dir"] = output_dir
     return args
+
+
+@contextlib.contextmanager
+def completion_tokens_only() -> Iterator[bool]:
+    """While it is open, TRL's fused LM head projects only the positions that carry a label (the completion
+    tokens), on every device, as it does where Triton runs; elsewhere it projects every position and zeroes the
+    rest. Yields whether it could (False, and nothing changed, if TRL no longer decides it so)."""
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:
+        yield False
+        return
+    trl_utils._use_triton = lambda device: True  # read only where it picks compact (labelled rows) or every row
+    try:
+        yield True
+    finally:
+        trl_utils._use_triton = original
 
 
 def summarize_history(history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -263,7 +291,10 @@ def train_dpo(cfg: RunConfig, k: int, policy: str, pairs_path: str, out: str, *,
             trainer.remove_callback(cb)
         trainer.add_callback(log_callback(log, k, progress))
         started = time.perf_counter()
-        trainer.train()
+        with completion_tokens_only() as compact:
+            if not compact:
+                log.info("round %d: this TRL scores every position through the LM head (no completion-only switch found)", k)
+            trainer.train()
         train_seconds = time.perf_counter() - started
         history = trainer.state.log_history
         # Tokens the policy trained on (prompt + chosen + rejected, as TRL tokenized them), for throughput.

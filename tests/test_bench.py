@@ -53,7 +53,8 @@ def test_speed_benchmark_tiny_prints_its_figures_beside_the_plain_loop(prefect_s
 
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
     proc = subprocess.run([sys.executable, "-m", "selfplay.bench", "speed", "--tiny", "--output-dir", str(tmp_path), "--name", "speed",
-                           "--json", str(tmp_path / "speed.json")], cwd=REPO, env=env, capture_output=True, text=True, timeout=1100)
+                           "--set", "judge.pairing=tournament", "--json", str(tmp_path / "speed.json")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1100)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     run = RunDir(tmp_path / "speed")
     figures = json.loads((tmp_path / "speed.json").read_text())
@@ -68,6 +69,9 @@ def test_speed_benchmark_tiny_prints_its_figures_beside_the_plain_loop(prefect_s
     accuracy = pd.read_parquet(run.stage_dir(1, "evaluate") / "accuracy.parquet")
     assert len(accuracy) == 4 and accuracy["score_new"].notna().all() and accuracy["score_previous"].notna().all()
     assert 0 <= ours["overhead_s"] < ours["wall_s"]
+    spans = dict(ours["overhead_spans"])  # where the overhead went: before, between and after the stages
+    assert list(spans)[0] == "start -> sample" and list(spans)[-1].endswith("-> end") and "sample -> judge" in spans
+    assert abs(sum(spans.values()) - ours["overhead_s"]) < 0.5
     knockout = ours["knockout"]  # the knockout replayed on this tournament's verdicts
     assert knockout["llm_calls_all_pairs"] == len(calls) and 0 < knockout["llm_calls_knockout"] <= len(calls)
     for text in ("seconds per kept pair (sample to trained checkpoint):", "selfplay / plain loop, per kept pair:",

@@ -133,3 +133,63 @@ def test_summarize_history_skips_entries_without_step_metrics():
     assert summarize_history(history)["steps"] == 3
     assert summarize_history([]) == {"steps": 0}
     assert summarize_history([{"train_loss": 0.6}]) == {"steps": 0}
+
+
+def test_more_than_one_epoch_precomputes_the_reference_once_unless_the_recipe_says_otherwise(tmp_path):
+    one = dpo_arguments(load_config(None, [f"output_dir={tmp_path}"]), 1, "o", "cpu", "float32")
+    assert "precompute_ref_log_probs" not in one
+    two = dpo_arguments(load_config(None, [f"output_dir={tmp_path}", "train.dpo.num_train_epochs=2"]), 1, "o", "cpu", "float32")
+    assert two["precompute_ref_log_probs"] is True
+    off = dpo_arguments(load_config(None, [f"output_dir={tmp_path}", "train.dpo.num_train_epochs=2", "train.dpo.precompute_ref_log_probs=false"]),
+                        1, "o", "cpu", "float32")
+    assert off["precompute_ref_log_probs"] is False
+
+
+def test_completion_tokens_only_projects_the_labelled_positions_with_the_same_log_probs_and_gradients(tiny_model):
+    """TRL's fused LM head, with and without `completion_tokens_only`: the rows it projects, the per-token
+    log-probabilities and the gradients they give."""
+    import torch
+    import trl.trainer.utils as trl_utils
+    from transformers import AutoModelForCausalLM
+
+    from selfplay.training import completion_tokens_only
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    torch.manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (4, 20))
+    mask = torch.ones_like(ids)
+    mask[2:, 15:] = 0  # right padding
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :9] = -100  # the prompt
+    rows_seen: list[int] = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+
+    def spy(hidden, *rest):
+        rows_seen.append(hidden.shape[0])
+        return apply(hidden, *rest)
+
+    def run():
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+        out.log_probs.sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out, grads
+
+    trl_utils._ChunkedLogProbFunction.apply = spy
+    try:
+        every, every_grads = run()
+        with completion_tokens_only() as compact:
+            assert compact
+            only, only_grads = run()
+        assert trl_utils._use_triton(torch.device("cpu")) is False  # put back
+    finally:
+        trl_utils._ChunkedLogProbFunction.apply = apply
+    labelled = int((labels[:, 1:] != -100).sum())
+    assert rows_seen == [4 * 19, labelled] and labelled < 4 * 19 / 2
+    for name in ("log_probs", "entropy", "mean_logits"):
+        assert torch.allclose(getattr(every, name), getattr(only, name), atol=1e-5), name
+    assert (every.log_probs[labels[:, 1:] == -100] == 0).all() and (only.log_probs[labels[:, 1:] == -100] == 0).all()
+    assert every_grads.keys() == only_grads.keys() and len(every_grads) > 0
+    for n in every_grads:
+        assert torch.allclose(every_grads[n], only_grads[n], atol=1e-5, rtol=1e-4), n
