@@ -47,12 +47,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set or [])
     # Taken once, before anything starts, and held to the end: a second process on this run stops here.
     with locked(cfg.run_dir):
-        base = preflight(cfg)
-        open_run(cfg, str(base))  # a resume that would mix configurations fails now, not after the server starts
-        return _run_flow(args, cfg)
+        starting = None
+        if not os.environ.get("PREFECT_API_URL"):  # the temporary server starts while preflight runs
+            from selfplay.tempserver import spawn
+
+            starting = spawn(cfg.run_dir / "prefect-server")
+        try:
+            base = preflight(cfg)
+            open_run(cfg, str(base))  # a resume that would mix configurations fails now, not after the flow starts
+        except BaseException:
+            if starting is not None:
+                starting.stop()
+                if not (cfg.run_dir / "run.json").exists():  # nothing started: no run directory left (`locked` removes it once empty)
+                    shutil.rmtree(cfg.run_dir / "prefect-server", ignore_errors=True)
+            raise
+        return _run_flow(args, cfg, starting)
 
 
-def _run_flow(args: argparse.Namespace, cfg) -> int:
+def _run_flow(args: argparse.Namespace, cfg, starting=None) -> int:
     import contextlib
     import shlex
 
@@ -70,10 +82,10 @@ def _run_flow(args: argparse.Namespace, cfg) -> int:
     transformers.logging.set_verbosity_error()
     try:
         with shutdown.guard(resume), contextlib.ExitStack() as server:
-            if not os.environ.get("PREFECT_API_URL"):
+            if starting is not None or not os.environ.get("PREFECT_API_URL"):
                 from selfplay.tempserver import temporary_server
 
-                server.enter_context(temporary_server(cfg.run_dir / "prefect-server"))
+                server.enter_context(temporary_server(cfg.run_dir / "prefect-server", starting))
             from flows.self_play import self_play
 
             summaries = self_play(recipe=args.config[0], overlays=args.config[1:], overrides=args.set or [])

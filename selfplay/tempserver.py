@@ -62,26 +62,58 @@ def api_alive(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
+class Starting:
+    """A temporary server spawned and not yet waited for (`spawn`): the run does its preflight meanwhile, and
+    `temporary_server(log_dir, starting)` waits for it. Holds the first-start lock until then; `stop()` if the run
+    ends before (a preflight error)."""
+
+    def __init__(self, log_dir: Path):
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.url = f"http://127.0.0.1:{free_port()}/api"
+        self.log_path = log_dir / "server.log"
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        env.pop("PREFECT_API_URL", None)
+        self._lock = contextlib.ExitStack()
+        home = self._lock.enter_context(_first_start_lock())
+        self.creating_database = not (home / "prefect.db").exists()
+        try:
+            with open(self.log_path, "ab") as out:
+                self.proc = processes.spawn(command(int(self.url.rsplit(":", 1)[1].split("/")[0])), long_lived=True,
+                                            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env)
+        except BaseException:
+            self._lock.close()
+            raise
+        self.started = time.monotonic()
+
+    def wait(self) -> None:
+        """Return once it answers (then release the first-start lock); stop it and raise if it does not."""
+        try:
+            _wait_healthy(self.proc, self.url, self.log_path, self.creating_database, self.started)
+        except BaseException:
+            self.stop()
+            raise
+        self._lock.close()
+
+    def stop(self) -> None:
+        processes.kill_group(self.proc, grace=5.0)
+        self._lock.close()
+
+
+def spawn(log_dir: Path) -> Starting:
+    """Start the temporary server's process without waiting for it: its start (5 s on a warm PREFECT_HOME, 20-30 s
+    the first time) overlaps the run's preflight."""
+    return Starting(log_dir)
+
+
 @contextlib.contextmanager
-def temporary_server(log_dir: Path) -> Iterator[str]:
-    """Start the server, point this process's Prefect settings at it, yield its API URL; stop it afterwards."""
+def temporary_server(log_dir: Path, starting: Starting | None = None) -> Iterator[str]:
+    """Start the server (or take the one `spawn` started), point this process's Prefect settings at it, yield its API
+    URL; stop it afterwards."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    log_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    env.pop("PREFECT_API_URL", None)
-    log_path = log_dir / "server.log"
-    with _first_start_lock() as home:
-        with open(log_path, "ab") as out:
-            proc = processes.spawn(command(port), long_lived=True, stdin=subprocess.DEVNULL, stdout=out,
-                                   stderr=subprocess.STDOUT, env=env)
-        try:
-            _wait_healthy(proc, url, log_path, creating_database=not (home / "prefect.db").exists())
-        except BaseException:
-            processes.kill_group(proc, grace=5.0)
-            raise
+    starting = starting or spawn(log_dir)
+    starting.wait()
+    url, proc = starting.url, starting.proc
     try:
         os.environ["PREFECT_API_URL"] = url  # for child processes; this one reads the settings below
         with temporary_settings(updates={PREFECT_API_URL: url}):
@@ -114,10 +146,10 @@ def _first_start_lock() -> Iterator[Path]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, creating_database: bool) -> None:
+def _wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, creating_database: bool, started: float | None = None) -> None:
     """Return once the server answers; raise ServerStartError (the caller stops it) if it exits or times out."""
     limit = startup_timeout()
-    started = time.monotonic()
+    started = time.monotonic() if started is None else started
     said = False
     while True:
         if proc.poll() is not None:
