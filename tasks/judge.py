@@ -41,8 +41,11 @@ def judge(cfg: RunConfig, k: int, reference: str) -> None:
     knockout = cfg.judge.pairing == "knockout"
     comparisons = KnockoutPhases(pairs) if knockout else pair_comparisons(pairs, cfg.judge.pairing)
     if knockout:
-        log.info("round %d: a knockout among %d candidate pairs, asked in phases (at most %d x 2 orders by the %s judge; screened out: %s)",
-                 k, len(comparisons.candidates), llm_count(comparisons, cfg.judge), cfg.judge.backend, pairs["screened"].value_counts().to_dict())
+        n = samples.groupby("prompt_id").size()
+        bound = int(sum(min(m * (m - 1) // 2, (3 * m + 1) // 2 - 1) for m in n if m > 1))
+        log.info("round %d: a knockout over %d prompts: at most %d of %d candidate pairs asked, in phases, x 2 orders by the %s judge "
+                 "where the verifier does not decide (screened out: %s)", k, len(n), bound, len(pairs), cfg.judge.backend,
+                 pairs["screened"].value_counts().to_dict())
     else:
         todo, asked = len(comparisons), llm_count(comparisons, cfg.judge)
         log.info(

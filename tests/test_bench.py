@@ -102,7 +102,7 @@ def test_speed_benchmark_tiny_with_a_knockout_asks_fewer_calls_and_trains_best_a
     assert set(judgments["screened"].dropna()) <= {"not_matched", "empty", "too_similar"} and (judgments["screened"] == "not_matched").any()
     pairs = pd.read_parquet(run.stage_dir(1, "filter") / "pairs.parquet")
     assert pairs.groupby("prompt_id")["kept"].sum().max() == 1 and pairs["kept"].sum() == run.round_summary(1)["kept"]
-    assert "a knockout among" in proc.stdout + proc.stderr
+    assert "a knockout over 8 prompts: at most 64 of 120 candidate pairs asked" in proc.stdout + proc.stderr  # 8 x (3*6//2 - 1) of 8 x 15
 
 
 def test_knockout_benchmark_prints_calls_and_how_often_each_pairing_finds_the_true_best_and_worst(tmp_path):
