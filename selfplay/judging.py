@@ -97,7 +97,7 @@ class Judged(NamedTuple):
 
 
 class Phases(Protocol):
-    """Comparisons asked in phases, each chosen from the verdicts so far (a knockout: `selfplay.pairs.KnockoutPhases`).
+    """Comparisons asked in phases, each chosen from the verdicts so far (a knockout: `selfplay.knockout.KnockoutPhases`).
     `next(decided)`: the next phase's comparisons by key, {} when done; `candidates`: every comparison it might ask."""
 
     candidates: list[Comparison]

@@ -18,7 +18,7 @@ them. The selection itself is `selfplay.pairs.select_pairs`.
 With `judge.pairing: tournament` every judged pair scores its two completions (Copeland: +1 a win, -1 a loss;
 or a Bradley-Terry fit to the swap-averaged preferences), and each prompt contributes one pair: its best
 completion against its worst. A knockout (`judge.pairing: knockout`) finds them with a bracket instead
-(`selfplay.pairs.knockout`), and trains on their own match where its verdict has a winner.
+(`selfplay.knockout.knockout`), and trains on their own match where its verdict has a winner.
 
 Output `round_<k>/filter/pairs.parquet`: every judged pair with `kept`, `drop_reason`, `chosen`, `rejected`.
 """

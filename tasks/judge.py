@@ -24,7 +24,8 @@ from prefect.cache_policies import NONE
 from selfplay.config import RunConfig
 from selfplay.judging import check_error_rate, llm_count, run_judge
 from selfplay.orchestration import Progress, run_logger, stage
-from selfplay.pairs import KnockoutPhases, build_pairs, judged_tables, pair_comparisons
+from selfplay.knockout import KnockoutPhases
+from selfplay.pairs import build_pairs, judged_tables, pair_comparisons
 from selfplay.rundir import RunDir
 from selfplay.verifiers import Verifier, score_table, verifier_stats
 

@@ -75,7 +75,8 @@ def test_speed_benchmark_tiny_prints_its_figures_beside_the_plain_loop(prefect_s
     knockout = ours["knockout"]  # the knockout replayed on this tournament's verdicts
     assert knockout["llm_calls_all_pairs"] == len(calls) and 0 < knockout["llm_calls_knockout"] <= len(calls)
     for text in ("seconds per kept pair (sample to trained checkpoint):", "selfplay / plain loop, per kept pair:",
-                 "calls/s", "tokens/s", "orchestration overhead:", "peak RSS:", "knockout replayed on these"):
+                 "calls/s", "tokens/s", "orchestration overhead:", "peak RSS:", "knockout replayed on these",
+                 "before both clocks, importing torch, transformers, peft and trl took"):
         assert text in proc.stdout
 
 

@@ -24,9 +24,9 @@ from selfplay.evaluation import outcomes
 from selfplay.judges.prompt import default_template, load_rubric, load_template, render_judge_prompt
 from selfplay.judging import VERDICTS, Comparison, Judged, combine_orders, judge_comparisons, judge_stats, swap_calls
 from selfplay.pairs import (
-    COLUMNS, REASONS, KnockoutPhases, build_pairs, candidate_pairs, drop_counts, judged_tables, judgments_table, knockout,
-    knockout_agreement, pair_comparisons, select_pairs,
+    COLUMNS, REASONS, build_pairs, candidate_pairs, drop_counts, judged_tables, judgments_table, pair_comparisons, select_pairs,
 )
+from selfplay.knockout import KnockoutPhases, knockout, knockout_agreement
 
 PROBS = [i / 100 for i in range(101)] + [random.Random(7).random() for _ in range(200)]
 

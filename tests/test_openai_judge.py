@@ -41,7 +41,8 @@ from selfplay.judges.openai import OpenAIJudge  # noqa: E402
 from selfplay.judges.prompt import default_template, load_rubric, render_judge_prompt  # noqa: E402
 from selfplay.judging import JudgeFailed, check_error_rate, judge_batch, judge_comparisons  # noqa: E402
 from selfplay.openai_client import EndpointError, check_endpoint, resolve_api_key  # noqa: E402
-from selfplay.pairs import KnockoutPhases, build_pairs, drop_counts, judged_tables, pair_comparisons, select_pairs  # noqa: E402
+from selfplay.knockout import KnockoutPhases  # noqa: E402
+from selfplay.pairs import build_pairs, drop_counts, judged_tables, pair_comparisons, select_pairs  # noqa: E402
 from tests.openai_stub import Reply, ScriptedOpenAI, api_error, chat_completion  # noqa: E402
 
 KEY = "test-key"
