@@ -21,6 +21,15 @@ from selfplay.pairs import _comparison, _separated, drop_reason, judgments_table
 Beats = Callable[[int, int], "bool | None"]
 
 
+def max_matches(k: int) -> int:
+    """The most pairs a knockout of k samples asks: ceil(3k/2) - 2 bracket matches and the final, at most all pairs.
+
+    >>> [max_matches(k) for k in (1, 2, 3, 8)]
+    [0, 1, 3, 11]
+    """
+    return 0 if k < 2 else min(k * (k - 1) // 2, (3 * k + 1) // 2 - 1)
+
+
 def knockout(samples: list[int], beats: Beats) -> tuple[list[tuple[int, int]], int | None, int | None]:
     """Pure: the best and the worst of `samples` by a knockout, from `beats(a, b)` (True: a beats b; False: b beats
     a; None: not asked yet). Returns (the matches to ask next, [] once decided; best; worst).

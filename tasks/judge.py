@@ -24,7 +24,7 @@ from prefect.cache_policies import NONE
 from selfplay.config import RunConfig
 from selfplay.judging import check_error_rate, llm_count, run_judge
 from selfplay.orchestration import Progress, run_logger, stage
-from selfplay.knockout import KnockoutPhases
+from selfplay.knockout import KnockoutPhases, max_matches
 from selfplay.pairs import build_pairs, judged_tables, pair_comparisons
 from selfplay.rundir import RunDir
 from selfplay.verifiers import Verifier, score_table, verifier_stats
@@ -43,7 +43,7 @@ def judge(cfg: RunConfig, k: int, reference: str) -> None:
     comparisons = KnockoutPhases(pairs) if knockout else pair_comparisons(pairs, cfg.judge.pairing)
     if knockout:
         n = samples.groupby("prompt_id").size()
-        bound = int(sum(min(m * (m - 1) // 2, (3 * m + 1) // 2 - 1) for m in n if m > 1))
+        bound = sum(max_matches(int(m)) for m in n)
         log.info("round %d: a knockout over %d prompts: at most %d of %d candidate pairs asked, in phases, x 2 orders by the %s judge "
                  "where the verifier does not decide (screened out: %s)", k, len(n), bound, len(pairs), cfg.judge.backend,
                  pairs["screened"].value_counts().to_dict())

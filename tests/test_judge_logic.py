@@ -26,7 +26,7 @@ from selfplay.judging import VERDICTS, Comparison, Judged, combine_orders, judge
 from selfplay.pairs import (
     COLUMNS, REASONS, build_pairs, candidate_pairs, drop_counts, judged_tables, judgments_table, pair_comparisons, select_pairs,
 )
-from selfplay.knockout import KnockoutPhases, knockout, knockout_agreement
+from selfplay.knockout import KnockoutPhases, kept_pairs, knockout, knockout_agreement, max_matches
 
 PROBS = [i / 100 for i in range(101)] + [random.Random(7).random() for _ in range(200)]
 
@@ -494,7 +494,7 @@ def test_knockout_finds_the_best_and_the_worst_of_any_order_with_at_most_3k_over
     k = len(strength)
     best, worst, asked, phases = _play(list(range(k)), lambda a, b: strength[a] > strength[b])
     assert strength[best] == k - 1 and strength[worst] == 0
-    assert len(asked) <= min((3 * k + 1) // 2 - 1, math.comb(k, 2))
+    assert len(asked) <= max_matches(k) == min((3 * k + 1) // 2 - 1, math.comb(k, 2))
     assert (min(best, worst), max(best, worst)) in asked  # the pair that trains has its own verdict
     assert phases <= math.ceil(math.log2(k)) + 1
 
@@ -588,11 +588,15 @@ def test_knockout_agreement_replays_the_knockout_on_an_all_pairs_table():
     assert agreement["prompts"] == 6 and agreement["llm_calls_all_pairs"] == 6 * 56
     assert agreement["llm_calls_knockout"] <= 6 * 22
     assert agreement["same_pair"] == agreement["chosen_is_best"] == agreement["rejected_is_worst"] == 1.0
-    # A judge that contradicts itself on one pair: the replay still counts only what the bracket asked.
+    # A judge that contradicts itself on p0's best-against-worst pair: the knockout's final trains on what that
+    # match said (its own two orders), so it disagrees with the tournament there and nowhere else.
+    s0 = strength["p0"]
+    best, worst = s0.index(7), s0.index(0)
     flipped = table.copy()
-    row = flipped.index[(flipped.prompt_id == "p0")][0]
+    row = flipped.index[(flipped.prompt_id == "p0") & (flipped.i == min(best, worst)) & (flipped.j == max(best, worst))][0]
     flipped.loc[row, "verdict"] = "second" if flipped.loc[row, "verdict"] == "first" else "first"
-    assert knockout_agreement(flipped)["prompts"] == 6
+    assert kept_pairs(select_pairs(flipped, "knockout"))["p0"] == (worst, best)
+    assert knockout_agreement(flipped)["same_pair"] == 5 / 6
 
 
 def test_a_knockout_takes_no_call_cap():
