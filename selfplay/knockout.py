@@ -118,8 +118,12 @@ def match_outcome(row: dict[str, Any] | None) -> bool | None:
     return key[0] >= key[1]
 
 
-def _prompt_knockout(rows: dict[tuple[int, int], dict[str, Any]], samples: list[int]) -> tuple[list[tuple[int, int]], int | None, int | None]:
+def _prompt_knockout(rows: dict[tuple[int, int], dict[str, Any]], samples: list[int],
+                     asked: set[tuple[int, int]] | None = None) -> tuple[list[tuple[int, int]], int | None, int | None]:
+    """`knockout` over one prompt's pair rows, keyed (i, j) with i < j; `asked` collects the matches it looked at."""
     def beats(a: int, b: int) -> bool | None:
+        if asked is not None:
+            asked.add((min(a, b), max(a, b)))
         outcome = match_outcome(rows.get((min(a, b), max(a, b))))
         return outcome if outcome is None or a < b else not outcome
     return knockout(samples, beats)
@@ -206,13 +210,7 @@ def knockout_agreement(judgments: pd.DataFrame) -> dict[str, Any]:
         records = group.to_dict("records")
         rows = {(int(r["i"]), int(r["j"])): r for r in records}
         asked: set[tuple[int, int]] = set()
-
-        def beats(a: int, b: int) -> bool | None:
-            asked.add((min(a, b), max(a, b)))
-            outcome = match_outcome(rows.get((min(a, b), max(a, b))))
-            return outcome if a < b else not outcome
-
-        knockout(sorted({x for key in rows for x in key}), beats)
+        _prompt_knockout(rows, sorted({x for key in rows for x in key}), asked)
         judged = {key for key, r in rows.items() if r["source"] == "llm"}
         calls_all += 2 * len(judged)
         calls_ko += 2 * len(asked & judged)
