@@ -162,6 +162,10 @@ class TrainConfig(Section):
         True, description="true: merge each round's LoRA adapter; the checkpoint is a full model. false: the checkpoint is one "
         "adapter over the base model, trained on across rounds (what sample.backend 'endpoint' loads into a vLLM server).")
     launcher: LauncherConfig = Field(default_factory=LauncherConfig, description="How the training process starts: one process, or accelerate launch for multi-GPU.")
+    share_prompt: bool = operational(
+        True, description="Put each pair's prompt through the model once for its chosen and rejected rows (one packed row, a 4-D "
+        "mask): the same log-probabilities and gradients in fewer positions. It stays off while any dropout is on, and checks its "
+        "first batch against the plain forward.")
 
 
 class EvaluateConfig(Section):

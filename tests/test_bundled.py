@@ -56,6 +56,7 @@ def test_make_run_on_bundled_model(tmp_path):
     train = run.manifest(1, "train")["metrics"]
     assert train["steps"] >= 1 and abs(train["initial_loss"] - 0.6931) < 0.01
     assert train["lora_b_norm"] > 0
+    assert 0 < train["shared_prompt"]["positions"] < train["shared_prompt"]["unshared_positions"]
 
     # The checkpoint is a loadable model that still speaks.
     from selfplay.models import load_causal_lm, load_tokenizer

@@ -311,6 +311,7 @@ def test_a_change_of_backend_is_a_result_difference_and_only_shared_settings_are
 # that selfplay/config.py kept by hand): the fields marked operational must stay exactly these.
 OPERATIONAL_BEFORE = {
     "name", "output_dir", "rounds", "isolation", "cluster_gpu_limit", "train.min_pairs", "train.launcher.args",
+    "train.share_prompt",  # the same log-probabilities and gradients, within rounding
     "gate.early_stop_after", "judge.max_error_rate", "judge.cache", "judge.batch_size", "judge.max_concurrency",
     "judge.request_timeout",
     *(f"{section}.endpoint.{field}" for section in ("judge", "sample") for field in (

@@ -73,6 +73,8 @@ def test_training_changed_the_adapted_weights_and_only_those(tiny_run, tiny_mode
         adapted = {name for name in before if any(f"{t}.weight" in name for t in targets)}
         assert changed == adapted, f"round {k}: changed {sorted(changed - adapted)} / unchanged {sorted(adapted - changed)}"
         assert run.manifest(k, "train")["metrics"]["lora_b_norm"] > 0
+        shared = run.manifest(k, "train")["metrics"]["shared_prompt"]  # each pair's prompt went through the model once
+        assert 0 < shared["positions"] < shared["unshared_positions"], shared
 
 
 def test_dpo_starts_at_ln2_because_policy_equals_reference(tiny_run):

@@ -153,7 +153,8 @@ def test_two_runs_on_one_machine_take_turns_and_both_finish(tiny_model, tmp_path
     one PREFECT_HOME): their GPU stages never overlap, and both complete."""
     trace = tmp_path / "turns.log"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "SELFPLAY_LOCK_DIR": str(tmp_path / "locks"),
-           "SELFPLAY_TRACE_TURNS": str(trace), "PYTHONUNBUFFERED": "1"}
+           "SELFPLAY_TRACE_TURNS": str(trace), "PYTHONUNBUFFERED": "1",
+           "SELFPLAY_CACHE": str(tmp_path / "cache")}  # no migrated database to copy: both servers would create one
     env.pop("PREFECT_API_URL", None)
     procs = []
     for name in ("left", "right"):

@@ -73,6 +73,7 @@ def env_for(m: dict, path: str, api_url: str | None, **extra: str) -> dict[str, 
     env.pop("PREFECT_API_URL", None)
     if path == "default":
         env["PREFECT_HOME"] = str(m["prefect_home"])
+        env["SELFPLAY_CACHE"] = str(m["root"] / "cache")  # no migrated database kept from an earlier run: it migrates one
     else:
         env["PREFECT_API_URL"] = api_url
     return env
