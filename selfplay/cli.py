@@ -82,12 +82,12 @@ def _run_flow(args: argparse.Namespace, cfg, starting=None) -> int:
     transformers.logging.set_verbosity_error()
     try:
         with shutdown.guard(resume), contextlib.ExitStack() as server:
+            from flows.self_play import self_play  # imported while the temporary server is still starting
+
             if starting is not None or not os.environ.get("PREFECT_API_URL"):
                 from selfplay.tempserver import temporary_server
 
                 server.enter_context(temporary_server(cfg.run_dir / "prefect-server", starting))
-            from flows.self_play import self_play
-
             summaries = self_play(recipe=args.config[0], overlays=args.config[1:], overrides=args.set or [])
     except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM outside a flow run (shutdown.Stopped)
         signum = getattr(exc, "signum", signal.SIGINT)

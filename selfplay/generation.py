@@ -285,6 +285,21 @@ def _generation_table(prompts: list[dict[str, str]], answers: list[dict[str, Any
 EvalJob = tuple[str, list[dict[str, str]], float, int]  # (model, prompts, temperature, max_new_tokens)
 
 
+def distinct_jobs(jobs: list[EvalJob]) -> tuple[list[EvalJob], list[int]]:
+    """The jobs that differ, and for each job the index of its twin among them: the same model, prompts and settings
+    answer alike (every job has the stage's seed), so the evaluate stage's win-rate and accuracy answers are one job
+    when its temperature is 0 and both budgets and prompt sets are the same.
+
+    >>> p = [{"id": "a", "prompt": "2+2?"}]
+    >>> distinct_jobs([("new", p, 0.0, 24), ("old", p, 0.0, 24), ("new", list(p), 0.0, 24), ("new", p, 0.7, 24)])[1]
+    [0, 1, 0, 2]
+    """
+    keys = [(model, tuple((q["id"], q["prompt"]) for q in prompts), float(t), int(n)) for model, prompts, t, n in jobs]
+    first = {key: i for i, key in reversed(list(enumerate(keys)))}
+    order = sorted(set(first.values()))
+    return [jobs[i] for i in order], [order.index(first[key]) for key in keys]
+
+
 def eval_generations_from_server(cfg: RunConfig, k: int, jobs: list[EvalJob], base: str, log_dir: Path, log) -> list[pd.DataFrame] | None:
     """The evaluate stage's answers from the sampling backend's server, when `sample.backend` is `vllm` or
     `endpoint`: one answer per prompt and job, `n=1`, seeded with `evaluate.seed` (`seed + index` per prompt), greedy

@@ -13,8 +13,27 @@ from selfplay.models import load_tokenizer, resolve_model
 from selfplay.prompts import prompt_set
 
 
+# Configurations this process has just checked, with their base model and when: `selfplay run` checks before it
+# starts the flow, and the flow checks what it is given (a run from the UI or a deployment comes only that way); the
+# same configuration, in the same process and within RECHECK_AFTER seconds, is not checked twice. Later (a
+# long-lived process, tomorrow's run) everything is checked again: an endpoint may have gone down.
+_PASSED: dict[str, tuple[Path, float]] = {}
+RECHECK_AFTER = 60.0
+
+
 def preflight(cfg: RunConfig) -> Path:
     """Validate the pass-through settings, the prompts, the models and the judge template; return the base model."""
+    import time
+
+    key = cfg.model_dump_json()
+    if key in _PASSED and time.monotonic() - _PASSED[key][1] < RECHECK_AFTER:
+        return _PASSED[key][0]
+    base = _preflight(cfg)
+    _PASSED[key] = base, time.monotonic()
+    return base
+
+
+def _preflight(cfg: RunConfig) -> Path:
     from selfplay import isolate
     from selfplay.judges.prompt import load_rubric, load_template
 

@@ -35,7 +35,7 @@ from prefect.cache_policies import NONE
 from selfplay import isolate
 from selfplay.config import RunConfig
 from selfplay.evaluation import accuracy_change, accuracy_summary, accuracy_table, comparisons, evaluation_table, win_rates
-from selfplay.generation import GENERATION_COLUMNS, eval_generations_from_server
+from selfplay.generation import GENERATION_COLUMNS, distinct_jobs, eval_generations_from_server
 from selfplay.isolate import isolated
 from selfplay.judging import check_error_rate, judge_stats, run_judge
 from selfplay.orchestration import gpu_slot, run_logger, stage
@@ -82,13 +82,15 @@ def evaluate(cfg: RunConfig, k: int, previous: str, base: str | None = None) -> 
     jobs = [(checkpoint, held_out, *sampled)] + ([(previous, held_out, *sampled)] if old is None else []) \
         + ([(base, held_out, *sampled)] if against_base and first is None else []) \
         + ([(checkpoint, checkable, *greedy)] if checkable else []) + ([(previous, checkable, *greedy)] if checkable and old_greedy is None else [])
+    distinct, twin = distinct_jobs(jobs)  # greedy win-rate answers on the checkable prompts are the accuracy answers
     with gpu_slot(f"{cfg.name} round {k} eval generation"):
         # the sampling backend's server where there is one (vLLM, a running endpoint), else transformers in-process
-        generated, generation_peak = eval_generations_from_server(cfg, k, jobs, base or previous, run.round_dir(k), log), None
+        generated, generation_peak = eval_generations_from_server(cfg, k, distinct, base or previous, run.round_dir(k), log), None
         if generated is None:
-            generated, generation_peak = isolate.call("selfplay.generation:eval_generations", cfg, jobs,
+            generated, generation_peak = isolate.call("selfplay.generation:eval_generations", cfg, distinct,
                                                       isolated=isolated(cfg.isolation), scratch=run.round_dir(k),
                                                       label=f"round {k} eval generation", log=log)
+    generated = [generated[i].copy() for i in twin]
     verifier = Verifier(cfg.judge.verifier)
     scored = lambda table: score_table(verifier, table)  # noqa: E731
     # Held-out accuracy is checked even where the verifier does not judge (kind none: the LLM judges every pair).

@@ -144,3 +144,31 @@ def test_the_shipped_prompts_pass_the_verifier_check():
     from selfplay.preflight import check_verifiers
 
     check_verifiers(load_config("deployments/recipes/cpu-demo.yaml"))
+
+
+def test_the_same_configuration_is_checked_once_a_minute_in_one_process(tiny_model, tmp_path, monkeypatch):
+    """`selfplay run` checks, then its flow checks the same configuration seconds later: the second is free. A
+    changed configuration, or the same one a minute later (a long-lived process: an endpoint may be down by then),
+    is checked again."""
+    import selfplay.preflight as pf
+
+    cfg = build_config(tiny_config(tiny_model, tmp_path))
+    other = build_config(tiny_config(tiny_model, tmp_path, seed=7))
+    checked = []
+    monkeypatch.setattr(pf, "_PASSED", {})
+    monkeypatch.setattr(pf, "_preflight", lambda c: checked.append(c.seed) or Path(str(tiny_model)))
+    clock = [1000.0]
+    monkeypatch.setattr("time.monotonic", lambda: clock[0])
+    assert preflight(cfg) == preflight(cfg) == Path(str(tiny_model)) and checked == [0]
+    preflight(other)
+    assert checked == [0, 7]
+    clock[0] += pf.RECHECK_AFTER + 1
+    preflight(cfg)
+    assert checked == [0, 7, 0]
+
+
+def test_a_failed_check_is_not_remembered(tiny_model, tmp_path):
+    cfg = build_config(tiny_config(tiny_model, tmp_path, prompts={"per_round": 10_000}))
+    for _ in range(2):  # raises both times: only a passing check is remembered
+        with pytest.raises(ConfigError, match="per_round"):
+            preflight(cfg)
