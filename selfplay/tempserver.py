@@ -120,14 +120,17 @@ def spawn(log_dir: Path) -> Starting:
 def temporary_server(log_dir: Path, starting: Starting | None = None) -> Iterator[str]:
     """Start the server (or take the one `spawn` started), point this process's Prefect settings at it, yield its API
     URL; stop it afterwards."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     starting = starting or spawn(log_dir)
     starting.wait()
     url, proc = starting.url, starting.proc
     try:
         os.environ["PREFECT_API_URL"] = url  # for child processes; this one reads the settings below
-        with temporary_settings(updates={PREFECT_API_URL: url}):
+        # No flow-run heartbeats: they tell a long-lived server's automations that a run crashed, and this server
+        # runs no services and dies with the run; each flow run's end would wait up to a second for its heartbeat
+        # thread.
+        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             try:
                 yield url
             finally:

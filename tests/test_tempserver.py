@@ -15,13 +15,14 @@ START = """
 import logging, sys, httpx
 from pathlib import Path
 logging.basicConfig(level=logging.INFO)
-from selfplay.tempserver import spawn
+from prefect.settings import get_current_settings
+from selfplay.tempserver import spawn, temporary_server
 s = spawn(Path(sys.argv[1]))
-s.wait()
-made = httpx.post(s.url + "/flows/", json={"name": sys.argv[2]}, trust_env=False).status_code
-names = [f["name"] for f in httpx.post(s.url + "/flows/filter", json={}, trust_env=False).json()]
-s.stop()
-print(s.creating_database, made, ",".join(names))
+with temporary_server(Path(sys.argv[1]), s) as url:
+    made = httpx.post(url + "/flows/", json={"name": sys.argv[2]}, trust_env=False).status_code
+    names = [f["name"] for f in httpx.post(url + "/flows/filter", json={}, trust_env=False).json()]
+    beat = get_current_settings().flows.heartbeat_frequency
+print(s.creating_database, made, ",".join(names), beat, s.proc.poll() is not None)
 """
 
 
@@ -44,11 +45,12 @@ def test_a_new_prefect_home_starts_from_the_database_the_first_start_migrated(tm
     import prefect
 
     first, _ = start_once(tmp_path, "home-a", "first")
-    assert first == "True 201 first"  # it created the database, and the server works
+    # it created the database, the server works, no flow-run heartbeats (nothing on this server reads them), stopped
+    assert first == "True 201 first None True"
     template = tmp_path / "cache" / "prefect" / f"empty-{prefect.__version__}.db"
     assert template.is_file() and flows_in(template) == []  # kept before the run wrote anything
     second, log = start_once(tmp_path, "home-b", "second")
-    assert second == "False 201 second"  # no migration, a working server, and nothing of home-a's in it
+    assert second == "False 201 second None True"  # no migration, a working server, and nothing of home-a's in it
     assert "copied from" in log and str(template) in log
     assert flows_in(tmp_path / "home-a" / "prefect.db") == ["first"]
     again, _ = start_once(tmp_path, "home-b", "third")  # a warm PREFECT_HOME is left as it is
