@@ -295,9 +295,8 @@ def distinct_jobs(jobs: list[EvalJob]) -> tuple[list[EvalJob], list[int]]:
     [0, 1, 0, 2]
     """
     keys = [(model, tuple((q["id"], q["prompt"]) for q in prompts), float(t), int(n)) for model, prompts, t, n in jobs]
-    first = {key: i for i, key in reversed(list(enumerate(keys)))}
-    order = sorted(set(first.values()))
-    return [jobs[i] for i in order], [order.index(first[key]) for key in keys]
+    distinct = list(dict.fromkeys(keys))
+    return [jobs[keys.index(key)] for key in distinct], [distinct.index(key) for key in keys]
 
 
 def eval_generations_from_server(cfg: RunConfig, k: int, jobs: list[EvalJob], base: str, log_dir: Path, log) -> list[pd.DataFrame] | None:

@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from selfplay.config import ConfigError, PromptsConfig, RunConfig, check_passthrough
@@ -23,8 +24,6 @@ RECHECK_AFTER = 60.0
 
 def preflight(cfg: RunConfig) -> Path:
     """Validate the pass-through settings, the prompts, the models and the judge template; return the base model."""
-    import time
-
     key = cfg.model_dump_json()
     if key in _PASSED and time.monotonic() - _PASSED[key][1] < RECHECK_AFTER:
         return _PASSED[key][0]

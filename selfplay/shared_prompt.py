@@ -99,16 +99,16 @@ def unpack(hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
 def _attention_mask(packing: Packing, implementation: str, dtype: torch.dtype) -> torch.Tensor:
     if implementation == "sdpa":
         return packing.mask
-    return torch.zeros(packing.mask.shape, dtype=dtype).masked_fill(~packing.mask, torch.finfo(dtype).min)
+    return torch.zeros_like(packing.mask, dtype=dtype).masked_fill(~packing.mask, torch.finfo(dtype).min)
 
 
 def dropout_active(model: torch.nn.Module) -> bool:
     """Whether training `model` draws anything at random per row: a dropout module or a config's dropout above 0."""
     if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
         return True
-    configs = [getattr(m, "config", None) for m in model.modules()]
-    return any(isinstance(v, (int, float)) and v > 0 for c in configs if c is not None and hasattr(c, "to_dict")
-               for k, v in c.to_dict().items() if ("dropout" in k or k.endswith("pdrop")) and not isinstance(v, bool))
+    configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "to_dict")}  # shared by layers
+    return any(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for c in configs.values()
+               for k, v in c.to_dict().items() if "dropout" in k or k.endswith("pdrop"))
 
 
 def backbone_of(model: torch.nn.Module) -> torch.nn.Module | None:

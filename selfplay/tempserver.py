@@ -101,8 +101,8 @@ class Starting:
         except BaseException:
             self.stop()
             raise
-        if self.template is not None:
-            save_template(self.database, self.template)
+        if self.template is not None:  # keep the database it just created, before the run writes to it
+            copy_database(self.database, self.template)
         self._lock.close()
 
     def stop(self) -> None:
@@ -162,43 +162,36 @@ def template_path() -> Path:
     return cache_root() / "prefect" / f"empty-{prefect.__version__}.db"
 
 
+def copy_database(source: Path, target: Path) -> bool:
+    """A consistent copy of the SQLite database `source` at `target`, written whole or not at all (SQLite's backup
+    API: safe while a server writes `source`). False, with a log line, where it could not be made."""
+    import sqlite3
+
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        src, dst = sqlite3.connect(f"file:{source}?mode=ro", uri=True), sqlite3.connect(partial)
+        try:
+            src.backup(dst)
+        finally:
+            src.close()
+            dst.close()
+        os.replace(partial, target)
+        return True
+    except (OSError, sqlite3.Error) as e:
+        partial.unlink(missing_ok=True)
+        log.info("could not copy the Prefect database %s to %s (%s)", source, target, e)
+        return False
+
+
 def seed_database(database: Path) -> bool:
     """Copy the machine's migrated empty database to `database` (a new PREFECT_HOME), so that the server starts as on a
     warm one instead of migrating for 20-30 s. False (and nothing written) where there is none yet."""
-    import shutil
-
     template = template_path()
-    if not template.is_file():
-        return False
-    partial = database.with_name(f".{database.name}.{os.getpid()}.partial")
-    try:
-        shutil.copyfile(template, partial)
-        os.replace(partial, database)
-    except OSError as e:
-        partial.unlink(missing_ok=True)
-        log.info("could not copy the migrated database %s (%s); the server creates one", template, e)
+    if not template.is_file() or not copy_database(template, database):
         return False
     log.info("temporary Prefect server: a new database, copied from %s (migrated once on this machine)", template)
     return True
-
-
-def save_template(database: Path, template: Path) -> None:
-    """Keep a consistent copy of the database the server just created (SQLite's backup API, safe while it runs)."""
-    import sqlite3
-
-    partial = template.with_name(f".{template.name}.{os.getpid()}.partial")
-    try:
-        template.parent.mkdir(parents=True, exist_ok=True)
-        source, copy = sqlite3.connect(f"file:{database}?mode=ro", uri=True), sqlite3.connect(partial)
-        try:
-            source.backup(copy)
-        finally:
-            source.close()
-            copy.close()
-        os.replace(partial, template)
-    except (OSError, sqlite3.Error) as e:
-        partial.unlink(missing_ok=True)
-        log.info("could not keep a copy of the new database for later ones (%s)", e)
 
 
 @contextlib.contextmanager

@@ -68,6 +68,11 @@ def test_speed_benchmark_tiny_prints_its_figures_beside_the_plain_loop(prefect_s
     # held-out accuracy is checked although the verifier judges nothing (kind none)
     accuracy = pd.read_parquet(run.stage_dir(1, "evaluate") / "accuracy.parquet")
     assert len(accuracy) == 4 and accuracy["score_new"].notna().all() and accuracy["score_previous"].notna().all()
+    # greedy (evaluate.temperature 0) on the same 4 prompts: each checkpoint's win-rate answers are its accuracy answers
+    evaluate = run.stage_dir(1, "evaluate")
+    for suffix in ("", "_previous"):
+        wins, right = (pd.read_parquet(evaluate / f"{kind}generations{suffix}.parquet") for kind in ("", "accuracy_"))
+        assert wins[["prompt_id", "response"]].equals(right[["prompt_id", "response"]]), suffix
     assert 0 <= ours["overhead_s"] < ours["wall_s"]
     spans = dict(ours["overhead_spans"])  # where the overhead went: before, between and after the stages
     assert list(spans)[0] == "start -> sample" and list(spans)[-1].endswith("-> end") and "sample -> judge" in spans
