@@ -29,11 +29,11 @@ test: setup
 
 # One real round on CUDA (or CPU) with figures per stage: seconds, tokens/s, peak GPU memory.
 gpu-smoke: setup
-	$(BIN)/python -m selfplay.smoke
+	$(BIN)/python -m tools.smoke
 
 # One round's cost by stage and per kept pair, beside a plain in-process loop on the same prompts (prints figures).
 bench: setup
-	$(BIN)/python -m selfplay.bench speed $(ARGS)
+	$(BIN)/python -m tools.bench speed $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs

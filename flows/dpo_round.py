@@ -10,8 +10,8 @@ from typing import Any
 
 from prefect import flow
 
-from selfplay import shutdown
-from selfplay.config import RunConfig
+from selfplay.config.run import RunConfig
+from selfplay.runtime import shutdown
 from tasks.evaluate import evaluate
 from tasks.filter import filter_pairs
 from tasks.judge import judge

@@ -8,12 +8,8 @@ change most, each with a default and a description. `run_rounds` does the work f
 the run directory's lock, records (or checks, on resume) the run's config, and skips rounds whose manifest exists,
 so retrying a failed flow run resumes it.
 
-The current checkpoint is the last *accepted* round's: a round the gate rejects stays on disk, marked rejected,
-and the next round starts again from the checkpoint before it.
-
-A *lineage* is a run directory that nightly runs keep extending: `lineage="nightly"` runs in runs/nightly/,
-continues from its current checkpoint for `rounds` more rounds (round numbers continue), and first finishes
-whatever the previous run of the lineage left unfinished.
+The current checkpoint is the last *accepted* round's, and a *lineage* (`lineage="nightly"`) is a run directory
+that nightly runs keep extending: both rules are `selfplay.orchestration.lineage`'s.
 """
 
 from __future__ import annotations
@@ -25,11 +21,13 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.dpo_round import dpo_round
-from selfplay import shutdown
-from selfplay.config import RunConfig, build_config, load_config
-from selfplay.orchestration import ensure_gpu_limit, publish_lineage, use_cluster_limit
-from selfplay.preflight import preflight
-from selfplay.rundir import locked, open_run, read_json, write_json_atomic
+from selfplay.config.run import RunConfig, load_config, nest
+from selfplay.orchestration.lineage import Rounds, continue_lineage
+from selfplay.orchestration.preflight import preflight
+from selfplay.reporting.artifacts import publish_lineage
+from selfplay.runtime import shutdown
+from selfplay.runtime.rundir import locked, open_run
+from selfplay.runtime.stages import ensure_gpu_limit, use_cluster_limit
 
 DEFAULT_RECIPE = "deployments/recipes/cpu-demo.yaml"
 
@@ -39,57 +37,14 @@ def typed_updates(
     num_samples=None, temperature=None, max_new_tokens=None, beta=None, learning_rate=None,
 ) -> dict[str, Any]:
     """The flow's typed parameters as a nested config update (only those that were given)."""
-    updates: dict[str, Any] = {}
-
-    def put(path: str, value: Any) -> None:
-        if value is None:
-            return
-        node = updates
-        *parents, leaf = path.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-
-    put("name", name)
-    put("rounds", rounds)
-    put("policy.model", model)
-    if judge_base_url:
-        put("judge.backend", "endpoint")
-        put("judge.endpoint.base_url", judge_base_url)
-    put("judge.endpoint.model", judge_model)
-    put("judge.endpoint.api_key_secret", judge_api_key_secret)
-    put("sample.num_samples", num_samples)
-    put("sample.temperature", temperature)
-    put("sample.max_new_tokens", max_new_tokens)
-    put("train.dpo.beta", beta)
-    put("train.dpo.learning_rate", learning_rate)
-    return updates
-
-
-def continue_lineage(cfg: RunConfig, lineage: str, more_rounds: int, invocation: str | None = None) -> RunConfig:
-    """The lineage's run config: runs/<lineage>/, target = the previous run's target + `more_rounds`.
-
-    The target is recorded per flow run (`invocation`) in runs/<lineage>/lineage.json, so retrying a flow run
-    resumes it towards the same target instead of adding rounds again.
-    """
-    cfg = cfg.model_copy(update={"name": lineage})
-    ledger_path = cfg.run_dir / "lineage.json"
-    ledger = read_json(ledger_path) if ledger_path.is_file() else {"targets": {}}
-    if invocation and invocation in ledger["targets"]:
-        return with_rounds(cfg, ledger["targets"][invocation])
-    record = cfg.run_dir / "run.json"
-    target = (read_json(record)["config"]["rounds"] if record.is_file() else 0) + more_rounds
-    if invocation:
-        ledger["targets"][invocation] = target
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(ledger_path, ledger)
-    return with_rounds(cfg, target)
-
-
-def with_rounds(cfg: RunConfig, rounds: int) -> RunConfig:
-    """`cfg` with another round count, validated again (a rule may depend on it: an endpoint sampler over several
-    rounds needs adapter checkpoints)."""
-    return build_config({**cfg.model_dump(), "rounds": rounds})
+    judge = {"judge.backend": "endpoint", "judge.endpoint.base_url": judge_base_url} if judge_base_url else {}
+    dotted = {
+        "name": name, "rounds": rounds, "policy.model": model, **judge, "judge.endpoint.model": judge_model,
+        "judge.endpoint.api_key_secret": judge_api_key_secret, "sample.num_samples": num_samples,
+        "sample.temperature": temperature, "sample.max_new_tokens": max_new_tokens, "train.dpo.beta": beta,
+        "train.dpo.learning_rate": learning_rate,
+    }
+    return nest({key: value for key, value in dotted.items() if value is not None})
 
 
 def run_rounds(cfg: RunConfig) -> list[dict[str, Any]]:
@@ -101,23 +56,16 @@ def run_rounds(cfg: RunConfig) -> list[dict[str, Any]]:
         ensure_gpu_limit(name=cfg.cluster_gpu_limit)
     use_cluster_limit(cfg.cluster_gpu_limit)
     with locked(cfg.run_dir):
-        run = open_run(cfg, str(base))
-        policy, summaries, rejected_in_a_row = str(base), [], 0
+        run = open_run(cfg, str(base), log=log)
+        rounds, summaries = Rounds(str(base), cfg.gate.early_stop_after), []
         for k in range(1, cfg.rounds + 1):
-            done_before = run.round_done(k)
-            if done_before:
+            resumed = run.round_done(k)
+            if resumed:
                 log.info("round %d already complete, skipping", k)
-                summary = run.round_summary(k)
-            else:
-                summary = dpo_round(cfg, k, policy, str(base))
+            summary = run.round_manifest(k) if resumed else dpo_round(cfg, k, rounds.policy, str(base))
             summaries.append(summary)
-            if summary.get("accepted", True):
-                policy, rejected_in_a_row = str(run.checkpoint(k)), 0
-            elif not done_before:  # a rejected round stays on disk; the current checkpoint does not change
-                rejected_in_a_row += 1  # early stop counts this invocation's rounds: tomorrow's run tries again
-            if cfg.gate.early_stop_after and rejected_in_a_row >= cfg.gate.early_stop_after:
-                log.warning("stopping early: %d rejected rounds in a row (gate.early_stop_after=%d); current checkpoint %s",
-                            rejected_in_a_row, cfg.gate.early_stop_after, policy)
+            if stop := rounds.record(summary, run.checkpoint(k), resumed):
+                log.warning("stopping early: %s", stop)
                 break
         publish_lineage(Path(cfg.output_dir))
         log.info("run %s: %d rounds complete; files in %s", cfg.name, len(summaries), run.root)

@@ -37,9 +37,9 @@ def _quiet_environment() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Bad input raises a SelfplayError before anything expensive starts (main prints it, exit 2)."""
-    from selfplay.config import load_config
-    from selfplay.preflight import preflight
-    from selfplay.rundir import locked, open_run
+    from selfplay.config.run import load_config
+    from selfplay.orchestration.preflight import preflight
+    from selfplay.runtime.rundir import locked, open_run
 
     if not args.config:
         print("selfplay: --config is required (e.g. deployments/recipes/cpu-demo.yaml)", file=sys.stderr)
@@ -49,7 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with locked(cfg.run_dir):
         starting = None
         if not os.environ.get("PREFECT_API_URL"):  # the temporary server starts while preflight runs
-            from selfplay.tempserver import spawn
+            from selfplay.runtime.tempserver import spawn
 
             starting = spawn(cfg.run_dir / "prefect-server")
         try:
@@ -71,10 +71,10 @@ def _run_flow(args: argparse.Namespace, cfg, starting=None) -> int:
     import transformers
     from prefect.exceptions import TerminationSignal
 
-    from selfplay import shutdown
     from selfplay.errors import SelfplayError
-    from selfplay.report import accuracy_trend, format_table
-    from selfplay.rundir import RunDir
+    from selfplay.reporting.report import accuracy_trend, format_table
+    from selfplay.runtime import shutdown
+    from selfplay.runtime.rundir import RunDir
 
     resume = (f"Finished work is kept in {cfg.run_dir.resolve()}; to resume, rerun: "
               f"{shlex.join(['selfplay', *sys.argv[1:]]) if sys.argv[1:2] == ['run'] else 'the same command'}")
@@ -85,7 +85,7 @@ def _run_flow(args: argparse.Namespace, cfg, starting=None) -> int:
             from flows.self_play import self_play  # imported while the temporary server is still starting
 
             if starting is not None or not os.environ.get("PREFECT_API_URL"):
-                from selfplay.tempserver import temporary_server
+                from selfplay.runtime.tempserver import temporary_server
 
                 server.enter_context(temporary_server(cfg.run_dir / "prefect-server", starting))
             summaries = self_play(recipe=args.config[0], overlays=args.config[1:], overrides=args.set or [])
@@ -107,7 +107,6 @@ def _run_flow(args: argparse.Namespace, cfg, starting=None) -> int:
     return 0
 
 
-REPO = Path(__file__).resolve().parents[1]
 NIGHTLY_CRON, NIGHTLY_TIMEZONE = "0 2 * * *", "UTC"
 
 
@@ -118,19 +117,33 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def project_root(start: Path | None = None) -> Path:
+    """The selfplay checkout at or above `start` (the working directory): the deployments in its prefect.yaml run
+    flows/self_play.py with recipes relative to it, so `setup` and `serve` need one, whatever installed the package."""
+    from selfplay.errors import SelfplayError
+
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "prefect.yaml").is_file() and (folder / "flows" / "self_play.py").is_file():
+            return folder
+    raise SelfplayError(f"no selfplay checkout at or above {here} (a folder with prefect.yaml and flows/self_play.py): "
+                        "run this command from the project's directory")
+
+
 def cmd_setup(args: argparse.Namespace) -> int:
     """Create the work pool and the `gpu` limit, then deploy prefect.yaml; safe to run again."""
     import subprocess
 
-    from selfplay.orchestration import ensure_gpu_limit
+    from selfplay.runtime.stages import ensure_gpu_limit
 
+    root = project_root()
     prefect = shutil.which("prefect") or str(Path(sys.executable).parent / "prefect")
     pools = subprocess.run([prefect, "work-pool", "inspect", args.pool], capture_output=True, text=True)
     if pools.returncode != 0:
         subprocess.run([prefect, "work-pool", "create", args.pool, "--type", "process"], check=True)
     ensure_gpu_limit()
     env = {**os.environ, "SELFPLAY_NIGHTLY_CRON": args.cron, "SELFPLAY_NIGHTLY_TIMEZONE": args.timezone}
-    deployed = subprocess.run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(REPO / "prefect.yaml")], cwd=REPO, env=env)
+    deployed = subprocess.run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(root / "prefect.yaml")], cwd=root, env=env)
     if deployed.returncode == 0:
         print(f"\nDeployments self-play/manual and self-play/nightly ({args.cron}, {args.timezone}) are on pool "
               f"{args.pool!r}. Start a worker: prefect worker start --pool {args.pool}")
@@ -143,9 +156,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from prefect.schedules import Cron
 
     from flows.self_play import self_play
-    from selfplay.orchestration import ensure_gpu_limit
+    from selfplay.runtime.stages import ensure_gpu_limit
 
-    os.chdir(REPO)  # recipes are paths relative to the repository
+    os.chdir(project_root())  # recipes are paths relative to the checkout
     ensure_gpu_limit()
     serve(
         self_play.to_deployment(name="manual"),
@@ -156,7 +169,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from selfplay.history import flow_run_rows, run_rows
+    from selfplay.reporting.history import flow_run_rows, run_rows
 
     rows = run_rows(Path(args.output_dir))
     if not rows:
@@ -174,27 +187,36 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from selfplay.report import accuracy_trend, format_table
-    from selfplay.rundir import RunDir
+    import time
+
+    from selfplay.reporting.report import accuracy_trend, format_table
+    from selfplay.runtime.provenance import describe
+    from selfplay.runtime.rundir import RunDir, read_json
 
     run = RunDir(Path(args.output_dir) / args.run)
     if not (run.root / "run.json").is_file():
         print(f"selfplay: no run {args.run!r} under {Path(args.output_dir).resolve()} (see `selfplay runs`)", file=sys.stderr)
         return 2
     rounds = run.completed_rounds()
-    print(f"run {args.run}: {len(rounds)} round(s) complete in {run.root.resolve()}\n")
-    print(format_table([run.round_summary(k) for k in rounds]) if rounds else "(no completed round yet)")
+    record = read_json(run.root / "run.json")
+    print(f"run {args.run}: {len(rounds)} round(s) complete in {run.root.resolve()}")
+    if record.get("provenance"):
+        print(f"started under: {describe(record['provenance'])}")
+    for change in record.get("resumed_under", []):
+        print(f"  {time.strftime('%Y-%m-%d %H:%M', time.localtime(change['at']))}: continued under {'; '.join(change['changes'])}")
+    print()
+    print(format_table([run.round_manifest(k) for k in rounds]) if rounds else "(no completed round yet)")
     trend = accuracy_trend(run)
     if trend:
         print("\n" + trend)
     for k in rounds:
-        s = run.round_summary(k)
+        s = run.round_manifest(k)
         print(f"\nround {k}: {s.get('gate_reason', 'no gate decision recorded')}\n  drops {s['drops']}\n  checkpoint {s['checkpoint']}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from selfplay.html_report import write_report
+    from selfplay.reporting.html_report import write_report
 
     root = Path(args.output_dir) / args.run
     if not (root / "run.json").is_file():

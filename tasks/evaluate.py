@@ -3,17 +3,17 @@
 Every model answers the same held-out prompts (the first `prompts.eval_size`, the same every round) with the
 same seed and settings (from the sampling backend's server when `sample.backend` is `vllm` or `endpoint`, seeded
 and greedy where the temperature is 0; in-process with transformers otherwise), so a checkpoint's answers are generated once and reused by later rounds
-(`generations*.parquet`). Each comparison is judged in both orders with the judge stage's swap rule (`selfplay.judging`) and reported
+(`generations*.parquet`). Each comparison is judged in both orders with the judge stage's swap rule (`selfplay.judging.runner`) and reported
 as wins / ties / losses, a win rate counting ties as half, its 95% Wilson interval, and a length-controlled win
-rate (`selfplay.quality.win_summary`). Pathology measures of the generations (verbosity, sycophantic openers,
+rate (`selfplay.evaluation.quality.win_summary`). Pathology measures of the generations (verbosity, sycophantic openers,
 hedging, repetition, degenerate text) are recorded for their trend across rounds.
 
 Held-out accuracy: on the held-out prompts with a reference answer (`prompts.accuracy_size` of them), the new and
-the current checkpoint answer greedily, and the verifier scores each answer (`selfplay.evaluation.accuracy_summary`):
+the current checkpoint answer greedily, and the verifier scores each answer (`selfplay.evaluation.outcomes.accuracy_summary`):
 accuracy with its 95% Wilson interval, for the current checkpoint (round 0's, in round 1) and the new one. Where
 a win-rate comparison's prompt has a reference, the verifier decides it as in the judge stage (hybrid judging).
 
-The gate (`selfplay.evaluation.gate_decision`, applied by the publish task) then accepts or rejects the round: by
+The gate (`selfplay.evaluation.outcomes.gate_decision`, applied by the publish task) then accepts or rejects the round: by
 default a round is rejected when even the upper end of the interval of its win rate against the current checkpoint
 is below 0.5, or when its held-out accuracy is significantly below the current checkpoint's.
 
@@ -32,17 +32,20 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NONE
 
-from selfplay import isolate
-from selfplay.config import RunConfig
-from selfplay.evaluation import accuracy_change, accuracy_summary, accuracy_table, comparisons, evaluation_table, win_rates
-from selfplay.generation import GENERATION_COLUMNS, distinct_jobs, eval_generations_from_server
-from selfplay.isolate import isolated
-from selfplay.judging import check_error_rate, judge_stats, run_judge
-from selfplay.orchestration import gpu_slot, run_logger, stage
-from selfplay.pathologies import pathologies
-from selfplay.prompts import accuracy_prompts, prompt_set
-from selfplay.rundir import RunDir
-from selfplay.verifiers import Verifier, score_table
+from selfplay.config.run import RunConfig
+from selfplay.evaluation.outcomes import accuracy_summary, accuracy_table, comparisons, evaluation_table, win_rates
+from selfplay.evaluation.pathologies import pathologies
+from selfplay.evaluation.quality import accuracy_change
+from selfplay.generation.jobs import GENERATION_COLUMNS, EvalJob, answers_by_name, distinct_jobs
+from selfplay.generation.served import eval_generations_from_server
+from selfplay.inputs.prompts import accuracy_prompts, prompt_set
+from selfplay.judging.runner import run_judge
+from selfplay.judging.verdicts import check_error_rate, judge_stats
+from selfplay.judging.verifiers import Verifier, score_table
+from selfplay.runtime import isolate
+from selfplay.runtime.isolate import isolated
+from selfplay.runtime.rundir import RunDir
+from selfplay.runtime.stages import gpu_slot, run_logger, stage
 
 
 def find_generations(run: RunDir, model: str, upto: int, held_out: list[dict[str, str]], kind: str = "") -> pd.DataFrame | None:
@@ -75,32 +78,32 @@ def evaluate(cfg: RunConfig, k: int, previous: str, base: str | None = None) -> 
     against_base = e.vs_base and base is not None and base != previous
     checkpoint = str(run.checkpoint(k))
     # Answers already generated for the same model and prompts (an earlier round's eval) are reused.
-    old = find_generations(run, previous, k, held_out)
-    first = find_generations(run, base, k, held_out) if against_base else None
-    old_greedy = find_generations(run, previous, k, checkable, "accuracy_") if checkable else None
+    reused = {"previous": find_generations(run, previous, k, held_out),
+              "base": find_generations(run, base, k, held_out) if against_base else None,
+              "previous_greedy": find_generations(run, previous, k, checkable, "accuracy_") if checkable else None}
     sampled, greedy = (e.temperature, e.max_new_tokens), (0.0, e.accuracy_max_new_tokens or e.max_new_tokens)
-    jobs = [(checkpoint, held_out, *sampled)] + ([(previous, held_out, *sampled)] if old is None else []) \
-        + ([(base, held_out, *sampled)] if against_base and first is None else []) \
-        + ([(checkpoint, checkable, *greedy)] if checkable else []) + ([(previous, checkable, *greedy)] if checkable and old_greedy is None else [])
-    distinct, twin = distinct_jobs(jobs)  # greedy win-rate answers on the checkable prompts are the accuracy answers
+    wanted = {"new": EvalJob(checkpoint, held_out, *sampled), "previous": EvalJob(previous, held_out, *sampled)}
+    if against_base:
+        wanted["base"] = EvalJob(base, held_out, *sampled)
+    if checkable:
+        wanted |= {"new_greedy": EvalJob(checkpoint, checkable, *greedy), "previous_greedy": EvalJob(previous, checkable, *greedy)}
+    jobs = {name: job for name, job in wanted.items() if reused.get(name) is None}
+    distinct, index = distinct_jobs(jobs)  # greedy win-rate answers on the checkable prompts are the accuracy answers
     with gpu_slot(f"{cfg.name} round {k} eval generation"):
         # the sampling backend's server where there is one (vLLM, a running endpoint), else transformers in-process
         generated, generation_peak = eval_generations_from_server(cfg, k, distinct, base or previous, run.round_dir(k), log), None
         if generated is None:
-            generated, generation_peak = isolate.call("selfplay.generation:eval_generations", cfg, distinct,
+            generated, generation_peak = isolate.call("selfplay.generation.local:eval_generations", cfg, distinct,
                                                       isolated=isolated(cfg.isolation), scratch=run.round_dir(k),
                                                       label=f"round {k} eval generation", log=log)
-    generated = [generated[i].copy() for i in twin]
+    answers = {name: table for name, table in reused.items() if table is not None} | answers_by_name(generated, index)
     verifier = Verifier(cfg.judge.verifier)
-    scored = lambda table: score_table(verifier, table)  # noqa: E731
     # Held-out accuracy is checked even where the verifier does not judge (kind none: the LLM judges every pair).
     checker = verifier if cfg.judge.verifier.kind != "none" else Verifier(cfg.judge.verifier.model_copy(update={"kind": "auto"}))
-    checked = lambda table: score_table(checker, table)  # noqa: E731
-    new = scored(generated.pop(0))
-    old = scored(generated.pop(0) if old is None else old)
-    first = scored(generated.pop(0) if against_base and first is None else first) if against_base else None
-    new_greedy = checked(generated.pop(0)) if checkable else None
-    old_greedy = checked(generated.pop(0) if old_greedy is None else old_greedy) if checkable else None
+    new, old = score_table(verifier, answers["new"]), score_table(verifier, answers["previous"])
+    first = score_table(verifier, answers["base"]) if against_base else None
+    new_greedy = score_table(checker, answers["new_greedy"]) if checkable else None
+    old_greedy = score_table(checker, answers["previous_greedy"]) if checkable else None
 
     batches = [comparisons(new, old)] + ([comparisons(new, first)] if against_base else [])
     judged, judge_peak = run_judge(cfg, previous, batches, run.round_dir(k), f"round {k} eval judge", log,

@@ -12,13 +12,13 @@ Reasons, in the order they are checked:
   tie           the swap-averaged margin is under `judge.margin`, or a discrete judge said tie both times
   inconsistent  the two orders disagree (discrete verdict modes)
   not_selected  a tournament or knockout pair other than the prompt's best versus worst
-The first six need no judge and are screened before judging (`selfplay.pairs.screen`), so no judge call is spent on
-them. The selection itself is `selfplay.pairs.select_pairs`.
+The first six need no judge and are screened before judging (`selfplay.pairs.build.screen`), so no judge call is spent on
+them. The selection itself is `selfplay.pairs.selection.select_pairs`.
 
 With `judge.pairing: tournament` every judged pair scores its two completions (Copeland: +1 a win, -1 a loss;
 or a Bradley-Terry fit to the swap-averaged preferences), and each prompt contributes one pair: its best
 completion against its worst. A knockout (`judge.pairing: knockout`) finds them with a bracket instead
-(`selfplay.knockout.knockout`), and trains on their own match where its verdict has a winner.
+(`selfplay.pairs.knockout.knockout`), and trains on their own match where its verdict has a winner.
 
 Output `round_<k>/filter/pairs.parquet`: every judged pair with `kept`, `drop_reason`, `chosen`, `rejected`.
 """
@@ -29,11 +29,11 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NONE
 
-from selfplay.config import RunConfig
-from selfplay.orchestration import run_logger, stage
-from selfplay.pairs import drop_counts, select_pairs
-from selfplay.quality import data_quality
-from selfplay.rundir import RunDir
+from selfplay.config.run import RunConfig
+from selfplay.evaluation.quality import data_quality
+from selfplay.pairs.selection import drop_counts, select_pairs
+from selfplay.runtime.rundir import RunDir
+from selfplay.runtime.stages import run_logger, stage
 
 
 @task(name="filter", cache_policy=NONE)

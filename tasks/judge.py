@@ -1,9 +1,9 @@
-"""Stage 2, judge: every candidate pair asked in both orders, so position bias cancels (`selfplay.judging`).
+"""Stage 2, judge: every candidate pair asked in both orders, so position bias cancels (`selfplay.judging.runner`).
 
 The judge is hybrid: where a prompt has a reference answer, the verifier scores each of its samples once
-(`selfplay.verifiers`) and decides between two that score differently; the LLM judge decides the rest.
+(`selfplay.judging.verifiers`) and decides between two that score differently; the LLM judge decides the rest.
 
-The round's samples become candidate pairs of one prompt's completions (`selfplay.pairs.build_pairs`). Pairs the
+The round's samples become candidate pairs of one prompt's completions (`selfplay.pairs.build.build_pairs`). Pairs the
 filter would drop whatever the verdict (empty, truncated, near-duplicate, lopsided, over budget) are screened out
 before judging, so no judge call is spent on them; they stay in the table, unjudged. Each remaining pair (r1, r2)
 is one comparison for the judge, r1 as response_a; a verdict "first" prefers r1.
@@ -21,13 +21,14 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NONE
 
-from selfplay.config import RunConfig
-from selfplay.judging import check_error_rate, llm_count, run_judge
-from selfplay.orchestration import Progress, run_logger, stage
-from selfplay.knockout import KnockoutPhases, max_matches
-from selfplay.pairs import build_pairs, judged_tables, pair_comparisons
-from selfplay.rundir import RunDir
-from selfplay.verifiers import Verifier, score_table, verifier_stats
+from selfplay.config.run import RunConfig
+from selfplay.judging.runner import run_judge
+from selfplay.judging.verdicts import check_error_rate, llm_count
+from selfplay.judging.verifiers import Verifier, score_table, verifier_stats
+from selfplay.pairs.build import build_pairs, judged_tables, pair_comparisons
+from selfplay.pairs.knockout import KnockoutPhases, max_matches
+from selfplay.runtime.rundir import RunDir
+from selfplay.runtime.stages import Progress, run_logger, stage
 
 
 @task(name="judge", cache_policy=NONE)

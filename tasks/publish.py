@@ -1,6 +1,6 @@
 """Stage 6, publish: the round's conclusion. The gate accepts or rejects the new checkpoint, the pathology trend is
 checked over every round so far, and the round's summary, judged pairs, report and checkpoint link become Prefect
-artifacts (`selfplay.conclusion`).
+artifacts (`selfplay.reporting.conclusion`).
 
 Output `round_<k>/manifest.json`: the round's summary, written last, so its existence means the round completed.
 """
@@ -12,10 +12,11 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE
 
-from selfplay.conclusion import conclude_round
-from selfplay.config import RunConfig
-from selfplay.orchestration import publish_round, run_logger
-from selfplay.rundir import RunDir
+from selfplay.config.run import RunConfig
+from selfplay.reporting.artifacts import publish_round
+from selfplay.reporting.conclusion import conclude_round
+from selfplay.runtime.rundir import RunDir
+from selfplay.runtime.stages import run_logger
 
 
 @task(name="publish", cache_policy=NONE)
@@ -23,7 +24,7 @@ def publish(cfg: RunConfig, k: int) -> dict[str, Any]:
     """Decide round k's gate, publish its artifacts and write its manifest; return its summary."""
     run = RunDir(cfg.run_dir)
     if run.round_done(k):
-        return run.round_summary(k)
+        return run.round_manifest(k)
     summary, report, pairs = conclude_round(run, k, cfg.name, cfg.gate)
     publish_round(cfg.name, k, summary, pairs, report, run.checkpoint(k))
     run.finish_round(k, summary)

@@ -1,4 +1,4 @@
-"""Stage 1, sample: K completions per prompt from the round's policy, batched, seeded (`selfplay.generation`).
+"""Stage 1, sample: K completions per prompt from the round's policy, batched, seeded (`selfplay.generation.local`).
 
 Output `round_<k>/sample/samples.parquet`, one row per completion: prompt_id, prompt, reference and verifier (the
 prompt's reference answer and the verifier its row names, null where it has none), sample_idx, response,
@@ -14,13 +14,13 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NONE
 
-from selfplay import isolate
-from selfplay.config import RunConfig
-from selfplay.generation import sample_from_server
-from selfplay.isolate import isolated
-from selfplay.orchestration import Progress, gpu_slot, run_logger, stage
-from selfplay.prompts import draw_prompts, prompt_set
-from selfplay.rundir import RunDir
+from selfplay.config.run import RunConfig
+from selfplay.generation.served import sample_from_server
+from selfplay.inputs.prompts import draw_prompts, prompt_set
+from selfplay.runtime import isolate
+from selfplay.runtime.isolate import isolated
+from selfplay.runtime.rundir import RunDir
+from selfplay.runtime.stages import Progress, gpu_slot, run_logger, stage
 
 COLUMNS = ["prompt_id", "prompt", "reference", "verifier", "sample_idx", "response", "prompt_tokens", "n_tokens", "truncated"]
 
@@ -48,7 +48,7 @@ def sample(cfg: RunConfig, k: int, policy: str) -> None:
     peak = None
     if s.backend == "transformers":
         with gpu_slot(f"{cfg.name} round {k} sample"):
-            rows, peak = isolate.call("selfplay.generation:sample_local", policy, [p["prompt"] for p in prompts], s, s.seed + k,
+            rows, peak = isolate.call("selfplay.generation.local:sample_local", policy, [p["prompt"] for p in prompts], s, s.seed + k,
                                       isolated=isolated(cfg.isolation), scratch=run.round_dir(k), label=f"round {k} sample",
                                       log=log, progress=progress, cpu_dtype=cfg.policy.cpu_dtype)
     else:

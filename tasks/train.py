@@ -1,4 +1,4 @@
-"""Stage 4, train: DPO with TRL + a PEFT LoRA adapter on the round's policy, then merge and save (`selfplay.training`).
+"""Stage 4, train: DPO with TRL + a PEFT LoRA adapter on the round's policy, then merge and save (`selfplay.training.dpo`).
 
 Reads `round_<k>/filter/pairs.parquet`; refuses to train on fewer than `train.min_pairs` kept pairs, saying why
 and what to change. Training runs in this process, in a process of its own on a GPU (`isolation`), or under
@@ -15,12 +15,12 @@ import time
 from prefect import task
 from prefect.cache_policies import NONE
 
-from selfplay import isolate
-from selfplay.config import RunConfig
-from selfplay.isolate import accelerate_command, isolated
-from selfplay.orchestration import Progress, gpu_slot, run_logger, stage
-from selfplay.rundir import RunDir
-from selfplay.training import check_enough_pairs
+from selfplay.config.run import RunConfig
+from selfplay.runtime import isolate
+from selfplay.runtime.isolate import accelerate_command, isolated
+from selfplay.runtime.rundir import RunDir
+from selfplay.runtime.stages import Progress, gpu_slot, run_logger, stage
+from selfplay.training.dpo import check_enough_pairs
 
 
 @task(name="train", cache_policy=NONE)
@@ -38,7 +38,7 @@ def train(cfg: RunConfig, k: int, policy: str) -> None:
     command = accelerate_command(launcher.config_file, launcher.num_processes, launcher.args) if launcher.kind == "accelerate" else None
     with run.stage_output(k, "train", {"policy": policy, "reference": policy}) as (out, manifest), gpu_slot(f"{cfg.name} round {k} train"):
         metrics, peak = isolate.call(
-            "selfplay.training:train_dpo", cfg, k, policy, str(run.stage_dir(k, "filter") / "pairs.parquet"), str(out),
+            "selfplay.training.dpo:train_dpo", cfg, k, policy, str(run.stage_dir(k, "filter") / "pairs.parquet"), str(out),
             isolated=command is not None or isolated(cfg.isolation), launcher=command, scratch=out, label=f"round {k} train",
             log=log, progress=bar.update)
         metrics.update(seconds=time.time() - started, peak_gpu_gb=peak)

@@ -20,9 +20,9 @@ import sys
 import time
 from collections.abc import Iterator
 
-from selfplay.config import EndpointConfig
-from selfplay.judges import JudgeCall
-from selfplay.judges.openai import OpenAIJudge
+from selfplay.config.backends import EndpointConfig
+from selfplay.judging.calls import JudgeCall
+from selfplay.judging.endpoint import OpenAIJudge
 from tests.conftest import free_port, wait_http
 
 

@@ -124,7 +124,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 def tiny_config(tiny: Path, output_dir: Path, **over) -> dict:
     """A run config for the tiny model: small, fast, and keeping enough pairs from a random model."""
-    from selfplay.config import deep_merge
+    from selfplay.config.run import deep_merge
 
     base = {
         "name": "tiny",

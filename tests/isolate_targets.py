@@ -1,4 +1,4 @@
-"""Targets that tests run through `selfplay.isolate.call`, importable by the child process (`tests.isolate_targets`)."""
+"""Targets that tests run through `selfplay.runtime.isolate.call`, importable by the child process (`tests.isolate_targets`)."""
 
 from __future__ import annotations
 

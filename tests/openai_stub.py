@@ -29,7 +29,7 @@ CLI use, as a stand-in for a ``vllm serve`` subprocess::
     python -m tests.openai_stub --port PORT [--host 127.0.0.1] [--model NAME]
         [--startup-delay S] [--fail-start] [--never-healthy] [--latency S]
 
-Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health,
+Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health, GET /version (404 unless it plays vLLM),
 POST /v1/load_lora_adapter and POST /v1/unload_lora_adapter (recorded, answer 200 "ok").
 ``fixed={path: Reply}`` makes /v1/models or a LoRA route answer a recorded reply.
 
@@ -327,6 +327,11 @@ def build_app(state: _State):
             return PlainTextResponse("starting", status_code=503)
         return PlainTextResponse("ok")
 
+    async def version(request):
+        if state.vllm is None:  # not every OpenAI-compatible server has the route
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        return JSONResponse({"version": state.vllm.version})
+
     async def lora(request):
         if (early := await preempted(request)) is not None:
             return _respond(early)
@@ -344,6 +349,7 @@ def build_app(state: _State):
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
+            Route("/version", version, methods=["GET"]),
             Route("/v1/load_lora_adapter", lora, methods=["POST"]),
             Route("/v1/unload_lora_adapter", lora, methods=["POST"]),
         ]

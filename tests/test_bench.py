@@ -10,7 +10,7 @@ import sys
 import pandas as pd
 import pytest
 
-from selfplay.rundir import RunDir
+from selfplay.runtime.rundir import RunDir
 from tests.conftest import REPO
 
 
@@ -18,7 +18,7 @@ from tests.conftest import REPO
 @pytest.mark.timeout(1200)
 def test_improvement_benchmark_tiny_runs_the_verifier_judged_pipeline(prefect_server, tmp_path):
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
-    proc = subprocess.run([sys.executable, "-m", "selfplay.bench", "improvement", "--tiny", "--output-dir", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "tools.bench", "improvement", "--tiny", "--output-dir", str(tmp_path),
                            "--json", str(tmp_path / "rows.json")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1100)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -40,19 +40,19 @@ def test_improvement_benchmark_tiny_runs_the_verifier_judged_pipeline(prefect_se
     ev = run.manifest(1, "evaluate")["metrics"]
     assert len(accuracy) == 8 and ev["accuracy"]["correct"] == int(accuracy["correct_new"].sum())
     assert ev["accuracy_previous"]["correct"] == int(accuracy["correct_previous"].sum())
-    row = run.round_summary(1)
+    row = run.round_manifest(1)
     assert row["accuracy"] == ev["accuracy"]["accuracy"] and row["accuracy_previous"] == ev["accuracy_previous"]["accuracy"]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_speed_benchmark_tiny_prints_its_figures_beside_the_plain_loop(prefect_server, tmp_path):
-    """`python -m selfplay.bench speed --tiny`: one round judged over HTTP by the checking judge, then the plain
+    """`python -m tools.bench speed --tiny`: one round judged over HTTP by the checking judge, then the plain
     loop on the same prompts; every figure the benchmark promises is printed and agrees with the run's files."""
     import json
 
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
-    proc = subprocess.run([sys.executable, "-m", "selfplay.bench", "speed", "--tiny", "--output-dir", str(tmp_path), "--name", "speed",
+    proc = subprocess.run([sys.executable, "-m", "tools.bench", "speed", "--tiny", "--output-dir", str(tmp_path), "--name", "speed",
                            "--set", "judge.pairing=tournament", "--json", str(tmp_path / "speed.json")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1100)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -63,7 +63,7 @@ def test_speed_benchmark_tiny_prints_its_figures_beside_the_plain_loop(prefect_s
     assert judge["calls"] == ours["judge_calls"] > 0 and judge["sources"]["verifier"] == 0  # every pair over HTTP
     calls = pd.read_parquet(run.stage_dir(1, "judge") / "calls.parquet")
     assert calls["error"].isna().all() and (calls["mode"] == "logprobs").all()
-    assert ours["kept"] == run.round_summary(1)["kept"] > 0 and plain["kept"] > 0 and plain["train_steps"] >= 1
+    assert ours["kept"] == run.round_manifest(1)["kept"] > 0 and plain["kept"] > 0 and plain["train_steps"] >= 1
     assert set(ours["stages"]) >= {"sample", "judge", "filter", "train", "evaluate"}
     # held-out accuracy is checked although the verifier judges nothing (kind none)
     accuracy = pd.read_parquet(run.stage_dir(1, "evaluate") / "accuracy.parquet")
@@ -93,7 +93,7 @@ def test_speed_benchmark_tiny_with_a_knockout_asks_fewer_calls_and_trains_best_a
     import json
 
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
-    proc = subprocess.run([sys.executable, "-m", "selfplay.bench", "speed", "--tiny", "--no-plain", "--output-dir", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "tools.bench", "speed", "--tiny", "--no-plain", "--output-dir", str(tmp_path),
                            "--name", "ko", "--set", "judge.pairing=knockout", "--set", "sample.num_samples=6",
                            "--json", str(tmp_path / "ko.json")], cwd=REPO, env=env, capture_output=True, text=True, timeout=1100)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -107,15 +107,15 @@ def test_speed_benchmark_tiny_with_a_knockout_asks_fewer_calls_and_trains_best_a
     assert len(calls) == 2 * len(asked)
     assert set(judgments["screened"].dropna()) <= {"not_matched", "empty", "too_similar"} and (judgments["screened"] == "not_matched").any()
     pairs = pd.read_parquet(run.stage_dir(1, "filter") / "pairs.parquet")
-    assert pairs.groupby("prompt_id")["kept"].sum().max() == 1 and pairs["kept"].sum() == run.round_summary(1)["kept"]
+    assert pairs.groupby("prompt_id")["kept"].sum().max() == 1 and pairs["kept"].sum() == run.round_manifest(1)["kept"]
     assert "a knockout over 8 prompts: at most 64 of 120 candidate pairs asked" in proc.stdout + proc.stderr  # 8 x (3*6//2 - 1) of 8 x 15
 
 
 def test_knockout_benchmark_prints_calls_and_how_often_each_pairing_finds_the_true_best_and_worst(tmp_path):
-    """`python -m selfplay.bench knockout`: simulated judges of known strengths, then a recorded table replayed."""
+    """`python -m tools.bench knockout`: simulated judges of known strengths, then a recorded table replayed."""
     import json
 
-    from selfplay.bench import main, simulated_judgments
+    from tools.bench import main, simulated_judgments
 
     table, _ = simulated_judgments(10, 8, 0.5, seed=1)
     table.to_parquet(tmp_path / "judgments.parquet", index=False)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from selfplay.rundir import RunDir
+from selfplay.runtime.rundir import RunDir
 from tests.conftest import REPO
 
 
@@ -59,8 +59,8 @@ def test_make_run_on_bundled_model(tmp_path):
     assert 0 < train["shared_prompt"]["positions"] < train["shared_prompt"]["unshared_positions"]
 
     # The checkpoint is a loadable model that still speaks.
-    from selfplay.models import load_causal_lm, load_tokenizer
-    from selfplay.generation import generate
+    from selfplay.generation.local import generate
+    from selfplay.inputs.models import load_causal_lm, load_tokenizer
 
     ckpt = run.checkpoint(1)
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "tokenizer.json").is_file()

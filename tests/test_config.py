@@ -1,4 +1,4 @@
-"""Fast tier: run configuration (selfplay/config.py): recipes, --set overrides, error messages, resume checks.
+"""Fast tier: run configuration (selfplay/config/run.py): recipes, --set overrides, error messages, resume checks.
 
 Everything here is pure apart from reading small YAML files under tmp_path and the shipped recipes; the
 check_passthrough tests import trl/peft once (a few seconds) to compare against their real config classes.
@@ -11,22 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from selfplay.config import (
-    ConfigError,
-    EndpointJudgeConfig,
-    RunConfig,
-    TrainConfig,
-    TransformersJudgeConfig,
-    TransformersSampleConfig,
-    VllmJudgeConfig,
-    check_passthrough,
-    fingerprint,
-    flatten,
-    load_config,
-    parse_overrides,
-    result_differences,
-    result_fields,
-)
+from selfplay.config.backends import EndpointJudgeConfig, TransformersJudgeConfig, TransformersSampleConfig, VllmJudgeConfig
+from selfplay.config.run import ConfigError, RunConfig, TrainConfig, check_passthrough, fingerprint, flatten, load_config, parse_overrides, result_differences, result_fields
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "deployments" / "recipes").glob("*.yaml"))
 JUDGES = sorted((Path(__file__).resolve().parents[1] / "deployments" / "recipes" / "judges").glob("*.yaml"))
@@ -308,7 +294,7 @@ def test_a_change_of_backend_is_a_result_difference_and_only_shared_settings_are
 
 
 # Which settings a resume may change, as they were before each field declared it (the list NON_RESULT_FIELDS
-# that selfplay/config.py kept by hand): the fields marked operational must stay exactly these.
+# that selfplay/config/run.py kept by hand): the fields marked operational must stay exactly these.
 OPERATIONAL_BEFORE = {
     "name", "output_dir", "rounds", "isolation", "cluster_gpu_limit", "train.min_pairs", "train.launcher.args",
     "train.share_prompt",  # the same log-probabilities and gradients, within rounding
@@ -364,7 +350,7 @@ def test_the_run_form_shows_one_backend_per_section_chosen_by_its_name():
 def test_the_judges_old_backend_names_load_as_the_new_ones(tmp_path, caplog):
     recipe = tmp_path / "old.yaml"
     recipe.write_text("judge:\n  backend: local\n  batch_size: 16\n")
-    with caplog.at_level("WARNING", logger="selfplay.config"):
+    with caplog.at_level("WARNING", logger="selfplay.config.backends"):
         cfg = load_config(recipe)
     assert isinstance(cfg.judge, TransformersJudgeConfig) and cfg.judge.batch_size == 16
     assert "judge.backend 'local' is now spelled 'transformers'" in caplog.text

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from selfplay.rundir import RunDir, read_json
+from selfplay.runtime.rundir import RunDir, read_json
 from tests.conftest import REPO, stop, tiny_config
 
 BIN = Path(sys.executable).parent
@@ -103,7 +103,7 @@ def test_manual_run_with_custom_parameters_through_a_worker(deployed, tiny_model
     assert set(by_key) >= {"selfplay-round-summary", "selfplay-judged-pairs", "selfplay-round-report", "selfplay-checkpoint"}
     data = lambda a: a.data if isinstance(a.data, (list, dict)) else json.loads(a.data)  # noqa: E731
     summary = data(by_key["selfplay-round-summary"])[0]
-    assert summary["kept"] == run.round_summary(1)["kept"] and summary["win_rate"] == run.round_summary(1)["win_rate"]
+    assert summary["kept"] == run.round_manifest(1)["kept"] and summary["win_rate"] == run.round_manifest(1)["win_rate"]
     pairs = pd.read_parquet(run.stage_dir(1, "filter") / "pairs.parquet")
     rows = data(by_key["selfplay-judged-pairs"])
     assert len(rows) == min(100, len(pairs)) and sum(r["kept"] for r in rows) == int(pairs["kept"].sum())
@@ -149,8 +149,8 @@ def test_two_nightly_runs_continue_one_lineage(prefect_server, tiny_model, tmp_p
 
 
 def test_a_crashed_lineage_run_is_finished_first(prefect_server, tiny_model, tmp_path):
-    from flows.self_play import continue_lineage
-    from selfplay.config import build_config
+    from selfplay.config.run import build_config
+    from selfplay.orchestration.lineage import continue_lineage
 
     recipe, cfg = tiny_recipe(tiny_model, tmp_path, rounds=1)
     night = RunDir(Path(cfg["output_dir"]) / "night")
@@ -187,8 +187,8 @@ def test_retrying_a_failed_run_resumes_from_its_completed_stages(deployed, tiny_
 
 
 def test_retrying_a_lineage_run_does_not_add_rounds(tiny_model, tmp_path):
-    from flows.self_play import continue_lineage
-    from selfplay.config import build_config
+    from selfplay.config.run import build_config
+    from selfplay.orchestration.lineage import continue_lineage
 
     cfg = build_config(tiny_config(tiny_model, tmp_path / "runs", rounds=1))
     tonight = continue_lineage(cfg, "night", 1, invocation="flow-run-a")

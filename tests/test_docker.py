@@ -237,7 +237,7 @@ def check_compose(cfg: dict, compose_dir: Path) -> None:
     assert flag_value(words, "--model") == overlay["endpoint"]["model"]
     served = flag_value(words, "--served-model-name")
     assert served in (None, overlay["endpoint"]["model"])
-    from selfplay.judges.openai import TOP_LOGPROBS
+    from selfplay.judging.endpoint import TOP_LOGPROBS
 
     assert int(flag_value(words, "--max-logprobs") or 0) >= TOP_LOGPROBS
     assert 0 < float(flag_value(words, "--gpu-memory-utilization")) < 0.9, "leave GPU memory for training"
@@ -262,8 +262,8 @@ def test_compose_file_as_written():
 
 def test_one_vllm_version_everywhere():
     """The compose file's image, the README, the recipes and the Dockerfile name the vLLM the project is written
-    against (selfplay.server_spec.VLLM_VERSION), and no other."""
-    from selfplay.server_spec import VLLM_IMAGE, VLLM_VERSION
+    against (selfplay.config.server.VLLM_VERSION), and no other."""
+    from selfplay.config.server import VLLM_IMAGE, VLLM_VERSION
 
     judge = yaml.safe_load(interpolate_defaults(COMPOSE.read_text()))["services"]["vllm-judge"]
     assert judge["image"] == VLLM_IMAGE

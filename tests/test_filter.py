@@ -1,4 +1,4 @@
-"""Fast tier: the filter stage's pure logic (selfplay/pairs.py) and the sampler's truncation flags (selfplay/generation.py).
+"""Fast tier: the filter stage's pure logic (selfplay/pairs/build.py) and the sampler's truncation flags (selfplay/generation/local.py).
 
 similarity / screen decide which pairs are worth a judge call; select_pairs / drop_counts decide which judged pairs
 are kept and why the rest were dropped. completion_lengths produces the `truncated` flag the screen reads.
@@ -13,9 +13,10 @@ import string
 
 import pandas as pd
 
-from selfplay.config import FilterConfig
-from selfplay.generation import completion_lengths
-from selfplay.pairs import REASONS, drop_counts, drop_reason, screen, select_pairs, similarity
+from selfplay.config.run import FilterConfig
+from selfplay.generation.decoding import completion_lengths
+from selfplay.pairs.build import REASONS, drop_reason, screen, similarity
+from selfplay.pairs.selection import drop_counts, select_pairs
 
 
 def random_text(rng: random.Random, n: int) -> str:

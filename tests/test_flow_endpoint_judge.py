@@ -13,8 +13,8 @@ import re
 import pandas as pd
 import pytest
 
-from selfplay.config import build_config
-from selfplay.rundir import RunDir
+from selfplay.config.run import build_config
+from selfplay.runtime.rundir import RunDir
 from tests.conftest import run_self_play, tiny_config
 from tests.openai_stub import Reply, ScriptedOpenAI, chat_completion
 

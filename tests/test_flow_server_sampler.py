@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import psutil
 
-from selfplay.rundir import RunDir
+from selfplay.runtime.rundir import RunDir
 from tests.conftest import REPO, run_self_play, tiny_config
 from tests.openai_stub import Reply, ScriptedOpenAI, chat_completion
 from tests.vllm_stub import Vllm

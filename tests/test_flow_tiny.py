@@ -16,11 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from selfplay.evaluation import outcomes
-from selfplay.config import build_config
-from selfplay.models import weights_digest
-from selfplay.pairs import COLUMNS as JUDGMENT_COLUMNS
-from selfplay.rundir import RunDir
+from selfplay.config.run import build_config
+from selfplay.evaluation.outcomes import outcomes
+from selfplay.inputs.models import weights_digest
+from selfplay.pairs.build import COLUMNS as JUDGMENT_COLUMNS
+from selfplay.runtime.rundir import RunDir
 from tasks import sample as sample_stage
 from tests.conftest import run_self_play, tiny_config
 
@@ -167,7 +167,7 @@ def test_evaluate_stage_judges_new_against_previous(tiny_run):
 
 def test_held_out_accuracy_is_measured_on_every_checkable_prompt_and_reused(tiny_run):
     cfg, run, summaries = tiny_run
-    from selfplay.prompts import accuracy_prompts, prompt_set
+    from selfplay.inputs.prompts import accuracy_prompts, prompt_set
 
     checkable = accuracy_prompts(cfg.prompts, prompt_set(cfg.prompts, "eval"))
     assert len(checkable) == 21  # the bundled eval set's 16 arithmetic items and 5 coding tasks with tests
@@ -183,7 +183,7 @@ def test_held_out_accuracy_is_measured_on_every_checkable_prompt_and_reused(tiny
     two = pd.read_parquet(run.stage_dir(2, "evaluate") / "accuracy_generations_previous.parquet")
     assert one["response"].tolist() == two["response"].tolist()
     assert run.manifest(2, "evaluate")["metrics"]["accuracy_previous"] == run.manifest(1, "evaluate")["metrics"]["accuracy"]
-    from selfplay.report import format_table
+    from selfplay.reporting.report import format_table
 
     table = format_table(summaries)
     assert table.splitlines()[2].split()[0] == "0" and "held-out acc" in table  # the starting model's row first

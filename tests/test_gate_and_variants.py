@@ -11,14 +11,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from selfplay.config import FilterConfig, GateConfig, build_config
-from selfplay.evaluation import gate_decision
-from selfplay.pairs import screen, select_pairs
-from selfplay.prompts import load_prompts
-from selfplay.quality import win_summary
-from selfplay.report import plot_curves
-from selfplay.rundir import RunDir
-from selfplay.training import dpo_arguments, training_diagnoses
+from selfplay.config.run import FilterConfig, GateConfig, build_config
+from selfplay.evaluation.outcomes import gate_decision
+from selfplay.evaluation.quality import win_summary
+from selfplay.inputs.prompts import load_prompts
+from selfplay.pairs.build import screen
+from selfplay.pairs.selection import select_pairs
+from selfplay.reporting.report import plot_curves
+from selfplay.runtime.rundir import RunDir
+from selfplay.training.dpo import dpo_arguments, training_diagnoses
 from tests.conftest import run_self_play, tiny_config
 from tests.openai_stub import Reply, ScriptedOpenAI, chat_completion
 
@@ -65,7 +66,7 @@ def test_rejected_rounds_stay_on_disk_and_the_lineage_keeps_the_previous_checkpo
     assert [s["round"] for s in summaries] == [1, 2]  # stopped early after two rejections in a row
     assert all(s["accepted"] is False and s["gate"] == "rejected" for s in summaries)
     assert run.checkpoint(1).is_dir() and run.round_done(1)  # kept for inspection
-    assert run.round_summary(1)["accepted"] is False and "lies wholly below 0.9" in run.round_summary(1)["gate_reason"]
+    assert run.round_manifest(1)["accepted"] is False and "lies wholly below 0.9" in run.round_manifest(1)["gate_reason"]
     assert run.manifest(1, "evaluate")["metrics"]["ties"] == cfg["prompts"]["eval_size"]
     # Round 2 started again from the base model, not from the rejected round 1.
     base = str(Path(tiny_model).resolve())

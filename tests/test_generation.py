@@ -9,8 +9,9 @@ import logging
 import pytest
 import torch
 
-from selfplay.generation import fast_decoder_refusal, generate, sample_top, stop_token_ids
-from selfplay.models import load_causal_lm, load_tokenizer
+from selfplay.generation.decoding import fast_decoder_refusal, sample_top, stop_token_ids
+from selfplay.generation.local import generate
+from selfplay.inputs.models import load_causal_lm, load_tokenizer
 
 PROMPTS = ["Hi", "Name a colour.", "What is 12 + 30? Answer with the number.", "Write one word about the sea."]
 
@@ -28,7 +29,7 @@ def plain_generate(model, tok, prompts, k, seed, **sampling):
 
 @pytest.fixture(scope="module")
 def bundled():
-    from selfplay.models import resolve_model
+    from selfplay.inputs.models import resolve_model
 
     path = resolve_model("bundled")
     return load_causal_lm(path), load_tokenizer(path)

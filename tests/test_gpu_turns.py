@@ -1,4 +1,4 @@
-"""GPU turns that a dead holder cannot keep (`selfplay.devicelock`, `orchestration.gpu_slot`).
+"""GPU turns that a dead holder cannot keep (`selfplay.runtime.devicelock`, `orchestration.gpu_slot`).
 
 Real processes hold the lock and are killed with SIGKILL; a real Prefect server holds the optional cluster-wide
 limit; two real `selfplay run`s on one machine take turns.
@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selfplay import devicelock
+from selfplay.runtime import devicelock
 from tests.conftest import tiny_config
+from tools import faults
 
 SELFPLAY = str(Path(sys.executable).parent / "selfplay")
 
@@ -31,9 +32,9 @@ def hold_in_child(lock_dir: Path, what: str, ready: Path, devices: list[str] | N
     """A process that takes a GPU turn (devices, or gpu_slot with an optional cluster limit), says so, and sleeps."""
     code = textwrap.dedent(f"""
         import pathlib, time
-        from selfplay import devicelock, orchestration
-        orchestration.use_cluster_limit({cluster!r})
-        turn = devicelock.device_turn({what!r}, devices={devices!r}) if {devices!r} else orchestration.gpu_slot({what!r})
+        from selfplay.runtime import devicelock, stages
+        stages.use_cluster_limit({cluster!r})
+        turn = devicelock.device_turn({what!r}, devices={devices!r}) if {devices!r} else stages.gpu_slot({what!r})
         with turn:
             pathlib.Path({str(ready)!r}).write_text("held")
             time.sleep(600)
@@ -127,10 +128,10 @@ def test_cluster_limit_frees_a_sigkilled_holders_slot_within_its_lease(prefect_s
     a holder killed with SIGKILL gives its slot back when its lease runs out, and the next stage proceeds."""
     from prefect.concurrency.sync import concurrency
 
-    from selfplay import orchestration
+    from selfplay.runtime import stages
 
     name = f"gpu-{uuid.uuid4().hex[:8]}"
-    orchestration.ensure_gpu_limit(name=name)
+    stages.ensure_gpu_limit(name=name)
     holder = hold_in_child(tmp_path / "machine-a", "a round 1 train", tmp_path / "ready", cluster=name,
                            env={"PREFECT_API_URL": prefect_server})
     with pytest.raises(TimeoutError):  # the slot is really held
@@ -140,10 +141,10 @@ def test_cluster_limit_frees_a_sigkilled_holders_slot_within_its_lease(prefect_s
     holder.wait()
     killed = time.monotonic()
     monkeypatch.setenv("SELFPLAY_LOCK_DIR", str(tmp_path / "machine-b"))
-    monkeypatch.setattr(orchestration, "_cluster_limit", name)
-    with orchestration.gpu_slot("b round 1 sample"):
+    monkeypatch.setattr(stages, "_cluster_limit", name)
+    with stages.gpu_slot("b round 1 sample"):
         waited = time.monotonic() - killed
-    lease = orchestration.GPU_LEASE_S
+    lease = stages.GPU_LEASE_S
     assert waited <= lease + 10, f"waited {waited:.0f} s for a dead holder's slot (lease {lease:.0f} s)"
 
 
@@ -153,7 +154,7 @@ def test_two_runs_on_one_machine_take_turns_and_both_finish(tiny_model, tmp_path
     one PREFECT_HOME): their GPU stages never overlap, and both complete."""
     trace = tmp_path / "turns.log"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "SELFPLAY_LOCK_DIR": str(tmp_path / "locks"),
-           "SELFPLAY_TRACE_TURNS": str(trace), "PYTHONUNBUFFERED": "1",
+           "SELFPLAY_HOOKS": faults.HOOKS, "SELFPLAY_TRACE_TURNS": str(trace), "PYTHONUNBUFFERED": "1",
            "SELFPLAY_CACHE": str(tmp_path / "cache")}  # no migrated database to copy: both servers would create one
     env.pop("PREFECT_API_URL", None)
     procs = []

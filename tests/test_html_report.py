@@ -1,4 +1,4 @@
-"""The standalone HTML report (selfplay/html_report.py) on a synthetic run directory laid out by RunDir.stage_output.
+"""The standalone HTML report (selfplay/reporting/html_report.py) on a synthetic run directory laid out by RunDir.stage_output.
 
 The run has four rounds: 1 accepted with everything; 2 rejected by the gate, with warnings, pathology figures, a CI
 and a response carrying <script>; 3 complete but without evaluate and without a training log; 4 incomplete (sample
@@ -22,9 +22,9 @@ import markupsafe
 import pandas as pd
 import pytest
 
-from selfplay.html_report import write_report
-from selfplay.report import round_summary
-from selfplay.rundir import RunDir, write_json_atomic
+from selfplay.reporting.html_report import write_report
+from selfplay.reporting.report import summarize_round
+from selfplay.runtime.rundir import RunDir, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -120,12 +120,12 @@ def run_root(tmp_path) -> Path:
                                           "created_at": time.time() - 3600})
     # round 1: everything, accepted
     write_stages(run, 1)
-    run.finish_round(1, {**round_summary(run, 1), "accepted": True, "gate_reason": "win rate 0.625 >= 0.5",
+    run.finish_round(1, {**summarize_round(run, 1), "accepted": True, "gate_reason": "win rate 0.625 >= 0.5",
                          "win_rate_ci": [0.41, 0.81], "lc_win_rate": 0.6, "win_rate_vs_base": 0.625})
     # round 2: rejected by the gate, with warnings, pathologies and a hostile response
     write_stages(run, 2, special=SCRIPT, win_rate=0.375)
     run.finish_round(2, {
-        **round_summary(run, 2), "accepted": False, "gate_reason": GATE_REASON, "win_rate_ci": [0.21, 0.56],
+        **summarize_round(run, 2), "accepted": False, "gate_reason": GATE_REASON, "win_rate_ci": [0.21, 0.56],
         "lc_win_rate": 0.4, "win_rate_vs_base": 0.52,
         "quality_warnings": [{"check": "length_bias", "value": 0.71, "threshold": 0.65,
                               "message": "chosen responses are longer in 71% of kept pairs <b>"}],
@@ -231,7 +231,7 @@ def test_untrusted_text_is_escaped_wherever_it_appears(tmp_path):
     write_stages(run, 1, special=SCRIPT)
     pairs = pairs_table(1, SCRIPT).assign(prompt=f"prompt {SCRIPT}")
     pairs.to_parquet(run.stage_dir(1, "filter") / "pairs.parquet", index=False)
-    run.finish_round(1, {**round_summary(run, 1), "accepted": False, "gate_reason": f"rejected: {SCRIPT}", "checkpoint": f"c{SCRIPT}",
+    run.finish_round(1, {**summarize_round(run, 1), "accepted": False, "gate_reason": f"rejected: {SCRIPT}", "checkpoint": f"c{SCRIPT}",
                          "quality_warnings": [{"check": f"k{SCRIPT}", "message": f"w{SCRIPT}"}, f"plain {SCRIPT}"]})
     text = write_report(root).read_text(encoding="utf-8")
     assert "<script" not in text.lower()
@@ -251,7 +251,7 @@ def test_report_shows_held_out_accuracy_from_round_0_with_a_plot(tmp_path):
         write_stages(run, k)
         accuracy = {"accuracy": after, "ci_low": after - 0.06, "ci_high": after + 0.07, "n": 150}
         previous = {"accuracy": before, "ci_low": before - 0.06, "ci_high": before + 0.07, "n": 150}
-        run.finish_round(k, {**round_summary(run, k), "accepted": True, "gate_reason": "ok", "accuracy": after,
+        run.finish_round(k, {**summarize_round(run, k), "accepted": True, "gate_reason": "ok", "accuracy": after,
                              "accuracy_ci": [accuracy["ci_low"], accuracy["ci_high"]], "accuracy_previous": before,
                              "accuracy_previous_ci": [previous["ci_low"], previous["ci_high"]],
                              "verdict_sources": {"verifier": 20 + k, "llm": 3}})
@@ -261,7 +261,7 @@ def test_report_shows_held_out_accuracy_from_round_0_with_a_plot(tmp_path):
     assert "21 / 3" in text and "22 / 3" in text  # decided by the verifier / by the LLM
     assert 'alt="held-out accuracy per round, with 95% intervals"' in text
     assert len(data_uri_pngs(text)) == 3  # two rounds' training curves and the accuracy plot
-    from selfplay.report import lineage_rows
+    from selfplay.reporting.report import lineage_rows
 
     rows = lineage_rows(root.parent)  # the lineage table artifact's rows
     assert [(r["round"], r["accuracy"], r["accuracy_ci"]) for r in rows] == [(1, 0.31, "0.310 [0.25, 0.38]"), (2, 0.36, "0.360 [0.30, 0.43]")]

@@ -1,6 +1,6 @@
 """GPU stages in their own processes, multi-process training under `accelerate launch`, adapter checkpoints.
 
-Unit tier: `selfplay.isolate.call` runs a target in a child process, relays its logs and progress, returns its value,
+Unit tier: `selfplay.runtime.isolate.call` runs a target in a child process, relays its logs and progress, returns its value,
 and turns a failure or a kill into an error with the child's last lines; an interrupted parent leaves no process
 behind. Flow tier (tiny model, real Prefect server, real TRL): a round with every GPU stage in its own process
 computes the same samples and verdicts as one in-process; training under `accelerate launch` with two data-parallel
@@ -20,11 +20,11 @@ import pandas as pd
 import pytest
 import torch
 
-from selfplay import isolate
-from selfplay.config import build_config
-from selfplay.isolate import StageProcessError
-from selfplay.models import adapter_base, is_adapter, load_merged, weights_digest
-from selfplay.rundir import RunDir
+from selfplay.config.run import build_config
+from selfplay.inputs.models import adapter_base, is_adapter, load_merged, weights_digest
+from selfplay.runtime import isolate
+from selfplay.runtime.isolate import StageProcessError
+from selfplay.runtime.rundir import RunDir
 from tests.conftest import free_port, run_self_play, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,8 +170,8 @@ def test_accelerate_configs_parse_as_accelerate_reads_them(name, kind, stage):
 def test_preflight_refuses_training_setups_this_machine_cannot_run(tmp_path):
     import importlib.util
 
-    from selfplay.config import ConfigError, load_config
-    from selfplay.preflight import check_training_hardware
+    from selfplay.config.run import ConfigError, load_config
+    from selfplay.orchestration.preflight import check_training_hardware
 
     with pytest.raises(ConfigError, match=r"'4bit' \(QLoRA\) needs a CUDA GPU"):
         check_training_hardware(load_config(None, ["train.quantization=4bit"]), "cpu")
@@ -192,8 +192,8 @@ def test_preflight_refuses_training_setups_this_machine_cannot_run(tmp_path):
 def test_preflight_reports_what_trl_rejects_wherever_it_checks(isolation, tiny_model, tmp_path):
     """On a GPU the settings are checked in a process of their own (building TRL's arguments creates a CUDA
     context); the error reaching the user is the same ConfigError either way, naming the round and the setting."""
-    from selfplay.config import ConfigError
-    from selfplay.preflight import preflight
+    from selfplay.config.run import ConfigError
+    from selfplay.orchestration.preflight import preflight
 
     cfg = build_config(tiny_config(tiny_model, tmp_path, isolation=isolation, rounds=3,
                                    train={"schedule": {"warmup_steps": [0, 0, -1]}}))
@@ -286,10 +286,10 @@ def test_a_stage_process_gives_all_gpu_memory_back(log, tiny_model, tmp_path):
                              capture_output=True, text=True, check=True).stdout
         return int(out.split()[0])
 
-    from selfplay.config import SampleConfig
+    from selfplay.config.backends import SampleConfig
 
     before = used_mib()
-    rows, peak = isolate.call("selfplay.generation:sample_local", str(tiny_model), ["Hi", "Name a colour."], SampleConfig(num_samples=2, max_new_tokens=8),
+    rows, peak = isolate.call("selfplay.generation.local:sample_local", str(tiny_model), ["Hi", "Name a colour."], SampleConfig(num_samples=2, max_new_tokens=8),
                               0, isolated=True, log=log, scratch=tmp_path)
     assert len(rows) == 4 and peak > 0
     assert used_mib() - before < 64  # the child's CUDA context and cache went with it
@@ -303,7 +303,7 @@ def test_preflight_leaves_the_flow_process_without_a_cuda_context(tiny_model, tm
     import sys
 
     raw = tiny_config(tiny_model, tmp_path)
-    code = ("import json, sys, torch; from selfplay.config import build_config; from selfplay.preflight import preflight; "
+    code = ("import json, sys, torch; from selfplay.config.run import build_config; from selfplay.orchestration.preflight import preflight; "
             "preflight(build_config(json.loads(sys.argv[1]))); print('initialized', torch.cuda.is_initialized())")
     out = subprocess.run([sys.executable, "-c", code, json.dumps(raw)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -323,10 +323,10 @@ def test_qlora_round_trains_in_4bit_and_merges_into_full_precision(prefect_serve
 
 
 def isolate_children() -> list[str]:
-    """Processes this test process started that still run `selfplay.isolate` (zombies excluded)."""
+    """Processes this test process started that still run `selfplay.runtime.isolate` (zombies excluded)."""
     me = os.getpid()
     return [p.name for p in Path("/proc").iterdir()
-            if p.name.isdigit() and _ppid(p) == me and "selfplay.isolate" in _cmdline(p) and alive(int(p.name))]
+            if p.name.isdigit() and _ppid(p) == me and "selfplay.runtime.isolate" in _cmdline(p) and alive(int(p.name))]
 
 
 def _ppid(proc: Path) -> int:

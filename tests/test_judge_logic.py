@@ -1,4 +1,4 @@
-"""Fast tier: the judge's pure logic (selfplay/judging.py, selfplay/pairs.py, selfplay/judges/prompt.py), driven by small in-memory fake judge backends.
+"""Fast tier: the judge's pure logic (selfplay/judging/runner.py, selfplay/pairs/build.py, selfplay/judging/prompt.py), driven by small in-memory fake judge backends.
 
 No model is loaded: the fakes implement the `Judge` protocol (name, judge(calls), close()) and answer from the
 rendered prompt text, so the swap rule, screening, verdicts, statistics and the evaluate outcomes are checked exactly.
@@ -11,22 +11,22 @@ import pickle
 import random
 import re
 
+import pandas as pd
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import pandas as pd
-import pytest
-
-from selfplay.config import FilterConfig, JudgeConfig, VllmJudgeConfig
-from selfplay.judges import Judge, JudgeCall, JudgeResult
-from selfplay.quality import win_summary
-from selfplay.evaluation import outcomes
-from selfplay.judges.prompt import default_template, load_rubric, load_template, render_judge_prompt
-from selfplay.judging import VERDICTS, Comparison, Judged, combine_orders, judge_comparisons, judge_stats, swap_calls
-from selfplay.pairs import (
-    COLUMNS, REASONS, build_pairs, candidate_pairs, drop_counts, judged_tables, judgments_table, pair_comparisons, select_pairs,
-)
-from selfplay.knockout import KnockoutPhases, kept_pairs, knockout, knockout_agreement, max_matches
+from selfplay.config.backends import JudgeConfig, VllmJudgeConfig
+from selfplay.config.run import FilterConfig
+from selfplay.evaluation.outcomes import outcomes
+from selfplay.evaluation.quality import win_summary
+from selfplay.judging.calls import Judge, JudgeCall, JudgeResult
+from selfplay.judging.prompt import default_template, load_rubric, load_template, render_judge_prompt
+from selfplay.judging.runner import judge_comparisons
+from selfplay.judging.verdicts import VERDICTS, Comparison, Judged, combine_orders, judge_stats, swap_calls
+from selfplay.pairs.build import COLUMNS, REASONS, build_pairs, candidate_pairs, judged_tables, judgments_table, pair_comparisons
+from selfplay.pairs.knockout import KnockoutPhases, knockout, max_matches
+from selfplay.pairs.selection import drop_counts, kept_pairs, knockout_agreement, select_pairs
 
 PROBS = [i / 100 for i in range(101)] + [random.Random(7).random() for _ in range(200)]
 
@@ -416,7 +416,7 @@ def test_judge_stats_on_an_empty_table():
 def test_the_judge_takes_bare_comparisons_and_evaluation_tables_them_itself():
     """No pair table and no sample indices: a comparison is (prompt, response_a, response_b), verdicts are about
     response_a, and evaluation builds eval.parquet from the two models' answers and those verdicts."""
-    from selfplay.evaluation import EVAL_COLUMNS, comparisons, evaluation_table, win_rates
+    from selfplay.evaluation.outcomes import EVAL_COLUMNS, comparisons, evaluation_table, win_rates
 
     answers = lambda texts: pd.DataFrame({"prompt_id": ["e0", "e1", "e2"], "prompt": ["q0?", "q1?", "q2?"], "response": texts,  # noqa: E731
                                           "n_tokens": [3, 3, 3], "truncated": [False, False, True]})
@@ -464,7 +464,7 @@ def test_win_rate_property():
 
 
 def test_judge_server_model_resolves_local_models_and_passes_hub_ids(tmp_path, tiny_model, monkeypatch):
-    from selfplay.judging import judge_server_model
+    from selfplay.judging.runner import judge_server_model
 
     assert judge_server_model(VllmJudgeConfig(), "/runs/r/round_1/train/checkpoint") == "/runs/r/round_1/train/checkpoint"
     assert judge_server_model(VllmJudgeConfig(model="Qwen/Qwen2.5-7B-Instruct"), "/ref") == "Qwen/Qwen2.5-7B-Instruct"

@@ -7,7 +7,7 @@ Two paths, five stages each, SIGKILL and SIGTERM alternating (and swapped betwee
   fresh, empty PREFECT_HOME (the first case's server creates the database);
 - a real, long-lived Prefect server (`prefect server start`, the `prefect_server` fixture).
 
-The run is held at the point to kill (`selfplay.faults`: inside the stage's GPU turn, or, for the filter stage,
+The run is held at the point to kill (`tools.faults`: inside the stage's GPU turn, or, for the filter stage,
 once its output directory exists), so each case kills where it says. SIGKILL goes to the run's process alone, as
 the out-of-memory killer would; SIGTERM to its process group on the default path (as `timeout` and Ctrl-C do) and
 to the process alone on the server path (as a Prefect worker cancelling a flow run does).
@@ -37,8 +37,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from selfplay.rundir import STAGES, RunDir, sha256_file
+from selfplay.runtime.rundir import STAGES, RunDir, sha256_file
 from tests.conftest import tiny_config
+from tools import faults
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +70,7 @@ def recipe(m: dict, where: Path) -> Path:
 
 
 def env_for(m: dict, path: str, api_url: str | None, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SELFPLAY_LOCK_DIR": str(m["locks"]), **extra}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SELFPLAY_LOCK_DIR": str(m["locks"]), "SELFPLAY_HOOKS": faults.HOOKS, **extra}
     env.pop("PREFECT_API_URL", None)
     if path == "default":
         env["PREFECT_HOME"] = str(m["prefect_home"])

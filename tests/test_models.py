@@ -1,4 +1,4 @@
-"""Fast tier: model spec resolution (selfplay/models.py) without loading, converting or downloading any model.
+"""Fast tier: model spec resolution (selfplay/inputs/models.py) without loading, converting or downloading any model.
 
 Only the error paths and the local-directory path are exercised; the hub is forced offline with HF_HUB_OFFLINE.
 """
@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from selfplay.models import ModelError, cache_root, exclusive, hub_reachable, is_hf_dir, resolve_model
+from selfplay.inputs.models import ModelError, cache_root, exclusive, hub_reachable, is_hf_dir, resolve_model
 
 
 @pytest.fixture
@@ -149,9 +149,9 @@ def test_cpu_dtype_bfloat16_generates_in_bf16_and_leaves_the_checkpoint_float32(
     float32 (the default) generates the same as before."""
     import torch
 
-    from selfplay.config import TransformersSampleConfig
-    from selfplay.generation import sample_local
-    from selfplay.models import load_causal_lm
+    from selfplay.config.backends import TransformersSampleConfig
+    from selfplay.generation.local import sample_local
+    from selfplay.inputs.models import load_causal_lm
 
     assert next(load_causal_lm(tiny_model).parameters()).dtype == torch.float32
     assert next(load_causal_lm(tiny_model, cpu_dtype="bfloat16").parameters()).dtype == torch.bfloat16

@@ -1,4 +1,4 @@
-"""selfplay.openai_client: the one way the judge and the sampler talk to an OpenAI-compatible server.
+"""selfplay.serving.openai_client: the one way the judge and the sampler talk to an OpenAI-compatible server.
 
 Against the scripted FAKE server (`tests.openai_stub`) through the real `openai` client: what the client retries
 and what `chat` retries share one budget of attempts; and the sync bridge raises, inside a running event loop too,
@@ -12,11 +12,11 @@ import asyncio
 import openai._base_client
 import pytest
 
-import selfplay.openai_client as openai_client
-from selfplay.judges import JudgeCall
-from selfplay.judges.openai import OpenAIJudge
-from selfplay.config import EndpointConfig
-from selfplay.openai_client import RequestFailed, SamplingError, async_client, chat, run_sync, sample_chat
+import selfplay.serving.openai_client as openai_client
+from selfplay.config.backends import EndpointConfig
+from selfplay.judging.calls import JudgeCall
+from selfplay.judging.endpoint import OpenAIJudge
+from selfplay.serving.openai_client import RequestFailed, SamplingError, async_client, chat, run_sync, sample_chat
 from tests.openai_stub import Reply, ScriptedOpenAI, api_error, chat_completion
 
 NO_CHOICES = Reply(json={"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "m", "choices": []})

@@ -1,8 +1,8 @@
-"""The OpenAI-compatible judge backend (selfplay/judges/openai.py) end to end against a real HTTP server.
+"""The OpenAI-compatible judge backend (selfplay/judging/endpoint.py) end to end against a real HTTP server.
 
 Every test drives `OpenAIJudge` through the real `openai` client against `tests.openai_stub.ScriptedOpenAI` (a
 FAKE OpenAI-compatible server on loopback, scripted per test) and checks what the judge stage makes of it: the
-judgments table, the calls table and the statistics the judge stage makes (`selfplay.judging`, `selfplay.pairs`), and the filter's selection.
+judgments table, the calls table and the statistics the judge stage makes (`selfplay.judging.runner`, `selfplay.pairs.build`), and the filter's selection.
 
 Scripted handlers read the rendered judge prompt the way a careful judge would: the text between the real
 <response_A>/<response_B> tags. Retries are kept fast by shrinking the openai client's backoff base (Retry-After is
@@ -33,16 +33,19 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import selfplay.openai_client as openai_client  # noqa: E402
-from selfplay.config import EndpointConfig, EndpointJudgeConfig, FilterConfig  # noqa: E402
-from selfplay.judges import JudgeCall  # noqa: E402
-from selfplay.judges.cache import JudgeCache  # noqa: E402
-from selfplay.judges.openai import OpenAIJudge  # noqa: E402
-from selfplay.judges.prompt import default_template, load_rubric, render_judge_prompt  # noqa: E402
-from selfplay.judging import JudgeFailed, check_error_rate, judge_batch, judge_comparisons  # noqa: E402
-from selfplay.openai_client import EndpointError, check_endpoint, resolve_api_key  # noqa: E402
-from selfplay.knockout import KnockoutPhases  # noqa: E402
-from selfplay.pairs import build_pairs, drop_counts, judged_tables, pair_comparisons, select_pairs  # noqa: E402
+import selfplay.serving.openai_client as openai_client  # noqa: E402
+from selfplay.config.backends import EndpointConfig, EndpointJudgeConfig
+from selfplay.config.run import FilterConfig  # noqa: E402
+from selfplay.judging.cache import JudgeCache  # noqa: E402
+from selfplay.judging.calls import JudgeCall  # noqa: E402
+from selfplay.judging.endpoint import OpenAIJudge  # noqa: E402
+from selfplay.judging.prompt import default_template, load_rubric, render_judge_prompt  # noqa: E402
+from selfplay.judging.runner import judge_batch, judge_comparisons  # noqa: E402
+from selfplay.judging.verdicts import JudgeFailed, check_error_rate
+from selfplay.pairs.build import build_pairs, judged_tables, pair_comparisons
+from selfplay.pairs.knockout import KnockoutPhases  # noqa: E402
+from selfplay.pairs.selection import drop_counts, select_pairs  # noqa: E402
+from selfplay.serving.openai_client import EndpointError, check_endpoint, resolve_api_key  # noqa: E402
 from tests.openai_stub import Reply, ScriptedOpenAI, api_error, chat_completion  # noqa: E402
 
 KEY = "test-key"
@@ -541,8 +544,8 @@ def test_judge_stage_fails_on_unreadable_replies_and_publishes_nothing(tmp_path,
     """An endpoint that answers text without a verdict fails the judge stage itself, quoting its replies, naming
     the endpoint and the mode, and never showing the key (even a reply that echoes it)."""
     import tasks.judge
-    from selfplay.config import build_config
-    from selfplay.rundir import RunDir
+    from selfplay.config.run import build_config
+    from selfplay.runtime.rundir import RunDir
 
     def handler(body, n):
         return Reply(json=chat_completion(f"I was asked with the key {STAGE_KEY}." if n == 0 else UNREADABLE))
@@ -631,7 +634,7 @@ def test_the_pool_streams_with_no_barrier_between_batches_and_reports_progress_e
     """More calls than the local judge's 64-call chunks: with slots refilled as each call ends, 100 calls at 8 in
     flight whose latencies alternate 0.02 s and 0.3 s take about as long as the slow ones spread over the slots, not
     a chunk's slowest call per chunk; progress comes at its interval and once at the end, not per call."""
-    from selfplay.judges import JudgeCall
+    from selfplay.judging.calls import JudgeCall
 
     def uneven(body, n):
         reply = prefer_good(body, n)

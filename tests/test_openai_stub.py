@@ -20,6 +20,7 @@ if str(REPO) not in sys.path:  # `tests` is importable when pytest runs from the
     sys.path.insert(0, str(REPO))
 
 from tests.openai_stub import Reply, ScriptedOpenAI, api_error, chat_completion  # noqa: E402
+
 MSG = [{"role": "user", "content": "Which is better, A or B?"}]
 
 

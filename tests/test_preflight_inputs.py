@@ -1,4 +1,4 @@
-"""Stage tier: bad input that preflight (selfplay/preflight.py) must stop before any expensive work, with a message
+"""Stage tier: bad input that preflight (selfplay/orchestration/preflight.py) must stop before any expensive work, with a message
 that names the setting or file and says what to fix; and `selfplay run` exiting 2 on it, in one line.
 
 The tiny model is built here; nothing is downloaded. The CLI tests run `selfplay run` in a subprocess: it fails in
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selfplay.config import ConfigError, PromptsConfig, build_config
-from selfplay.models import ModelError, resolve_model
-from selfplay.preflight import check_lora_targets, check_prompts, preflight
+from selfplay.config.run import ConfigError, PromptsConfig, build_config
+from selfplay.inputs.models import ModelError, resolve_model
+from selfplay.orchestration.preflight import check_lora_targets, check_prompts, preflight
 from tests.conftest import tiny_config
 
 SELFPLAY = Path(sys.executable).parent / "selfplay"
@@ -129,8 +129,8 @@ def test_selfplay_run_with_a_lora_rank_peft_refuses_exits_2_in_one_line(tiny_mod
     ({"prompt": "2+2?", "answer": "4"}, ["judge.verifier.kind=python", "judge.verifier.function=nowhere_module:f"], r"cannot import 'nowhere_module'"),
 ])
 def test_a_verifier_that_cannot_check_its_prompts_fails_preflight(tmp_path, row, overrides, message):
-    from selfplay.config import load_config
-    from selfplay.preflight import check_verifiers
+    from selfplay.config.run import load_config
+    from selfplay.orchestration.preflight import check_verifiers
 
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps(row) + "\n")
@@ -140,8 +140,8 @@ def test_a_verifier_that_cannot_check_its_prompts_fails_preflight(tmp_path, row,
 
 
 def test_the_shipped_prompts_pass_the_verifier_check():
-    from selfplay.config import load_config
-    from selfplay.preflight import check_verifiers
+    from selfplay.config.run import load_config
+    from selfplay.orchestration.preflight import check_verifiers
 
     check_verifiers(load_config("deployments/recipes/cpu-demo.yaml"))
 
@@ -150,7 +150,7 @@ def test_the_same_configuration_is_checked_once_a_minute_in_one_process(tiny_mod
     """`selfplay run` checks, then its flow checks the same configuration seconds later: the second is free. A
     changed configuration, or the same one a minute later (a long-lived process: an endpoint may be down by then),
     is checked again."""
-    import selfplay.preflight as pf
+    import selfplay.orchestration.preflight as pf
 
     cfg = build_config(tiny_config(tiny_model, tmp_path))
     other = build_config(tiny_config(tiny_model, tmp_path, seed=7))

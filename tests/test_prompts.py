@@ -1,4 +1,4 @@
-"""Fast tier: prompt sets (selfplay/prompts.py): the bundled sets, local files of every supported type, errors, draws.
+"""Fast tier: prompt sets (selfplay/inputs/prompts.py): the bundled sets, local files of every supported type, errors, draws.
 
 Files are small and written with pandas under tmp_path; nothing is fetched from a hub.
 """
@@ -12,7 +12,7 @@ import re
 import pandas as pd
 import pytest
 
-from selfplay.prompts import BUNDLED_DIR, PromptError, draw_prompts, load_prompts, rows_to_prompts, unreadable_reason
+from selfplay.inputs.prompts import BUNDLED_DIR, PromptError, draw_prompts, load_prompts, rows_to_prompts, unreadable_reason
 
 CATEGORIES = {"question", "howto", "writing", "arithmetic", "coding"}
 
@@ -252,8 +252,8 @@ def test_a_list_of_sources_is_pooled_in_order_and_needs_distinct_ids(tmp_path):
 
 
 def test_checkable_sets_are_disjoint_seeded_and_all_checkable():
-    from selfplay.checkable import generate_prompts
-    from selfplay.verifiers import number_score
+    from selfplay.judging.verifiers import number_score
+    from tools.checkable import generate_prompts
 
     train, held_out = load_prompts("bundled:checkable_train"), load_prompts("bundled:checkable_eval")
     assert len(train) >= 500 and len(held_out) >= 200
@@ -290,7 +290,7 @@ SOLUTIONS = {
 
 
 def test_bundled_coding_prompts_carry_tests_a_correct_solution_passes_and_a_wrong_one_fails():
-    from selfplay.verifiers import code_score
+    from selfplay.judging.verifiers import code_score
 
     coding = [p for name in ("train", "eval") for p in load_prompts(f"bundled:{name}") if p.get("verifier") == "code"]
     assert len(coding) >= 20

@@ -1,4 +1,4 @@
-"""Fast tier: round-quality measures (selfplay/quality.py, selfplay/pathologies.py): Wilson intervals, the length-controlled win rate, the
+"""Fast tier: round-quality measures (selfplay/evaluation/quality.py, selfplay/evaluation/pathologies.py): Wilson intervals, the length-controlled win rate, the
 data sanity checks of a round's pairs, and the pathology detectors on generated text and their trend."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import selfplay.pathologies as pathology_module
-import selfplay.quality as quality
-from selfplay.pathologies import degenerate_rate, hedging_rate, pathologies, pathology_trend, repetition_rate, sycophancy_rate, verbosity
-from selfplay.quality import QualityThresholds, data_quality, length_controlled_win_rate, similarity_histogram, wilson_interval, win_summary
+import selfplay.evaluation.pathologies as pathology_module
+import selfplay.evaluation.quality as quality
+from selfplay.evaluation.pathologies import degenerate_rate, hedging_rate, pathologies, pathology_trend, repetition_rate, sycophancy_rate, verbosity
+from selfplay.evaluation.quality import QualityThresholds, data_quality, length_controlled_win_rate, similarity_histogram, wilson_interval, win_summary
 
 WARNING_KEYS = {"check", "value", "threshold", "message"}
 

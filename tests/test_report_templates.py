@@ -14,7 +14,7 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from selfplay.report import round_report, round_report_context, templates
+from selfplay.reporting.report import round_report, round_report_context, templates
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,8 +89,8 @@ def test_templates_are_found_from_an_installed_wheel(tmp_path):
     empty_run.mkdir(parents=True)
     probe = textwrap.dedent(f"""
         from pathlib import Path
-        import selfplay, selfplay.report as report
-        from selfplay.html_report import render
+        import selfplay, selfplay.reporting.report as report
+        from selfplay.reporting.html_report import render
         assert Path(selfplay.__file__).is_relative_to({str(site)!r}), selfplay.__file__
         md = report.round_report("installed", {SUMMARY!r}, {JUDGE!r}, {TRAIN!r}, {EVALUATE!r}, b"")
         page = render(Path({str(empty_run)!r}))

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selfplay.rundir import RunDir, sha256_file
+from selfplay.runtime.rundir import RunDir, sha256_file
 from tests.conftest import tiny_config
+from tools import faults
 
 SELFPLAY = str(Path(sys.executable).parent / "selfplay")
 
@@ -86,7 +87,7 @@ def test_sigkill_during_training_then_resume(prefect_server, tiny_model, tmp_pat
 
 
 def test_second_process_on_same_run_is_refused(prefect_server, tiny_model, tmp_path):
-    from selfplay.rundir import locked
+    from selfplay.runtime.rundir import locked
 
     cfg = tiny_config(tiny_model, tmp_path / "runs", name="busy", rounds=1)
     recipe = tmp_path / "busy.yaml"
@@ -110,7 +111,7 @@ def test_a_second_run_of_a_busy_run_exits_2_at_once_naming_the_holder(tiny_model
     held = tmp_path / "held.json"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "SELFPLAY_LOCK_DIR": str(tmp_path / "locks")}
     env.pop("PREFECT_API_URL", None)
-    first = subprocess.Popen([SELFPLAY, "run", "--config", str(recipe)], env={**env, "SELFPLAY_HOLD": "gpu:round 1 judge",
+    first = subprocess.Popen([SELFPLAY, "run", "--config", str(recipe)], env={**env, "SELFPLAY_HOOKS": faults.HOOKS, "SELFPLAY_HOLD": "gpu:round 1 judge",
                              "SELFPLAY_HOLD_FILE": str(held)}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 300

@@ -1,4 +1,4 @@
-"""Fast tier: the run directory (selfplay/rundir.py): atomic stage publishing, the run lock, resume checks.
+"""Fast tier: the run directory (selfplay/runtime/rundir.py): atomic stage publishing, the run lock, resume checks.
 
 All files live under tmp_path. The lock test starts one tiny subprocess (plain Python, no model) to play the second
 process, since the lock is meant to refuse *another* process.
@@ -16,8 +16,8 @@ import textwrap
 import pandas as pd
 import pytest
 
-from selfplay.config import load_config
-from selfplay.rundir import MANIFEST, RunDir, RunDirError, locked, open_run, read_json, sha256_file, write_json_atomic
+from selfplay.config.run import load_config
+from selfplay.runtime.rundir import MANIFEST, RunDir, RunDirError, locked, open_run, read_json, sha256_file, write_json_atomic
 
 
 def leftovers(root) -> list[str]:
@@ -132,7 +132,7 @@ def test_completed_rounds_are_those_with_a_round_manifest(tmp_path):
     (run.root / "round_x" / MANIFEST).write_text("{}")
     assert run.completed_rounds() == [1, 10]
     assert run.round_done(1) and not run.round_done(2)
-    assert run.round_summary(10)["kept"] == 7 and run.round_summary(10)["round"] == 10
+    assert run.round_manifest(10)["kept"] == 7 and run.round_manifest(10)["round"] == 10
 
 
 def test_write_json_atomic_round_trips_and_leaves_no_temp(tmp_path):
@@ -147,7 +147,7 @@ def test_write_json_atomic_round_trips_and_leaves_no_temp(tmp_path):
 LOCK_SCRIPT = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from selfplay.rundir import RunDirError, locked
+    from selfplay.runtime.rundir import RunDirError, locked
     try:
         with locked(Path(sys.argv[1])):
             print("ACQUIRED")

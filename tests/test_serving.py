@@ -1,5 +1,5 @@
-"""A model server in a process of its own (selfplay.server_spec, selfplay.model_server), sampled over the
-OpenAI-compatible API (selfplay.openai_client), with adapters loaded through vLLM's LoRA API (selfplay.lora_serving).
+"""A model server in a process of its own (selfplay.config.server, selfplay.serving.model_server), sampled over the
+OpenAI-compatible API (selfplay.serving.openai_client), with adapters loaded through vLLM's LoRA API (selfplay.serving.lora).
 
 vLLM cannot run here, so the server command is the FAKE `vllm serve` (`python -m tests.vllm_stub serve`, vLLM's
 HTTP behaviour as its sources have it): real subprocesses, process groups, signals, sockets and HTTP; only the model
@@ -15,16 +15,15 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
-from selfplay.lora_serving import LoraAdapterError, load_lora_adapter, unload_lora_adapter
-from selfplay.model_server import ModelServer, PortInUseError, ServerStartError
-from selfplay.openai_client import SamplingError, sample_chat
-from selfplay.server_spec import ServerSpec, build_command, redact
+from selfplay.config.server import ServerSpec, build_command, redact
+from selfplay.serving.lora import LoraAdapterError, load_lora_adapter, unload_lora_adapter
+from selfplay.serving.model_server import ModelServer, PortInUseError, ServerStartError
+from selfplay.serving.openai_client import SamplingError, sample_chat
 from tests.conftest import REPO, free_port
 from tests.openai_stub import Reply, ScriptedOpenAI, api_error, chat_completion
 from tests.vllm_stub import Vllm, token_split
@@ -144,7 +143,7 @@ def test_lifecycle_health_sample_stop(tmp_path):
     assert_gone(server)
     server.stop()  # idempotent
     text = log.read_text()
-    assert "[selfplay.serving" in text and "tests.vllm_stub serve tiny --host 127.0.0.1" in text
+    assert "[selfplay.serving.model_server " in text and "tests.vllm_stub serve tiny --host 127.0.0.1" in text
     assert f"vllm-stub: serving on http://127.0.0.1:{server.port}" in text
     assert "stopped, exit code -15" in text
 
@@ -237,7 +236,7 @@ def test_server_dies_with_its_owner(tmp_path):
         import sys, time, threading
         from pathlib import Path
         from tests.test_serving import stub_spec
-        from selfplay.model_server import ModelServer
+        from selfplay.serving.model_server import ModelServer
         def serve():  # from a short-lived thread, as a Prefect task would
             ModelServer(stub_spec(port={port}), "tiny", Path({str(tmp_path / "s.log")!r})).start()
         t = threading.Thread(target=serve); t.start(); t.join()
@@ -406,7 +405,7 @@ def fake_nvidia_smi(tmp_path, monkeypatch):
 def test_wait_gpu_free_waits_for_the_memory_used_before_the_server(fake_nvidia_smi, tmp_path):
     import threading
 
-    from selfplay.gpu import gpu_memory_mib
+    from selfplay.serving.gpu import gpu_memory_mib
 
     # 20 GB already in use before the server (a resident judge, say): that is the level to come back to, not zero.
     fake_nvidia_smi.write_text("0, 20000, 81559\n")
@@ -453,7 +452,7 @@ def test_a_server_is_not_started_into_memory_that_has_not_come_back(fake_nvidia_
 
 
 def test_gpu_memory_follows_cuda_visible_devices(fake_nvidia_smi, monkeypatch):
-    from selfplay.gpu import gpu_memory_mib
+    from selfplay.serving.gpu import gpu_memory_mib
 
     fake_nvidia_smi.write_text("0, 100, 1000\n1, 900, 1000\n")
     assert gpu_memory_mib() == {0: (100, 1000), 1: (900, 1000)}

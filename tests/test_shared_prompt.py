@@ -1,4 +1,4 @@
-"""DPO's chosen and rejected rows packed into one (selfplay.shared_prompt): the same log-probabilities, gradients and
+"""DPO's chosen and rejected rows packed into one (selfplay.training.shared_prompt): the same log-probabilities, gradients and
 training as TRL's own layout, on a real (tiny) Llama under PEFT and TRL's fused LM head."""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def forward_and_grads(model, ids, mask, labels):
 def test_pack_lays_each_pair_out_as_one_row_and_unpack_puts_every_position_back():
     import torch
 
-    from selfplay.shared_prompt import pack, unpack
+    from selfplay.training.shared_prompt import pack, unpack
 
     ids, mask, _ = dpo_batch(50)
     p = pack(ids, mask)
@@ -92,7 +92,7 @@ def test_pack_lays_each_pair_out_as_one_row_and_unpack_puts_every_position_back(
 def test_shared_prompts_give_the_plain_log_probs_entropy_and_gradients(tiny_model, attn):
     import torch
 
-    from selfplay.shared_prompt import shared_prompts
+    from selfplay.training.shared_prompt import shared_prompts
 
     model = peft_model(tiny_model, attn)
     ids, mask, labels = dpo_batch(model.config.vocab_size)
@@ -113,7 +113,7 @@ def test_shared_prompts_give_the_plain_log_probs_entropy_and_gradients(tiny_mode
 
 
 def test_dropout_keeps_the_prompts_apart(tiny_model):
-    from selfplay.shared_prompt import shared_prompts
+    from selfplay.training.shared_prompt import shared_prompts
 
     model = peft_model(tiny_model, dropout=0.1)
     with shared_prompts(model) as shared:
@@ -128,7 +128,7 @@ def test_a_model_the_mask_does_not_describe_is_caught_on_the_first_batch(tmp_pat
     import trl.trainer.utils as trl_utils
     from transformers import MistralConfig, MistralForCausalLM
 
-    from selfplay.shared_prompt import shared_prompts
+    from selfplay.training.shared_prompt import shared_prompts
 
     torch.manual_seed(0)
     model = MistralForCausalLM(MistralConfig(
@@ -137,7 +137,7 @@ def test_a_model_the_mask_does_not_describe_is_caught_on_the_first_batch(tmp_pat
     trl_utils.add_fused_lm_head(model)
     ids, mask, labels = dpo_batch(60)
     plain = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs
-    with caplog.at_level(logging.WARNING, logger="selfplay.training"), shared_prompts(model) as shared:
+    with caplog.at_level(logging.WARNING, logger="selfplay.training.shared_prompt"), shared_prompts(model) as shared:
         assert not isinstance(shared, str)
         checked = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs
         later = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs
@@ -155,9 +155,9 @@ def test_dpo_training_with_shared_prompts_is_trls_own(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from selfplay.models import load_tokenizer
-    from selfplay.shared_prompt import shared_prompts
-    from selfplay.training import completion_tokens_only
+    from selfplay.inputs.models import load_tokenizer
+    from selfplay.training.dpo import completion_tokens_only
+    from selfplay.training.shared_prompt import shared_prompts
 
     questions = ["What is 7 plus 5?", "Name a prime above 10.", "Spell cat backwards.", "What colour is the sky?"] * 3
     records = [{"prompt": [{"role": "user", "content": q}],
@@ -200,8 +200,8 @@ def test_the_train_stage_shares_prompts_unless_told_not_to_and_saves_the_same_ch
     import torch
     from safetensors.torch import load_file
 
-    from selfplay.config import load_config
-    from selfplay.training import train_dpo
+    from selfplay.config.run import load_config
+    from selfplay.training.dpo import train_dpo
 
     questions = ["What is 7 plus 5?", "Name a prime above 10.", "Spell cat backwards.", "What colour is the sky?"] * 2
     pairs = pd.DataFrame({"prompt": questions, "chosen": [f"It is {i * 7}, surely." for i in range(8)],

@@ -10,7 +10,7 @@ from tests.conftest import tiny_config
 
 
 def test_smoke_prints_seconds_throughput_and_memory_per_stage(prefect_server, tiny_model, tmp_path, capsys):
-    from selfplay.smoke import STAGES, main
+    from tools.smoke import STAGES, main
 
     recipe = tmp_path / "smoke.yaml"
     recipe.write_text(yaml.safe_dump(tiny_config(tiny_model, tmp_path / "runs", rounds=1)))
@@ -33,8 +33,8 @@ def test_smoke_runs_a_vllm_round_where_a_vllm_is_found(prefect_server, tiny_mode
 
     import torch
 
-    from selfplay.smoke import main
     from tests.conftest import REPO
+    from tools.smoke import main
 
     fake = tmp_path / "bin" / "vllm"
     fake.parent.mkdir()

@@ -12,10 +12,10 @@ import logging
 import pandas as pd
 import pytest
 
-from selfplay.config import build_config
-from selfplay.evaluation import EVAL_COLUMNS
-from selfplay.pairs import CALL_COLUMNS, COLUMNS
-from selfplay.rundir import RunDir
+from selfplay.config.run import build_config
+from selfplay.evaluation.outcomes import EVAL_COLUMNS
+from selfplay.pairs.build import CALL_COLUMNS, COLUMNS
+from selfplay.runtime.rundir import RunDir
 from tasks.evaluate import evaluate
 from tasks.filter import filter_pairs
 from tasks.judge import judge
@@ -100,17 +100,17 @@ def test_filter_train_evaluate_outputs(stages):
 def test_publish_concludes_the_round(stages):
     cfg, run, out = stages
     summary = out["publish"]
-    assert run.round_done(1) and run.round_summary(1)["gate"] == summary["gate"] in ("accepted", "rejected")
+    assert run.round_done(1) and run.round_manifest(1)["gate"] == summary["gate"] in ("accepted", "rejected")
     assert summary["accepted"] == (summary["gate"] == "accepted") and summary["gate_reason"].startswith(summary["gate"])
     assert summary["kept"] == out["filter"]["metrics"]["kept"] and isinstance(summary["pathology_warnings"], list)
-    assert publish.fn(cfg, 1) == run.round_summary(1)  # a concluded round is not concluded again
+    assert publish.fn(cfg, 1) == run.round_manifest(1)  # a concluded round is not concluded again
 
 
 def test_a_complete_stage_is_skipped(stages, caplog):
     cfg, run, out = stages
     samples = run.stage_dir(1, "sample") / "samples.parquet"
     before = samples.stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="selfplay.orchestration"):
+    with caplog.at_level(logging.INFO, logger="selfplay.runtime.stages"):
         again = sample.fn(cfg, 1, "/no/such/policy")  # would fail if it ran
     assert again == out["sample"] and samples.stat().st_mtime_ns == before
     assert "round 1: sample already complete" in caplog.text

@@ -16,7 +16,7 @@ import logging, sys, httpx
 from pathlib import Path
 logging.basicConfig(level=logging.INFO)
 from prefect.settings import get_current_settings
-from selfplay.tempserver import spawn, temporary_server
+from selfplay.runtime.tempserver import spawn, temporary_server
 s = spawn(Path(sys.argv[1]))
 with temporary_server(Path(sys.argv[1]), s) as url:
     made = httpx.post(url + "/flows/", json={"name": sys.argv[2]}, trust_env=False).status_code

@@ -1,4 +1,4 @@
-"""Fast tier: the train stage's pure helpers (selfplay/training.py): the min-pairs gate, DPO records and arguments, and
+"""Fast tier: the train stage's pure helpers (selfplay/training/dpo.py): the min-pairs gate, DPO records and arguments, and
 the summary of a Trainer log history. No model, no trainer: synthetic tables and histories only.
 """
 
@@ -9,9 +9,10 @@ import random
 import pandas as pd
 import pytest
 
-from selfplay.config import load_config
-from selfplay.pairs import REASONS, select_pairs
-from selfplay.training import DPO_DEFAULTS, NotEnoughPairs, check_enough_pairs, dpo_arguments, dpo_records, summarize_history
+from selfplay.config.run import load_config
+from selfplay.pairs.build import REASONS
+from selfplay.pairs.selection import select_pairs
+from selfplay.training.dpo import DPO_DEFAULTS, NotEnoughPairs, check_enough_pairs, dpo_arguments, dpo_records, summarize_history
 
 # ---------------------------------------------------------------- check_enough_pairs
 
@@ -152,7 +153,7 @@ def test_completion_tokens_only_projects_the_labelled_positions_with_the_same_lo
     import trl.trainer.utils as trl_utils
     from transformers import AutoModelForCausalLM
 
-    from selfplay.training import completion_tokens_only
+    from selfplay.training.dpo import completion_tokens_only
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))

@@ -18,7 +18,7 @@ import re
 import httpx
 import pytest
 
-from selfplay.orchestration import KEYS
+from selfplay.reporting.artifacts import KEYS
 from tests.browser import ensure_chromium, ensure_selenium, make_driver, screenshot, wait_for
 from tests.conftest import REPO, run_self_play, tiny_config
 
@@ -54,7 +54,12 @@ def ui_run(ui_api_url, tiny_model, tmp_path_factory):
     """One tiny round; returns the UI's base URL, the `dpo-round` flow run's id and its round-report artifact."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
-        ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey, FlowFilter, FlowFilterName, FlowRunFilter,
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
         FlowRunFilterName,
     )
     from prefect.client.schemas.sorting import FlowRunSort

@@ -12,25 +12,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from selfplay.config import FilterConfig, GateConfig, VerifierConfig, load_config
-from selfplay.evaluation import accuracy_change, accuracy_summary, gate_decision
-from selfplay.judges import JudgeResult
-from selfplay.judging import Comparison, judge_comparisons, llm_count, verifier_verdict
-from selfplay.pairs import build_pairs, pair_comparisons, select_pairs
-from selfplay.sandbox import run_python
-from selfplay.verifiers import (
-    Verifier,
-    VerifierError,
-    choose_kind,
-    code_score,
-    exact_score,
-    final_number,
-    is_correct,
-    number_score,
-    regex_score,
-    score_table,
-    verifier_stats,
-)
+from selfplay.config.backends import VerifierConfig
+from selfplay.config.run import FilterConfig, GateConfig, load_config
+from selfplay.evaluation.outcomes import accuracy_summary, gate_decision
+from selfplay.evaluation.quality import accuracy_change
+from selfplay.judging.calls import JudgeResult
+from selfplay.judging.runner import judge_comparisons
+from selfplay.judging.sandbox import run_python
+from selfplay.judging.verdicts import Comparison, llm_count, verifier_verdict
+from selfplay.judging.verifiers import Verifier, VerifierError, choose_kind, code_score, exact_score, final_number, is_correct, number_score, regex_score, score_table, verifier_stats
+from selfplay.pairs.build import build_pairs, pair_comparisons
+from selfplay.pairs.selection import select_pairs
 
 numbers = st.integers(min_value=-10**7, max_value=10**7)
 
@@ -249,7 +241,7 @@ def test_tournament_with_a_verifier_needs_k_calls_and_trains_on_right_against_wr
     scores = scored["verify_score"].tolist()
     if len(set(scores)) > 1:
         assert judge.prompts == []  # the verifier's K scores decide the whole tournament
-        from selfplay.pairs import judgments_table
+        from selfplay.pairs.build import judgments_table
 
         out = select_pairs(judgments_table(pairs, judged.verdicts), "tournament")
         kept = out[out["kept"]]

@@ -15,11 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from selfplay.config import EndpointConfig
-from selfplay.judges import JudgeCall
-from selfplay.judges.openai import OpenAIJudge
-from selfplay.lora_serving import LoraAdapterError, lora_args, load_lora_adapter
-from selfplay.openai_client import EndpointError, SamplingError, check_endpoint, sample_chat
+from selfplay.config.backends import EndpointConfig
+from selfplay.judging.calls import JudgeCall
+from selfplay.judging.endpoint import OpenAIJudge
+from selfplay.serving.lora import LoraAdapterError, load_lora_adapter, lora_args
+from selfplay.serving.openai_client import EndpointError, SamplingError, check_endpoint, sample_chat
 from tests.openai_stub import Reply, ScriptedOpenAI
 from tests.vllm_stub import Vllm, _LoraModules
 

@@ -10,6 +10,7 @@ serving_models}.py`, "newest" the split layout of the 0.1x/0.3x line). Each beha
   exception as `create_error_response` does: ValueError -> 400 BadRequestError, not found -> 404 NotFoundError.
 - **API key** (`--api-key`, or VLLM_API_KEY): `AuthenticationMiddleware` (vllm/entrypoints/openai/api_server.py)
   guards paths under /v1 only and answers 401 with the flat body `{"error": "Unauthorized"}`; /health is open.
+- **/version**: `{"version": ...}` (api_server.py `show_version`, vLLM's `__version__`); open, like /health.
 - **/health**: 200 with an empty body (api_server.py `health`). Before the engine is ready the socket accepts no
   connection: `run_server` binds, builds the engine (model load, KV cache), and only then serves (the CLI's
   `--startup-delay` sleeps before listening, as a model load would).
@@ -130,6 +131,7 @@ class Vllm:
     max_model_len: int = 2048
     defaults: dict[str, Any] = field(default_factory=dict)  # from generation_config.json
     varied_logprobs: bool = False
+    version: str = "0.33.0+fake"  # what GET /version reports: the pinned vLLM's number, marked as this fake's
     adapters: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> {"path", "base"}, in load order
 
     def __post_init__(self) -> None:
