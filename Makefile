@@ -1,4 +1,5 @@
-# The README's two commands: `make run` (the main job on the bundled model) and `make test`.
+# The README's two commands: `make run` (the main job on the bundled model) and `make test` (every test tier; CI).
+# `make test-fast` is the quick tier alone (pure functions and components: a few minutes), for the edit-test loop.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -7,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: setup run test gpu-smoke bench clean
+.PHONY: setup run test test-fast lint gpu-smoke bench clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +27,12 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -ra --tier unit $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/python -m ruff check selfplay tasks flows tools tests
 
 # One real round on CUDA (or CPU) with figures per stage: seconds, tokens/s, peak GPU memory.
 gpu-smoke: setup

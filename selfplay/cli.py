@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfplay", description="Workflow-orchestrated iterative (self-play) DPO.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run (or resume) self-play rounds from a recipe")
-    run.add_argument("--config", "-c", action="append", help="YAML recipe (deployments/recipes/*.yaml); repeat to layer an overlay such as deployments/recipes/judges/vllm.yaml over it")
+    run.add_argument("--config", "-c", action="append", help="YAML recipe (deployments/recipes/*.yaml); repeat to layer an overlay such as "
+                                                             "deployments/recipes/judges/vllm.yaml over it")
     run.add_argument("--set", "-s", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe field (repeatable)")
     run.set_defaults(func=cmd_run)
     server = sub.add_parser("server", help="start the Prefect server and UI (analytics off)")

@@ -44,4 +44,5 @@ def train(cfg: RunConfig, k: int, policy: str) -> None:
         metrics.update(seconds=time.time() - started, peak_gpu_gb=peak)
         manifest["metrics"] = metrics
         manifest["checkpoint"] = str(run.checkpoint(k))
-    log.info("round %d: trained %d steps in %.0f s, loss %.4f -> %.4f", k, metrics["steps"], metrics["seconds"], metrics.get("initial_loss", float("nan")), metrics.get("final_loss", float("nan")))
+    log.info("round %d: trained %d steps in %.0f s, loss %.4f -> %.4f", k, metrics["steps"], metrics["seconds"],
+             metrics.get("initial_loss", float("nan")), metrics.get("final_loss", float("nan")))

@@ -1,7 +1,15 @@
-"""Shared fixtures: a real Prefect server on loopback, and a tiny randomly initialised chat model built here.
+"""Shared fixtures: a real Prefect server on loopback, and a tiny randomly initialised chat model built here; and the
+test tiers.
 
 The tiny model has a byte-level BPE tokenizer trained on the bundled prompts and a 2-layer Llama: real
 transformers/TRL/PEFT code paths in seconds, no downloads.
+
+Every test belongs to one tier, by its closest marker (its own, else its module's `pytestmark`); collection fails on
+a test without one, docstring examples are `unit`, and `--tier unit` (repeatable) runs only the tiers named:
+  unit   pure functions, and components in memory or over loopback HTTP to a test double: `make test-fast`
+  stage  stages and flows on the tiny model, a real Prefect server, subprocess runs killed and resumed
+  e2e    the real bundled model end to end: the README's main command, the benchmarks
+`make test` runs all three.
 """
 
 from __future__ import annotations
@@ -22,10 +30,42 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+TIERS = ("unit", "stage", "e2e")
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+def pytest_addoption(parser):
+    parser.addoption("--tier", action="append", choices=TIERS, help="run only this tier's tests (repeatable; default: all)")
+
+
+def tier_of(item) -> str | None:
+    """The closest tier marker: the test's own, else its class's, else its module's `pytestmark`."""
+    if isinstance(item, pytest.DoctestItem):
+        return "unit"
+    for node in reversed(item.listchain()):
+        found = [m.name for m in node.own_markers if m.name in TIERS]
+        if len(found) > 1:
+            raise pytest.UsageError(f"{node.nodeid}: two tier markers {found}")
+        if found:
+            return found[0]
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test must have a tier; with --tier, only those tiers run."""
+    tiers = {item.nodeid: tier_of(item) for item in items}
+    missing = [nodeid for nodeid, tier in tiers.items() if tier is None]
+    if missing:
+        raise pytest.UsageError(f"every test needs a tier marker ({', '.join(TIERS)}); none on:\n  " + "\n  ".join(missing))
+    wanted = config.getoption("tier")
+    if wanted:
+        deselected = [item for item in items if tiers[item.nodeid] not in wanted]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if tiers[item.nodeid] in wanted]
 
 
 def free_port() -> int:

@@ -50,8 +50,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Union
+from typing import Any
 
 __all__ = [
     "Reply",
@@ -79,11 +80,7 @@ class Reply:
     delay: float = 0.0
 
 
-Handler = Union[
-    Reply,
-    list,
-    Callable[[dict, int], Union[Reply, Awaitable[Reply]]],
-]
+Handler = Reply | list | Callable[[dict, int], Reply | Awaitable[Reply]]
 
 
 def _token_entry(token: str, logprob: float) -> dict:
@@ -453,7 +450,7 @@ class ScriptedOpenAI:
         self._state.latency = value
 
     # --- lifecycle -------------------------------------------------------------------------------
-    def start(self) -> "ScriptedOpenAI":
+    def start(self) -> ScriptedOpenAI:
         import httpx
         import uvicorn
 
@@ -497,7 +494,7 @@ class ScriptedOpenAI:
             self._thread.join(timeout=5)
         self._thread = None
 
-    def __enter__(self) -> "ScriptedOpenAI":
+    def __enter__(self) -> ScriptedOpenAI:
         return self.start()
 
     def __exit__(self, *exc) -> None:

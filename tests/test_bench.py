@@ -13,8 +13,9 @@ import pytest
 from selfplay.runtime.rundir import RunDir
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.e2e
 
-@pytest.mark.slow
+
 @pytest.mark.timeout(1200)
 def test_improvement_benchmark_tiny_runs_the_verifier_judged_pipeline(prefect_server, tmp_path):
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
@@ -44,7 +45,6 @@ def test_improvement_benchmark_tiny_runs_the_verifier_judged_pipeline(prefect_se
     assert row["accuracy"] == ev["accuracy"]["accuracy"] and row["accuracy_previous"] == ev["accuracy_previous"]["accuracy"]
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_speed_benchmark_tiny_prints_its_figures_beside_the_plain_loop(prefect_server, tmp_path):
     """`python -m tools.bench speed --tiny`: one round judged over HTTP by the checking judge, then the plain
@@ -85,7 +85,6 @@ def test_speed_benchmark_tiny_prints_its_figures_beside_the_plain_loop(prefect_s
         assert text in proc.stdout
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_speed_benchmark_tiny_with_a_knockout_asks_fewer_calls_and_trains_best_against_worst(prefect_server, tmp_path):
     """The same round with `judge.pairing: knockout`: the judge stage asks its phases over HTTP, the pairs it never
@@ -111,6 +110,7 @@ def test_speed_benchmark_tiny_with_a_knockout_asks_fewer_calls_and_trains_best_a
     assert "a knockout over 8 prompts: at most 64 of 120 candidate pairs asked" in proc.stdout + proc.stderr  # 8 x (3*6//2 - 1) of 8 x 15
 
 
+@pytest.mark.unit
 def test_knockout_benchmark_prints_calls_and_how_often_each_pairing_finds_the_true_best_and_worst(tmp_path):
     """`python -m tools.bench knockout`: simulated judges of known strengths, then a recorded table replayed."""
     import json

@@ -17,8 +17,9 @@ import pytest
 from selfplay.runtime.rundir import RunDir
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.e2e
 
-@pytest.mark.slow
+
 @pytest.mark.timeout(1800)  # the first run on an empty HOME also converts the model and creates the database
 def test_make_run_on_bundled_model(tmp_path):
     venv = Path(sys.prefix)

@@ -9,10 +9,24 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pydantic
 import pytest
 
 from selfplay.config.backends import EndpointJudgeConfig, TransformersJudgeConfig, TransformersSampleConfig, VllmJudgeConfig
-from selfplay.config.run import ConfigError, RunConfig, TrainConfig, check_passthrough, fingerprint, flatten, load_config, parse_overrides, result_differences, result_fields
+from selfplay.config.run import (
+    ConfigError,
+    RunConfig,
+    TrainConfig,
+    check_passthrough,
+    fingerprint,
+    flatten,
+    load_config,
+    parse_overrides,
+    result_differences,
+    result_fields,
+)
+
+pytestmark = pytest.mark.unit
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "deployments" / "recipes").glob("*.yaml"))
 JUDGES = sorted((Path(__file__).resolve().parents[1] / "deployments" / "recipes" / "judges").glob("*.yaml"))
@@ -75,7 +89,7 @@ def test_every_error_is_reported_at_once():
 
 def test_assignment_is_validated_too():
     cfg = load_config(None)
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError):
         cfg.sample.num_samples = 1  # ge=2
 
 

@@ -20,6 +20,8 @@ import yaml
 from selfplay.runtime.rundir import RunDir, read_json
 from tests.conftest import REPO, stop, tiny_config
 
+pytestmark = pytest.mark.stage
+
 BIN = Path(sys.executable).parent
 TZ = "Europe/Paris"
 
@@ -79,7 +81,6 @@ def subflow(parent_id, name: str):
     return max(runs, key=lambda r: r.created)
 
 
-@pytest.mark.slow
 def test_manual_run_with_custom_parameters_through_a_worker(deployed, tiny_model, tmp_path):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -113,7 +114,6 @@ def test_manual_run_with_custom_parameters_through_a_worker(deployed, tiny_model
     assert any(a.type == "progress" for a in arts)
 
 
-@pytest.mark.slow
 def test_nightly_deployment_has_runs_scheduled_at_the_cron_times(deployed):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
@@ -161,7 +161,6 @@ def test_a_crashed_lineage_run_is_finished_first(prefect_server, tiny_model, tmp
     assert tonight.name == "night" and tonight.rounds == 5  # rounds 2-3 left from last night, then 2 more
 
 
-@pytest.mark.slow
 def test_retrying_a_failed_run_resumes_from_its_completed_stages(deployed, tiny_model, tmp_path):
     recipe, cfg = tiny_recipe(tiny_model, tmp_path, name="retry-me", rounds=1)
     run = RunDir(Path(cfg["output_dir"]) / "retry-me")

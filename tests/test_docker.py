@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[1]
 DOCKER_DIR = REPO / "docker"
 COMPOSE = DOCKER_DIR / "docker-compose.yml"
@@ -267,7 +269,7 @@ def test_one_vllm_version_everywhere():
 
     judge = yaml.safe_load(interpolate_defaults(COMPOSE.read_text()))["services"]["vllm-judge"]
     assert judge["image"] == VLLM_IMAGE
-    files = [REPO / "README.md", *DOCKER_DIR.rglob("*"), *(REPO / "deployments").rglob("*.yaml"), REPO / "selfplay" / "server_spec.py"]
+    files = [REPO / "README.md", *DOCKER_DIR.rglob("*"), *(REPO / "deployments").rglob("*.yaml"), REPO / "selfplay" / "config" / "server.py"]
     for path in (f for f in files if f.is_file()):
         text = path.read_text()
         for tag in re.findall(r"vllm/vllm-openai:([\w.{}]+)", text) + ["v" + t for t in re.findall(r"vllm==([\w.]+)", text)]:
@@ -275,7 +277,7 @@ def test_one_vllm_version_everywhere():
         assert "v0.11" not in text, f"{path.relative_to(REPO)} still names v0.11"
     assert f"vLLM {VLLM_VERSION}" in (REPO / "README.md").read_text()
     # the docker form of a server command gives vLLM's tensor parallelism its shared memory, and says so
-    for path in (REPO / "README.md", REPO / "selfplay" / "server_spec.py", REPO / "deployments" / "recipes" / "judges" / "vllm.yaml"):
+    for path in (REPO / "README.md", REPO / "selfplay" / "config" / "server.py", REPO / "deployments" / "recipes" / "judges" / "vllm.yaml"):
         assert "--ipc=host" in path.read_text(), f"{path.relative_to(REPO)}: a docker run of vLLM without --ipc=host"
     assert yaml.safe_load(interpolate_defaults(COMPOSE.read_text()))["services"]["vllm-judge"]["ipc"] == "host"
 

@@ -12,11 +12,14 @@ import random
 import string
 
 import pandas as pd
+import pytest
 
 from selfplay.config.run import FilterConfig
 from selfplay.generation.decoding import completion_lengths
 from selfplay.pairs.build import REASONS, drop_reason, screen, similarity
 from selfplay.pairs.selection import drop_counts, select_pairs
+
+pytestmark = pytest.mark.unit
 
 
 def random_text(rng: random.Random, n: int) -> str:

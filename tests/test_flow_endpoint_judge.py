@@ -18,6 +18,8 @@ from selfplay.runtime.rundir import RunDir
 from tests.conftest import run_self_play, tiny_config
 from tests.openai_stub import Reply, ScriptedOpenAI, chat_completion
 
+pytestmark = pytest.mark.stage
+
 KEY = "sk-test-0123456789abcdefSECRET"
 
 

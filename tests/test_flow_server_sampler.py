@@ -11,11 +11,14 @@ from pathlib import Path
 
 import pandas as pd
 import psutil
+import pytest
 
 from selfplay.runtime.rundir import RunDir
 from tests.conftest import REPO, run_self_play, tiny_config
 from tests.openai_stub import Reply, ScriptedOpenAI, chat_completion
 from tests.vllm_stub import Vllm
+
+pytestmark = pytest.mark.stage
 
 # The default ServerSpec (vLLM's argv) with the FAKE vLLM as its command.
 STUB_AS_VLLM = {"command": [sys.executable, "-m", "tests.vllm_stub", "serve"], "cwd": str(REPO), "startup_timeout": 60}

@@ -24,6 +24,8 @@ from selfplay.runtime.rundir import RunDir
 from tasks import sample as sample_stage
 from tests.conftest import run_self_play, tiny_config
 
+pytestmark = pytest.mark.stage
+
 
 @pytest.fixture(scope="module")
 def tiny_run(prefect_server, tiny_model, tmp_path_factory):

@@ -23,6 +23,8 @@ from selfplay.training.dpo import dpo_arguments, training_diagnoses
 from tests.conftest import run_self_play, tiny_config
 from tests.openai_stub import Reply, ScriptedOpenAI, chat_completion
 
+pytestmark = pytest.mark.unit
+
 
 def summary(wins: int, ties: int, losses: int) -> dict:
     outcomes = ["win"] * wins + ["tie"] * ties + ["loss"] * losses
@@ -44,6 +46,7 @@ def test_gate_disabled_or_without_evidence():
     assert not accepted and "no held-out comparison" in reason
 
 
+@pytest.mark.stage
 def test_rejected_rounds_stay_on_disk_and_the_lineage_keeps_the_previous_checkpoint(prefect_server, tiny_model, tmp_path):
     eval_prompts = {p["prompt"] for p in load_prompts("bundled:eval")}
 

@@ -13,6 +13,8 @@ from selfplay.generation.decoding import fast_decoder_refusal, sample_top, stop_
 from selfplay.generation.local import generate
 from selfplay.inputs.models import load_causal_lm, load_tokenizer
 
+pytestmark = pytest.mark.stage
+
 PROMPTS = ["Hi", "Name a colour.", "What is 12 + 30? Answer with the number.", "Write one word about the sea."]
 
 

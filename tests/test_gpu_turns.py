@@ -24,6 +24,8 @@ from selfplay.runtime import devicelock
 from tests.conftest import tiny_config
 from tools import faults
 
+pytestmark = pytest.mark.unit
+
 SELFPLAY = str(Path(sys.executable).parent / "selfplay")
 
 
@@ -122,7 +124,7 @@ def test_the_lock_is_released_and_cleared_after_a_normal_turn(tmp_path, monkeypa
         pass
 
 
-@pytest.mark.slow
+@pytest.mark.stage
 def test_cluster_limit_frees_a_sigkilled_holders_slot_within_its_lease(prefect_server, tmp_path, monkeypatch):
     """The optional Prefect limit caps GPU stages across machines (two lock directories stand for two machines);
     a holder killed with SIGKILL gives its slot back when its lease runs out, and the next stage proceeds."""
@@ -148,7 +150,7 @@ def test_cluster_limit_frees_a_sigkilled_holders_slot_within_its_lease(prefect_s
     assert waited <= lease + 10, f"waited {waited:.0f} s for a dead holder's slot (lease {lease:.0f} s)"
 
 
-@pytest.mark.slow
+@pytest.mark.stage
 def test_two_runs_on_one_machine_take_turns_and_both_finish(tiny_model, tmp_path):
     """Two `selfplay run`s with different names at once, on the default path (each its own temporary server over
     one PREFECT_HOME): their GPU stages never overlap, and both complete."""

@@ -2,7 +2,8 @@
 
 The run has four rounds: 1 accepted with everything; 2 rejected by the gate, with warnings, pathology figures, a CI
 and a response carrying <script>; 3 complete but without evaluate and without a training log; 4 incomplete (sample
-only). A last test renders the page in headless Chromium and checks the screenshot, skipping where there is none.
+only). Unit tier, except a last test (stage tier) that renders the page in headless Chromium and checks the
+screenshot: Chromium is installed on first use (tests/browser.py), so the check runs whatever order the tests run in.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ import pytest
 from selfplay.reporting.html_report import write_report
 from selfplay.reporting.report import summarize_round
 from selfplay.runtime.rundir import RunDir, write_json_atomic
+from tests.browser import CHROMIUM, ensure_chromium
+
+pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SCRIPT = "<script>alert(1)</script>"
 GATE_REASON = "win rate 0.375 vs previous is below the gate's 0.5 (CI [0.21, 0.56] includes 0.5)"
@@ -195,9 +198,9 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
+@pytest.mark.stage  # a real browser, installed on first use
 def test_report_renders_in_chromium(run_root, tmp_path):
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is not installed; the rendering check needs headless Chromium")
+    ensure_chromium()  # apt-get installs it where it is missing and we are root; elsewhere the test says why it skips
     html_path = write_report(run_root)
     shot = tmp_path / "report.png"
     cmd = [str(CHROMIUM), "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",

@@ -27,6 +27,8 @@ from selfplay.runtime.isolate import StageProcessError
 from selfplay.runtime.rundir import RunDir
 from tests.conftest import free_port, run_self_play, tiny_config
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -115,7 +117,7 @@ def test_a_parent_killed_outright_takes_its_stage_process_with_it(tmp_path):
     import sys
 
     pid_file = tmp_path / "child.pid"
-    script = ("import logging; from selfplay import isolate; "
+    script = ("import logging; from selfplay.runtime import isolate; "
               f"isolate.call('tests.isolate_targets:hang', {str(pid_file)!r}, isolated=True, log=logging.getLogger('x'))")
     parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
     deadline = time.monotonic() + 60
@@ -185,9 +187,11 @@ def test_preflight_refuses_training_setups_this_machine_cannot_run(tmp_path):
     if importlib.util.find_spec("deepspeed") is None:
         with pytest.raises(ConfigError, match=r"uses DeepSpeed, which is not installed: pip install -e '\.\[deepspeed\]'"):
             check_training_hardware(zero3, "cpu")
-    check_training_hardware(load_config(None, ["train.launcher.kind=accelerate", f"train.launcher.config_file={ROOT / 'deployments/accelerate/ddp.yaml'}"]), "cpu")
+    ddp = ROOT / "deployments/accelerate/ddp.yaml"
+    check_training_hardware(load_config(None, ["train.launcher.kind=accelerate", f"train.launcher.config_file={ddp}"]), "cpu")
 
 
+@pytest.mark.stage
 @pytest.mark.parametrize("isolation", ["inline", "process"])
 def test_preflight_reports_what_trl_rejects_wherever_it_checks(isolation, tiny_model, tmp_path):
     """On a GPU the settings are checked in a process of their own (building TRL's arguments creates a CUDA
@@ -218,6 +222,7 @@ def inline_and_isolated(prefect_server, tiny_model, tmp_path_factory):
     return RunDir(build_config(inline).run_dir), RunDir(build_config(split).run_dir)
 
 
+@pytest.mark.stage
 def test_stages_in_their_own_processes_compute_the_same_samples_and_verdicts(inline_and_isolated):
     inline, isolated = inline_and_isolated
     pd.testing.assert_frame_equal(pd.read_parquet(inline.stage_dir(1, "sample") / "samples.parquet"),
@@ -231,6 +236,7 @@ def test_stages_in_their_own_processes_compute_the_same_samples_and_verdicts(inl
                                   pd.read_parquet(isolated.stage_dir(1, "evaluate") / "generations_previous.parquet"))
 
 
+@pytest.mark.stage
 def test_accelerate_launch_trains_data_parallel_on_two_processes(inline_and_isolated, tiny_model):
     inline, isolated = inline_and_isolated
     kept = isolated.manifest(1, "filter")["metrics"]["kept"]
@@ -255,6 +261,7 @@ def adapter_run(prefect_server, tiny_model, tmp_path_factory):
     return RunDir(build_config(raw).run_dir)
 
 
+@pytest.mark.stage
 def test_unmerged_checkpoints_are_one_adapter_over_the_base_carried_across_rounds(adapter_run, tiny_model):
     run = adapter_run
     from safetensors.torch import load_file
@@ -277,6 +284,7 @@ def test_unmerged_checkpoints_are_one_adapter_over_the_base_carried_across_round
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here: CI and dev machines are CPU-only)")
 
 
+@pytest.mark.stage
 @needs_cuda
 def test_a_stage_process_gives_all_gpu_memory_back(log, tiny_model, tmp_path):
     import subprocess
@@ -289,12 +297,13 @@ def test_a_stage_process_gives_all_gpu_memory_back(log, tiny_model, tmp_path):
     from selfplay.config.backends import SampleConfig
 
     before = used_mib()
-    rows, peak = isolate.call("selfplay.generation.local:sample_local", str(tiny_model), ["Hi", "Name a colour."], SampleConfig(num_samples=2, max_new_tokens=8),
-                              0, isolated=True, log=log, scratch=tmp_path)
+    rows, peak = isolate.call("selfplay.generation.local:sample_local", str(tiny_model), ["Hi", "Name a colour."],
+                              SampleConfig(num_samples=2, max_new_tokens=8), 0, isolated=True, log=log, scratch=tmp_path)
     assert len(rows) == 4 and peak > 0
     assert used_mib() - before < 64  # the child's CUDA context and cache went with it
 
 
+@pytest.mark.stage
 @needs_cuda
 def test_preflight_leaves_the_flow_process_without_a_cuda_context(tiny_model, tmp_path):
     """A context in the flow's process would hold GPU memory through every stage; preflight must not create one."""
@@ -310,6 +319,7 @@ def test_preflight_leaves_the_flow_process_without_a_cuda_context(tiny_model, tm
     assert "initialized False" in out.stdout
 
 
+@pytest.mark.stage
 @needs_cuda
 def test_qlora_round_trains_in_4bit_and_merges_into_full_precision(prefect_server, tiny_model, tmp_path):
     pytest.importorskip("bitsandbytes", reason="the qlora extra is not installed: pip install -e '.[qlora]'")

@@ -1,4 +1,5 @@
-"""Fast tier: the judge's pure logic (selfplay/judging/runner.py, selfplay/pairs/build.py, selfplay/judging/prompt.py), driven by small in-memory fake judge backends.
+"""Unit tier: the judge's pure logic (selfplay/judging/verdicts.py and runner.py, selfplay/pairs/, selfplay/judging/prompt.py),
+driven by small in-memory fake judge backends.
 
 No model is loaded: the fakes implement the `Judge` protocol (name, judge(calls), close()) and answer from the
 rendered prompt text, so the swap rule, screening, verdicts, statistics and the evaluate outcomes are checked exactly.
@@ -27,6 +28,8 @@ from selfplay.judging.verdicts import VERDICTS, Comparison, Judged, combine_orde
 from selfplay.pairs.build import COLUMNS, REASONS, build_pairs, candidate_pairs, judged_tables, judgments_table, pair_comparisons
 from selfplay.pairs.knockout import KnockoutPhases, knockout, max_matches
 from selfplay.pairs.selection import drop_counts, kept_pairs, knockout_agreement, select_pairs
+
+pytestmark = pytest.mark.unit
 
 PROBS = [i / 100 for i in range(101)] + [random.Random(7).random() for _ in range(200)]
 

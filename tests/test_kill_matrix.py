@@ -41,7 +41,8 @@ from selfplay.runtime.rundir import STAGES, RunDir, sha256_file
 from tests.conftest import tiny_config
 from tools import faults
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.stage
+
 
 SELFPLAY = str(Path(sys.executable).parent / "selfplay")
 NAME = "matrix"

@@ -15,6 +15,8 @@ import pytest
 
 from selfplay.inputs.models import ModelError, cache_root, exclusive, hub_reachable, is_hf_dir, resolve_model
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def offline(monkeypatch):

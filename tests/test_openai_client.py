@@ -19,6 +19,8 @@ from selfplay.judging.endpoint import OpenAIJudge
 from selfplay.serving.openai_client import RequestFailed, SamplingError, async_client, chat, run_sync, sample_chat
 from tests.openai_stub import Reply, ScriptedOpenAI, api_error, chat_completion
 
+pytestmark = pytest.mark.unit
+
 NO_CHOICES = Reply(json={"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "m", "choices": []})
 ASK = dict(model="m", messages=[{"role": "user", "content": "hi"}])
 

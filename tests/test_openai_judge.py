@@ -18,7 +18,6 @@ import math
 import re
 import socket
 import sqlite3
-import sys
 import threading
 import time
 from collections import Counter
@@ -29,24 +28,24 @@ import openai._base_client
 import pandas as pd
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import selfplay.serving.openai_client as openai_client  # noqa: E402
+import selfplay.serving.openai_client as openai_client
 from selfplay.config.backends import EndpointConfig, EndpointJudgeConfig
-from selfplay.config.run import FilterConfig  # noqa: E402
-from selfplay.judging.cache import JudgeCache  # noqa: E402
-from selfplay.judging.calls import JudgeCall  # noqa: E402
-from selfplay.judging.endpoint import OpenAIJudge  # noqa: E402
-from selfplay.judging.prompt import default_template, load_rubric, render_judge_prompt  # noqa: E402
-from selfplay.judging.runner import judge_batch, judge_comparisons  # noqa: E402
+from selfplay.config.run import FilterConfig
+from selfplay.judging.cache import JudgeCache
+from selfplay.judging.calls import JudgeCall
+from selfplay.judging.endpoint import OpenAIJudge
+from selfplay.judging.prompt import default_template, load_rubric, render_judge_prompt
+from selfplay.judging.runner import judge_batch, judge_comparisons
 from selfplay.judging.verdicts import JudgeFailed, check_error_rate
 from selfplay.pairs.build import build_pairs, judged_tables, pair_comparisons
-from selfplay.pairs.knockout import KnockoutPhases  # noqa: E402
-from selfplay.pairs.selection import drop_counts, select_pairs  # noqa: E402
-from selfplay.serving.openai_client import EndpointError, check_endpoint, resolve_api_key  # noqa: E402
-from tests.openai_stub import Reply, ScriptedOpenAI, api_error, chat_completion  # noqa: E402
+from selfplay.pairs.knockout import KnockoutPhases
+from selfplay.pairs.selection import drop_counts, select_pairs
+from selfplay.serving.openai_client import EndpointError, check_endpoint, resolve_api_key
+from tests.openai_stub import Reply, ScriptedOpenAI, api_error, chat_completion
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[1]
 
 KEY = "test-key"
 
@@ -1018,7 +1017,8 @@ def test_a_retry_after_beyond_two_minutes_is_not_waited_for():
     """The client does not retry what it could only retry after more than two minutes: a judge_error at once."""
     with ScriptedOpenAI(api_error(429, "come back tomorrow", headers={"Retry-After": "86400"})) as server:
         t0 = time.perf_counter()
-        (result,) = make_judge(server, mode="logprobs", max_retries=5).judge([JudgeCall("sys", "<response_A>\nx\n</response_A>\n<response_B>\ny\n</response_B>")])
+        call = JudgeCall("sys", "<response_A>\nx\n</response_A>\n<response_B>\ny\n</response_B>")
+        (result,) = make_judge(server, mode="logprobs", max_retries=5).judge([call])
         assert server.count == 1
     assert time.perf_counter() - t0 < 5
     assert result.p_a is None and "RateLimitError 429" in result.error and "come back tomorrow" in result.error

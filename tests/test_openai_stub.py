@@ -21,6 +21,8 @@ if str(REPO) not in sys.path:  # `tests` is importable when pytest runs from the
 
 from tests.openai_stub import Reply, ScriptedOpenAI, api_error, chat_completion  # noqa: E402
 
+pytestmark = pytest.mark.unit
+
 MSG = [{"role": "user", "content": "Which is better, A or B?"}]
 
 

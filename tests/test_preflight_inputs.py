@@ -21,6 +21,8 @@ from selfplay.inputs.models import ModelError, resolve_model
 from selfplay.orchestration.preflight import check_lora_targets, check_prompts, preflight
 from tests.conftest import tiny_config
 
+pytestmark = pytest.mark.unit
+
 SELFPLAY = Path(sys.executable).parent / "selfplay"
 
 
@@ -99,6 +101,7 @@ def run_cli(tmp_path: Path, cfg: dict, *overrides: str) -> subprocess.CompletedP
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
 
 
+@pytest.mark.stage
 def test_selfplay_run_on_a_garbage_gguf_exits_2_in_one_line_leaving_no_lock(tmp_path):
     garbage = tmp_path / "model.gguf"
     garbage.write_bytes(os.urandom(4096).replace(b"GGUF", b"gguf"))
@@ -114,6 +117,7 @@ def test_selfplay_run_on_a_garbage_gguf_exits_2_in_one_line_leaving_no_lock(tmp_
     assert not (tmp_path / "runs" / cfg["name"]).exists()
 
 
+@pytest.mark.stage
 def test_selfplay_run_with_a_lora_rank_peft_refuses_exits_2_in_one_line(tiny_model, tmp_path):
     done = run_cli(tmp_path, tiny_config(tiny_model, tmp_path / "runs"), "train.lora.r=-1")
     assert done.returncode == 2, done.stderr

@@ -14,6 +14,8 @@ import pytest
 
 from selfplay.inputs.prompts import BUNDLED_DIR, PromptError, draw_prompts, load_prompts, rows_to_prompts, unreadable_reason
 
+pytestmark = pytest.mark.unit
+
 CATEGORIES = {"question", "howto", "writing", "arithmetic", "coding"}
 
 
@@ -55,7 +57,8 @@ def test_bundled_categories_cover_every_kind(name):
 
 
 def test_unknown_bundled_set_lists_the_available_ones():
-    with pytest.raises(PromptError, match=r"unknown bundled prompt set 'bundled:test' \(have: bundled:checkable_eval, bundled:checkable_train, bundled:eval, bundled:train\)"):
+    with pytest.raises(PromptError, match=r"unknown bundled prompt set 'bundled:test' \(have: bundled:checkable_eval, bundled:checkable_train, "
+                                          r"bundled:eval, bundled:train\)"):
         load_prompts("bundled:test")
 
 

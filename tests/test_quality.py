@@ -15,6 +15,8 @@ import selfplay.evaluation.quality as quality
 from selfplay.evaluation.pathologies import degenerate_rate, hedging_rate, pathologies, pathology_trend, repetition_rate, sycophancy_rate, verbosity
 from selfplay.evaluation.quality import QualityThresholds, data_quality, length_controlled_win_rate, similarity_histogram, wilson_interval, win_summary
 
+pytestmark = pytest.mark.unit
+
 WARNING_KEYS = {"check", "value", "threshold", "message"}
 
 

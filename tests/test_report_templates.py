@@ -16,13 +16,16 @@ import pytest
 
 from selfplay.reporting.report import round_report, round_report_context, templates
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[1]
 
 SUMMARY = {"round": 2, "kept": 4, "candidate_pairs": 6, "gate_reason": "rejected: win rate <b>0.375</b> < 0.5 & falling",
            "checkpoint": "/runs/demo/round_2/train/checkpoint",
            "quality_warnings": [{"check": "length_bias", "value": 0.71, "threshold": 0.65, "message": "chosen is longer <b>"}],
            "training_warnings": [], "pathology_warnings": [{"check": "repetition", "value": 0.2, "threshold": 0.1, "message": "rising"}]}
-JUDGE = {"judged": 5, "sources": {"verifier": 4, "llm": 1}, "sample_accuracy": 0.25, "position_consistency": 0.8, "first_position_win_rate": 0.55, "tie_rate": 0.2, "error_rate": 0.0, "cache_hits": 3}
+JUDGE = {"judged": 5, "sources": {"verifier": 4, "llm": 1}, "sample_accuracy": 0.25, "position_consistency": 0.8,
+         "first_position_win_rate": 0.55, "tie_rate": 0.2, "error_rate": 0.0, "cache_hits": 3}
 TRAIN = {"steps": 5, "initial_loss": 0.6931, "final_loss": 0.5123456}
 EVALUATE = {"win_rate": 0.375, "wins": 3, "ties": 0, "losses": 5, "ci_low": 0.1, "ci_high": 0.7, "vs_base": {"win_rate": 0.5},
             "mean_tokens_new": 31.0}
@@ -67,6 +70,7 @@ def test_autoescape_is_on_for_html_and_off_for_markdown():
     assert templates().autoescape("round_report.md.j2") is False
 
 
+@pytest.mark.stage
 def test_templates_are_found_from_an_installed_wheel(tmp_path):
     """Build the wheel from a copy of the source, unpack it as site-packages would hold it, and render both reports
     there in a fresh interpreter: the templates come from the installed copy, not from this checkout."""

@@ -20,6 +20,8 @@ from selfplay.runtime.rundir import RunDir, sha256_file
 from tests.conftest import tiny_config
 from tools import faults
 
+pytestmark = pytest.mark.stage
+
 SELFPLAY = str(Path(sys.executable).parent / "selfplay")
 
 
@@ -36,7 +38,6 @@ def start_run(recipe: Path, api_url: str) -> subprocess.Popen:
     )
 
 
-@pytest.mark.slow
 def test_sigkill_during_training_then_resume(prefect_server, tiny_model, tmp_path):
     # Enough epochs (about 180 tiny steps) that training lasts a few seconds: long enough to be killed mid-way.
     cfg = tiny_config(tiny_model, tmp_path / "runs", name="crashy", rounds=1,
@@ -101,7 +102,6 @@ def test_second_process_on_same_run_is_refused(prefect_server, tiny_model, tmp_p
     assert not (tmp_path / "runs" / "busy" / "round_1").exists()
 
 
-@pytest.mark.slow
 def test_a_second_run_of_a_busy_run_exits_2_at_once_naming_the_holder(tiny_model, tmp_path):
     """The CLI takes the run lock before anything starts and holds it to the end: a second `selfplay run` of the
     same run, while the first is mid-way (held inside its judge stage), is refused before it starts anything."""

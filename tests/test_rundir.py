@@ -19,6 +19,8 @@ import pytest
 from selfplay.config.run import load_config
 from selfplay.runtime.rundir import MANIFEST, RunDir, RunDirError, locked, open_run, read_json, sha256_file, write_json_atomic
 
+pytestmark = pytest.mark.unit
+
 
 def leftovers(root) -> list[str]:
     return sorted(p.name for p in root.rglob("*") if ".tmp-" in p.name)

@@ -28,6 +28,8 @@ from tests.conftest import REPO, free_port
 from tests.openai_stub import Reply, ScriptedOpenAI, api_error, chat_completion
 from tests.vllm_stub import Vllm, token_split
 
+pytestmark = pytest.mark.unit
+
 STUB = [sys.executable, "-m", "tests.vllm_stub", "serve"]
 
 

@@ -8,6 +8,8 @@ import logging
 
 import pytest
 
+pytestmark = pytest.mark.unit
+
 
 def dpo_batch(vocab: int, seed: int = 0):
     """A batch in TRL's layout: [chosen_1..n, rejected_1..n], each prompt + completion, right-padded. The pairs share
@@ -146,6 +148,7 @@ def test_a_model_the_mask_does_not_describe_is_caught_on_the_first_batch(tmp_pat
     assert torch.equal(plain, checked) and torch.equal(plain, later)
 
 
+@pytest.mark.stage
 def test_dpo_training_with_shared_prompts_is_trls_own(tiny_model, tmp_path):
     """Two DPOTrainer runs on the same pairs and seed, one with the prompts shared: the same losses, rewards and
     trained adapter."""
@@ -191,6 +194,7 @@ def test_dpo_training_with_shared_prompts_is_trls_own(tiny_model, tmp_path):
 
 
 
+@pytest.mark.stage
 def test_the_train_stage_shares_prompts_unless_told_not_to_and_saves_the_same_checkpoint(tiny_model, tmp_path):
     """selfplay's own training (train_dpo) with train.share_prompt on and off: the same losses and merged weights;
     the manifest's metrics say what the model computed, or why the prompts were not shared."""

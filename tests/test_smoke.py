@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import yaml
 
 from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.stage
 
 
 def test_smoke_prints_seconds_throughput_and_memory_per_stage(prefect_server, tiny_model, tmp_path, capsys):

@@ -25,6 +25,8 @@ from tasks.sample import sample
 from tasks.train import train
 from tests.conftest import tiny_config
 
+pytestmark = pytest.mark.stage
+
 ARTIFACTS = ("create_progress_artifact", "create_table_artifact", "create_markdown_artifact", "create_link_artifact")
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.stage
+
 START = """
 import logging, sys, httpx
 from pathlib import Path
@@ -40,7 +42,6 @@ def flows_in(db: Path) -> list[str]:
         return [name for (name,) in conn.execute("select name from flow")]
 
 
-@pytest.mark.slow
 def test_a_new_prefect_home_starts_from_the_database_the_first_start_migrated(tmp_path):
     import prefect
 

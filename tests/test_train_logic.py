@@ -14,6 +14,8 @@ from selfplay.pairs.build import REASONS
 from selfplay.pairs.selection import select_pairs
 from selfplay.training.dpo import DPO_DEFAULTS, NotEnoughPairs, check_enough_pairs, dpo_arguments, dpo_records, summarize_history
 
+pytestmark = pytest.mark.unit
+
 # ---------------------------------------------------------------- check_enough_pairs
 
 

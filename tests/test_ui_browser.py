@@ -22,6 +22,8 @@ from selfplay.reporting.artifacts import KEYS
 from tests.browser import ensure_chromium, ensure_selenium, make_driver, screenshot, wait_for
 from tests.conftest import REPO, run_self_play, tiny_config
 
+pytestmark = pytest.mark.stage
+
 OUTPUT = REPO / "test-output" / "ui"
 RUN_NAME = "ui-run"
 ROUND_KEYS = [KEYS["summary"], KEYS["pairs"], KEYS["report"], KEYS["checkpoint"]]

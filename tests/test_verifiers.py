@@ -20,9 +20,23 @@ from selfplay.judging.calls import JudgeResult
 from selfplay.judging.runner import judge_comparisons
 from selfplay.judging.sandbox import run_python
 from selfplay.judging.verdicts import Comparison, llm_count, verifier_verdict
-from selfplay.judging.verifiers import Verifier, VerifierError, choose_kind, code_score, exact_score, final_number, is_correct, number_score, regex_score, score_table, verifier_stats
+from selfplay.judging.verifiers import (
+    Verifier,
+    VerifierError,
+    choose_kind,
+    code_score,
+    exact_score,
+    final_number,
+    is_correct,
+    number_score,
+    regex_score,
+    score_table,
+    verifier_stats,
+)
 from selfplay.pairs.build import build_pairs, pair_comparisons
 from selfplay.pairs.selection import select_pairs
+
+pytestmark = pytest.mark.unit
 
 numbers = st.integers(min_value=-10**7, max_value=10**7)
 

@@ -23,6 +23,8 @@ from selfplay.serving.openai_client import EndpointError, SamplingError, check_e
 from tests.openai_stub import Reply, ScriptedOpenAI
 from tests.vllm_stub import Vllm, _LoraModules
 
+pytestmark = pytest.mark.unit
+
 FIXTURES = Path(__file__).parent / "fixtures" / "vllm"
 
 

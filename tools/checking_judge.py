@@ -109,7 +109,7 @@ class CheckingJudge:
         return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/models", models),
                                  Route("/health", health)])
 
-    def __enter__(self) -> "CheckingJudge":
+    def __enter__(self) -> CheckingJudge:
         import uvicorn
 
         if self.process:
@@ -130,7 +130,7 @@ class CheckingJudge:
             time.sleep(0.01)
         return self
 
-    def _start_process(self) -> "CheckingJudge":
+    def _start_process(self) -> CheckingJudge:
         import subprocess
         import sys
 

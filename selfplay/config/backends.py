@@ -60,7 +60,8 @@ class EndpointConfig(Section):
     base_url: str = Field(..., description="API base URL, e.g. https://api.openai.com/v1 or http://localhost:8000/v1.")
     model: str = Field(..., description="Model name as the endpoint knows it.")
     api_key_env: str | None = operational(
-        None, description="Environment variable holding the API key (the key itself is never configured); unset, OpenAI's own API uses OPENAI_API_KEY and other hosts get no key.")
+        None, description="Environment variable holding the API key (the key itself is never configured); unset, OpenAI's own API uses OPENAI_API_KEY "
+                          "and other hosts get no key.")
     api_key_secret: str | None = operational(None, description="Name of a Prefect Secret block holding the API key; wins over api_key_env.")
     timeout: float = operational(60.0, gt=0, description="Seconds per request before it counts as timed out (and is retried).")
     max_concurrency: int = operational(16, ge=1, description="Requests in flight at most.")
@@ -132,7 +133,7 @@ class VerifierConfig(Section):
         "llm", description="Two responses the verifier scores the same: 'llm', the LLM judge decides in both orders; 'none', a tie (no LLM call).")
 
     @model_validator(mode="after")
-    def _function_for_python(self) -> "VerifierConfig":
+    def _function_for_python(self) -> VerifierConfig:
         if self.kind == "python" and not self.function:
             raise ValueError("judge.verifier.kind 'python' needs judge.verifier.function: 'module:function'")
         return self
@@ -150,7 +151,7 @@ class JudgeConfig(Section):
     max_calls_per_prompt: int | None = Field(None, ge=2, description="Cap on judge calls per prompt (2 per pair); pairs beyond it are not judged.")
 
     @model_validator(mode="after")
-    def _no_cap_on_a_knockout(self) -> "JudgeConfig":
+    def _no_cap_on_a_knockout(self) -> JudgeConfig:
         if self.pairing == "knockout" and self.max_calls_per_prompt is not None:
             raise ValueError("judge.max_calls_per_prompt caps all_pairs and tournament; a knockout asks at most 3K/2 - 1 pairs of its "
                              "own choosing: leave the cap unset, or use another pairing")
@@ -162,7 +163,8 @@ class JudgeConfig(Section):
     system_prompt: str = Field("You are a careful, impartial judge of AI assistant responses.", description="Judge system prompt.")
     verifier: VerifierConfig = Field(default_factory=VerifierConfig, description="Verifiers for prompts with a reference answer (the hybrid judge).")
     max_error_rate: float = operational(
-        0.05, ge=0, le=1, description="The judge stage fails when more than this fraction of pairs get no verdict: judge_error (the endpoint failed) or invalid (its replies were unreadable).")
+        0.05, ge=0, le=1, description="The judge stage fails when more than this fraction of pairs get no verdict: judge_error (the endpoint failed) "
+                                      "or invalid (its replies were unreadable).")
 
 
 class TransformersJudgeConfig(JudgeConfig):

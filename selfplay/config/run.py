@@ -31,7 +31,18 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, WrapValidator, field_validator, model_validator
 from typing_extensions import TypedDict
 
-from selfplay.config.backends import BACKENDS, JudgeBackend, SampleBackend, Section, TransformersJudgeConfig, TransformersSampleConfig, affects_results, operational, prepare_section, switch_backend
+from selfplay.config.backends import (
+    BACKENDS,
+    JudgeBackend,
+    SampleBackend,
+    Section,
+    TransformersJudgeConfig,
+    TransformersSampleConfig,
+    affects_results,
+    operational,
+    prepare_section,
+    switch_backend,
+)
 from selfplay.errors import SelfplayError
 
 
@@ -57,20 +68,23 @@ class PromptsConfig(Section):
     eval: str | list[str] = Field("bundled:eval", description="Held-out prompts, same forms as `train`; a list is read in order.")
     column: str = Field("prompt", description="Column holding the prompt text.")
     answer_column: str = Field("answer", description="Column holding a prompt's reference answer, where it has one (absent or empty: none).")
-    verifier_column: str = Field("verifier", description="Column naming a prompt's verifier (number, exact, regex, python, code), read by judge.verifier.kind 'auto'.")
+    verifier_column: str = Field("verifier", description="Column naming a prompt's verifier (number, exact, regex, python, code), read by "
+                                                         "judge.verifier.kind 'auto'.")
     messages_column: str | None = Field(None, description="Column holding chat messages instead; the last user turn is the prompt.")
     split: str = Field("train", description="Split to read from a hub dataset.")
     per_round: int = Field(24, ge=1, description="Train prompts drawn (seeded, fresh each round) per round.")
     eval_size: int = Field(16, ge=1, description="Held-out prompts the evaluate stage judges the new checkpoint against the current one on (the first ones).")
     accuracy_size: int | None = Field(
-        None, ge=1, description="Held-out prompts with a reference answer on which each checkpoint's greedy accuracy is measured (the first ones); unset, all of them.")
+        None, ge=1, description="Held-out prompts with a reference answer on which each checkpoint's greedy accuracy is measured (the first ones); "
+                                "unset, all of them.")
 
 
 class FilterConfig(Section):
     max_similarity: float = Field(0.9, ge=0, le=1, description="Drop pairs whose responses are at least this similar (rapidfuzz ratio, 0-1).")
     min_chars: int = Field(1, ge=0, description="Drop pairs with a response shorter than this (after stripping).")
     drop_truncated: bool = Field(True, description="Drop pairs with a response cut off by max_new_tokens.")
-    max_length_ratio: float | None = Field(None, gt=1, description="Length control: drop pairs whose longer response is more than this many times the shorter (characters).")
+    max_length_ratio: float | None = Field(None, gt=1, description="Length control: drop pairs whose longer response is more than this many times the "
+                                                                   "shorter (characters).")
     prefer_shorter_below_margin: float | None = Field(
         None, ge=0, le=1, description="Length control: when a kept pair's margin is below this, train on the shorter response as chosen.")
 
@@ -93,7 +107,7 @@ class LauncherConfig(Section):
     args: list[str] = operational(default_factory=list, description="accelerate: more `accelerate launch` arguments, e.g. ['--main_process_port', '29511'].")
 
     @model_validator(mode="after")
-    def _config_for_accelerate(self) -> "LauncherConfig":
+    def _config_for_accelerate(self) -> LauncherConfig:
         if self.kind == "python" and (self.config_file or self.num_processes or self.args):
             raise ValueError("train.launcher.config_file/num_processes/args apply to kind 'accelerate' only")
         return self
@@ -142,7 +156,8 @@ class TrainConfig(Section):
     merge: bool = Field(
         True, description="true: merge each round's LoRA adapter; the checkpoint is a full model. false: the checkpoint is one "
         "adapter over the base model, trained on across rounds (what sample.backend 'endpoint' loads into a vLLM server).")
-    launcher: LauncherConfig = Field(default_factory=LauncherConfig, description="How the training process starts: one process, or accelerate launch for multi-GPU.")
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig, description="How the training process starts: one process, or accelerate launch "
+                                                                                 "for multi-GPU.")
     share_prompt: bool = operational(
         True, description="Put each pair's prompt through the model once for its chosen and rejected rows (one packed row, a 4-D "
         "mask): the same log-probabilities and gradients in fewer positions. It stays off while any dropout is on, and checks its "
@@ -153,7 +168,8 @@ class EvaluateConfig(Section):
     vs_base: bool = Field(True, description="Also judge each new checkpoint against round 0 (the base model).")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature for eval generations (0 = greedy).")
     max_new_tokens: int = Field(96, ge=1, description="Generation budget for eval generations.")
-    accuracy_max_new_tokens: int | None = Field(None, ge=1, description="Generation budget of the greedy answers held-out accuracy is measured on; unset, max_new_tokens.")
+    accuracy_max_new_tokens: int | None = Field(None, ge=1, description="Generation budget of the greedy answers held-out accuracy is measured on; "
+                                                                        "unset, max_new_tokens.")
     seed: int = Field(1234, description="Seed for eval generations, the same every round.")
 
 
@@ -164,7 +180,8 @@ class GateConfig(Section):
         "McNemar test on the prompts where exactly one of the two is right).")
     accuracy_alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of that test.")
     min_upper_bound: float = Field(
-        0.5, ge=0, le=1, description="Reject a round when the upper end of the 95% Wilson interval of its win rate against the current checkpoint is below this.")
+        0.5, ge=0, le=1, description="Reject a round when the upper end of the 95% Wilson interval of its win rate against the current checkpoint is "
+                                     "below this.")
     early_stop_after: int | None = operational(None, ge=1, description="Stop the run after this many rejected rounds in a row.")
 
 
@@ -175,8 +192,10 @@ class RunConfig(Section):
     seed: int = Field(0, description="Seed for prompt draws and training.")
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
-    sample: SampleBackend = Field(default_factory=TransformersSampleConfig, description="The sampler: sample.backend transformers, vllm or endpoint, and its settings.")
-    judge: JudgeBackend = Field(default_factory=TransformersJudgeConfig, description="The judge: judge.backend transformers, vllm or endpoint, and its settings.")
+    sample: SampleBackend = Field(default_factory=TransformersSampleConfig, description="The sampler: sample.backend transformers, vllm or endpoint, "
+                                                                                        "and its settings.")
+    judge: JudgeBackend = Field(default_factory=TransformersJudgeConfig, description="The judge: judge.backend transformers, vllm or endpoint, and its "
+                                                                                     "settings.")
     filter: FilterConfig = Field(default_factory=FilterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
@@ -196,7 +215,7 @@ class RunConfig(Section):
         return prepare_section(info.field_name, value, recorded=bool(info.context and info.context.get("recorded")))
 
     @model_validator(mode="after")
-    def _endpoint_sees_each_round(self) -> "RunConfig":
+    def _endpoint_sees_each_round(self) -> RunConfig:
         if self.sample.backend == "endpoint" and self.train.merge and self.rounds > 1:
             raise ValueError(
                 "sample.backend 'endpoint' samples from a server selfplay does not restart, so from round 2 on it would "

@@ -4,7 +4,8 @@ own) or through an OpenAI-compatible server (a vLLM server started for the round
 Each completion is a dict: prompt index, sample index, text, prompt tokens, tokens generated, and `truncated` (it
 hit the token budget before its end-of-sequence token). The sample stage draws K per prompt from the round's
 policy (`sample_local`, `sample_from_server`); the evaluate stage one per held-out prompt from each model it
-compares, from the sampling backend's server (`eval_generations_from_server`) or in-process (`eval_generations`). A policy is always loaded from its saved checkpoint.
+compares, from the sampling backend's server (`eval_generations_from_server`) or in-process (`eval_generations`).
+A policy is always loaded from its saved checkpoint.
 """
 
 from __future__ import annotations

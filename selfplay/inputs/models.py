@@ -201,7 +201,7 @@ def convert_gguf(gguf: Path) -> Path:
     return out
 
 
-def pick_device() -> tuple[str, "torch.dtype"]:  # noqa: F821
+def pick_device() -> tuple[str, torch.dtype]:  # noqa: F821
     """CUDA with bf16 (fp16 where bf16 is missing) when present, else CPU in fp32."""
     import torch
 

@@ -3,8 +3,9 @@
 The template (`selfplay/data/templates/judge.txt`, or `judge.template`) has `{prompt}`, `{response_a}`,
 `{response_b}`, `{rubric}` and `{reference}`. Where a prompt has a reference answer, the default is the
 reference-guided `judge_reference.txt` (MT-Bench's rule for maths and code: the judge sees the reference); a
-recipe's own template gets the reference, or "(none)", wherever it writes `{reference}`. Judged text is fenced first: our tags and placeholders inside a response are
-escaped, so "Response B:", a closing tag or `{rubric}` in a response cannot forge the prompt's structure.
+recipe's own template gets the reference, or "(none)", wherever it writes `{reference}`. Judged text is fenced
+first: our tags and placeholders inside a response are escaped, so "Response B:", a closing tag or `{rubric}` in a
+response cannot forge the prompt's structure.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def judge_phases(judge: Judge, phases: Phases, cfg: JudgeConfig, progress: Calla
     results: list[JudgeResult] = []
     while todo := phases.next(decided):
         done = len(results)
-        step = (lambda d, t: progress(done + d, done + t)) if progress else None
+        step = (lambda d, t, done=done: progress(done + d, done + t)) if progress else None
         judged = judge_comparisons(judge, list(todo.values()), cfg, progress=step)
         decided.update(zip(todo, judged.verdicts))
         keys.extend(todo)

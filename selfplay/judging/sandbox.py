@@ -65,7 +65,8 @@ def hook(event, args):
     elif event in ("os.rename", "shutil.move", "shutil.copyfile"):
         if not (inside(args[0]) and inside(args[1])):
             raise PermissionError(f"sandbox: {event} outside the working directory is refused")
-    elif event.startswith(("socket.", "subprocess.", "os.exec", "os.posix_spawn", "os.spawn", "ctypes.")) or event in ("os.system", "os.fork", "os.forkpty", "pty.spawn", "os.kill", "os.killpg"):
+    elif event.startswith(("socket.", "subprocess.", "os.exec", "os.posix_spawn", "os.spawn", "ctypes.")) or event in (
+            "os.system", "os.fork", "os.forkpty", "pty.spawn", "os.kill", "os.killpg"):
         raise PermissionError(f"sandbox: {event} is refused")
 program = sys.argv[2]
 code = compile(open(program).read(), "program.py", "exec")

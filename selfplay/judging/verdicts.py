@@ -22,7 +22,7 @@ models' answers, `selfplay.evaluation`) both judge through `selfplay.judging.run
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Protocol, Union
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 import pandas as pd
@@ -96,7 +96,7 @@ class Phases(Protocol):
     def next(self, decided: dict[Any, dict[str, Any]]) -> dict[Any, Comparison]: ...
 
 
-Batch = Union[Sequence[Comparison], Phases]
+Batch = Sequence[Comparison] | Phases
 
 
 def combine_orders(order1: JudgeResult | float | None, order2: JudgeResult | float | None, margin: float) -> dict[str, Any]:

@@ -66,7 +66,7 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-_live: "set[ModelServer]" = set()  # started and not yet stopped
+_live: set[ModelServer] = set()  # started and not yet stopped
 _live_lock = threading.Lock()
 
 
@@ -136,7 +136,7 @@ class ModelServer:
 
     # ------------------------------------------------------------------------------------------- lifecycle
 
-    def start(self) -> "ModelServer":
+    def start(self) -> ModelServer:
         """Start the server and wait until it is healthy; raise `ServerStartError` (nothing left running) if not."""
         if self._proc is not None:
             raise RuntimeError(f"{self!r} is already started")
@@ -255,7 +255,7 @@ class ModelServer:
         timeout = self.spec.gpu_free_timeout if timeout is None else timeout
         return gpu.wait_gpu_free(self._gpu_before, timeout, tolerance)
 
-    def __enter__(self) -> "ModelServer":
+    def __enter__(self) -> ModelServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

@@ -92,7 +92,8 @@ def check_endpoint(endpoint: EndpointConfig, api_key: str) -> None:
         except (ValueError, AttributeError):
             served = []
         if served and endpoint.model not in served:
-            raise EndpointError(f"{endpoint.base_url} does not serve model {endpoint.model!r} (it serves: {', '.join(map(str, served[:10]))}); fix the endpoint's model")
+            raise EndpointError(f"{endpoint.base_url} does not serve model {endpoint.model!r} (it serves: {', '.join(map(str, served[:10]))}); fix the "
+                                f"endpoint's model")
     if reply.status_code in (401, 403):
         source = (f"Prefect Secret {endpoint.api_key_secret!r}" if endpoint.api_key_secret
                   else f"${endpoint.api_key_env}" if endpoint.api_key_env else "judge.endpoint.api_key_env / api_key_secret (none is set)")
@@ -111,7 +112,7 @@ async def _count_attempt(request: Any) -> None:
         counter[0] += 1
 
 
-def async_client(base_url: str, api_key: str, *, timeout: float, max_retries: int) -> "openai.AsyncOpenAI":
+def async_client(base_url: str, api_key: str, *, timeout: float, max_retries: int) -> openai.AsyncOpenAI:
     """An `openai.AsyncOpenAI` that retries as the client does, up to `max_retries` times, and lets `chat` count
     its attempts. Use it as `async with`: that closes its connections."""
     import openai
@@ -144,7 +145,7 @@ def _has_choices(reply: Any) -> str | None:
     return None if getattr(reply, "choices", None) else f"a 200 reply without choices: {str(reply)[:120]}"
 
 
-async def chat(client: "openai.AsyncOpenAI", *, max_retries: int, check: Callable[[Any], str | None] = _has_choices,
+async def chat(client: openai.AsyncOpenAI, *, max_retries: int, check: Callable[[Any], str | None] = _has_choices,
                **request: Any) -> Any:
     """One chat completion (`request` as for `client.chat.completions.create`), at most `max_retries + 1` attempts.
 
