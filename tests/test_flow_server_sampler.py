@@ -5,6 +5,7 @@ the same process lifecycle, the same argv and the real `openai` client."""
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 from pathlib import Path
@@ -61,6 +62,8 @@ def test_vllm_backend_runs_a_server_per_round_and_stops_it(prefect_server, tiny_
         gens = pd.read_parquet(run.stage_dir(k, "evaluate") / "generations.parquet")
         assert gens["response"].str.startswith("answer 0 to: ").all()
     assert not [p for p in psutil.process_iter(["cmdline"]) if "tests.vllm_stub" in " ".join(p.info["cmdline"] or [])]
+    record = json.loads((run.root / "run.json").read_text())
+    assert record["provenance"]["vllm"] == Vllm.version and "resumed_under" not in record  # the servers' own report
 
 
 def test_endpoint_backend_samples_from_a_running_server(prefect_server, tiny_model, tmp_path):

@@ -189,3 +189,19 @@ def test_held_out_accuracy_is_measured_on_every_checkable_prompt_and_reused(tiny
 
     table = format_table(summaries)
     assert table.splitlines()[2].split()[0] == "0" and "held-out acc" in table  # the starting model's row first
+
+
+def test_show_prints_the_rounds_and_what_produced_them(tiny_run, capsys):
+    from selfplay.cli import main
+
+    cfg, run, summaries = tiny_run
+    recorded = json.loads((run.root / "run.json").read_text())["provenance"]
+    assert recorded["libraries"]["trl"] and recorded["python"]
+    assert main(["show", cfg.name, "--output-dir", str(cfg.output_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"run {cfg.name}: 2 round(s) complete" in out
+    started = next(line for line in out.splitlines() if line.startswith("started under: "))
+    assert f"trl {recorded['libraries']['trl']}" in started and f"Python {recorded['python']}" in started
+    assert recorded["device"] in started
+    for k in (1, 2):
+        assert f"round {k}: " in out

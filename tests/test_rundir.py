@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -20,6 +21,8 @@ from selfplay.config.run import load_config
 from selfplay.runtime.rundir import MANIFEST, RunDir, RunDirError, locked, open_run, read_json, sha256_file, write_json_atomic
 
 pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def leftovers(root) -> list[str]:
@@ -226,3 +229,113 @@ def test_resume_changing_only_rounds_is_accepted_and_recorded(tmp_path):
     saved = read_json(run.root / "run.json")
     assert saved["config"]["rounds"] == 5
     assert saved["config"]["sample"] == config(tmp_path).sample.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------- provenance: what produced a run
+
+def test_run_json_records_what_produced_the_run(tmp_path):
+    import importlib.metadata
+    import platform
+
+    from selfplay.runtime import provenance
+
+    run = open_locked(config(tmp_path), "/models/base")
+    recorded = read_json(run.root / "run.json")["provenance"]
+    assert recorded["python"] == platform.python_version()
+    assert recorded["libraries"]["torch"] == importlib.metadata.version("torch")
+    assert set(recorded["libraries"]) == set(provenance.LIBRARIES)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout (CI's clean clone is one)
+        assert recorded["commit"] == head.stdout.strip() and isinstance(recorded["dirty"], bool)
+    assert recorded["device"].startswith("CPU: ") or "CUDA" in recorded["device"]
+
+
+class Log:
+    """A logger stand-in that keeps what it was told."""
+
+    def __init__(self):
+        self.warnings: list[str] = []
+
+    def warning(self, msg, *args):
+        self.warnings.append(msg % args)
+
+
+def test_a_resume_under_other_versions_warns_once_and_is_recorded(tmp_path, monkeypatch):
+    from selfplay.runtime import provenance
+
+    then = {"commit": "a" * 40, "dirty": False, "python": "3.11.7", "libraries": {"torch": "2.13.0", "trl": "1.16.0"},
+            "device": "CPU: x, 2 cores"}
+    monkeypatch.setattr(provenance, "collect", lambda: then)
+    cfg = config(tmp_path)
+    open_locked(cfg, "/models/base")
+    now = {**then, "commit": "b" * 40, "dirty": True, "libraries": {"torch": "2.14.1", "trl": "1.16.0"}}
+    monkeypatch.setattr(provenance, "collect", lambda: now)
+    assert open_locked(cfg, "/models/base").root.is_dir()  # the CLI's early check: no log, no warning, not refused
+    log = Log()
+    with locked(cfg.run_dir):
+        open_run(cfg, "/models/base", log=log)  # the flow's
+    assert log.warnings == ["resuming r1 under other versions than it started with: commit aaaaaaaaaaaa -> bbbbbbbbbbbb+changes; "
+                            "torch 2.13.0 -> 2.14.1"]
+    saved = read_json(cfg.run_dir / "run.json")
+    assert saved["provenance"] == then  # what it started under stays
+    assert saved["resumed_under"][0]["changes"] == ["commit aaaaaaaaaaaa -> bbbbbbbbbbbb+changes", "torch 2.13.0 -> 2.14.1"]
+
+
+def test_a_run_recorded_before_provenance_gets_it_at_its_next_resume_without_a_warning(tmp_path):
+    cfg = config(tmp_path)
+    open_locked(cfg, "/models/base")
+    record = cfg.run_dir / "run.json"
+    old = read_json(record)
+    del old["provenance"]
+    write_json_atomic(record, old)
+    log = Log()
+    with locked(cfg.run_dir):
+        open_run(cfg, "/models/base", log=log)
+    assert not log.warnings and read_json(record)["provenance"]["recorded_at_resume"] is True
+
+
+def test_the_vllm_a_server_reports_is_recorded_and_a_different_one_warned_about(tmp_path):
+    from selfplay.runtime.rundir import note_server_version
+
+    cfg = config(tmp_path)
+    open_locked(cfg, "/models/base")
+    log = Log()
+    note_server_version(cfg.run_dir, None, log)  # a server without GET /version: nothing to record
+    assert "vllm" not in read_json(cfg.run_dir / "run.json")["provenance"]
+    note_server_version(cfg.run_dir, "0.32.0", log)
+    note_server_version(cfg.run_dir, "0.32.0", log)
+    assert read_json(cfg.run_dir / "run.json")["provenance"]["vllm"] == "0.32.0" and not log.warnings
+    note_server_version(cfg.run_dir, "0.33.0", log)
+    saved = read_json(cfg.run_dir / "run.json")
+    assert saved["provenance"]["vllm"] == "0.33.0" and saved["resumed_under"][-1]["changes"] == ["vLLM 0.32.0 -> 0.33.0"]
+    assert log.warnings == ["the vLLM server for r1 reports version 0.33.0; the run's earlier servers reported 0.32.0"]
+    note_server_version(tmp_path / "no-such-run", "0.33.0", log)  # a stage called outside a run: nothing to do
+
+
+def test_provenance_outside_a_checkout_has_no_commit(tmp_path):
+    from selfplay.runtime.provenance import code_version
+
+    assert code_version(tmp_path) == {"commit": None, "dirty": None}
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "sub").mkdir()
+    assert code_version(tmp_path / "sub") == {"commit": None, "dirty": None}  # inside a checkout, but not its top
+
+
+# ---------------------------------------------------------------- hook points for developer tools
+
+def test_hook_points_call_the_file_selfplay_hooks_names_and_nothing_without_it(tmp_path, monkeypatch):
+    from selfplay.runtime import hooks
+
+    seen = tmp_path / "seen.txt"
+    hook_file = tmp_path / "hook.py"
+    hook_file.write_text(f"def reached(point, what):\n    open({str(seen)!r}, 'a').write(point + '|' + what + '\\n')\n")
+    monkeypatch.delenv("SELFPLAY_HOOKS", raising=False)
+    hooks.reached("stage", "round 1 sample")
+    assert not seen.exists()
+    monkeypatch.setenv("SELFPLAY_HOOKS", str(hook_file))
+    run = RunDir(tmp_path / "run")
+    with run.stage_output(1, "sample") as (out, manifest):
+        (out / "x.json").write_text("{}")
+    assert seen.read_text() == "stage|round 1 sample\n"
+    with pytest.raises(AssertionError):
+        hooks.reached("nowhere", "x")

@@ -129,6 +129,7 @@ def test_lifecycle_health_sample_stop(tmp_path):
         assert time.monotonic() - t0 >= 1.0  # nothing listened for the first second (vLLM loading its model)
         assert server.running and server.base_url == f"http://127.0.0.1:{server.port}/v1"
         assert stub_processes(server.port), "the stub should be running"
+        assert server.version == Vllm.version  # what GET /version reports, for the run's provenance
         prompts = ["one", "two", "three", "four"]
         out = sample_chat(server.base_url, "policy", prompts, n=3, temperature=0.9, top_p=0.95, max_tokens=32, seed=10)
         assert [len(choices) for choices in out] == [3, 3, 3, 3]
@@ -494,3 +495,11 @@ def test_the_models_generation_config_fills_only_what_a_request_leaves_out(tmp_p
     for expected in ("'temperature': 0.9", "'top_p': 0.95", "'max_tokens': 8", "'top_k': 20", "'repetition_penalty': 1.05"):
         assert expected in request, request
     assert [c["n_tokens"] for c in choices] == [6, 6]  # the request's 8 tokens, not the model's 3
+
+
+def test_the_version_a_server_reports_is_read_and_a_server_without_the_route_has_none(tmp_path):
+    for vllm, expected in ((Vllm(model="m"), Vllm.version), (None, None)):
+        with ScriptedOpenAI(None, vllm=vllm) as stub:
+            server = ModelServer(stub_spec(), "m", tmp_path / "server.log")
+            server.port = int(stub.base_url.rsplit(":", 1)[1].split("/")[0])  # as start() sets it
+            assert server._reported_version() == expected

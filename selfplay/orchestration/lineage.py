@@ -32,6 +32,8 @@ class Rounds:
     (None, 'round_2/ckpt')
     >>> [rounds.record({"accepted": False}, f"round_{k}/ckpt", resumed=False) for k in (3, 4)][-1]
     '2 rejected rounds in a row (gate.early_stop_after=2); current checkpoint round_2/ckpt'
+    >>> Rounds("base", early_stop_after=1).record({"accepted": False}, "round_1/ckpt", resumed=True) is None  # an earlier run's
+    True
     """
 
     policy: str
