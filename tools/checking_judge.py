@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 
 from selfplay.judging.verifiers import number_score
 
@@ -140,7 +141,7 @@ class CheckingJudge:
             probe.bind((self.host, 0))
             self.port = probe.getsockname()[1]
         self._proc = subprocess.Popen([sys.executable, "-m", "tools.checking_judge", "--host", self.host, "--port", str(self.port),
-                                       "--model", self.model], stdin=subprocess.DEVNULL)
+                                       "--model", self.model], stdin=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1])
         deadline = time.monotonic() + 30
         while True:
             try:
