@@ -1,4 +1,4 @@
-"""GPU turns that a dead holder cannot keep (`selfplay.runtime.devicelock`, `orchestration.gpu_slot`).
+"""GPU turns that a dead holder cannot keep (`selfplay.runtime.devicelock`, `selfplay.runtime.stages.gpu_slot`).
 
 Real processes hold the lock and are killed with SIGKILL; a real Prefect server holds the optional cluster-wide
 limit; two real `selfplay run`s on one machine take turns.

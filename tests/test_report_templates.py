@@ -1,4 +1,4 @@
-"""The report templates (selfplay/templates/*.j2): shipped in the wheel and found from an installed copy, the
+"""The report templates (selfplay/reporting/templates/*.j2): shipped in the wheel and found from an installed copy, the
 markdown round report's layout (verbatim text, no HTML escaping), and strict rendering (a value the template names
 but the caller left out is an error, never an empty string)."""
 
@@ -78,14 +78,16 @@ def test_templates_are_found_from_an_installed_wheel(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    for package in ("selfplay", "flows", "tasks"):
+    for package in ("selfplay", "flows", "tasks", "tools"):
         shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                             str(tmp_path / "dist"), str(src)], check=False, capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stdout + build.stderr
     (wheel,) = (tmp_path / "dist").glob("selfplay-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "selfplay/templates/report.html.j2" in names and "selfplay/templates/round_report.md.j2" in names
+    assert "selfplay/reporting/templates/report.html.j2" in names and "selfplay/reporting/templates/round_report.md.j2" in names
+    assert "selfplay/data/prompts/train.jsonl" in names and "selfplay/runtime/hooks.py" in names
+    assert not [n for n in names if n.startswith(("tools/", "tests/"))]  # developer tools stay in the checkout
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
 
@@ -96,6 +98,8 @@ def test_templates_are_found_from_an_installed_wheel(tmp_path):
         import selfplay, selfplay.reporting.report as report
         from selfplay.reporting.html_report import render
         assert Path(selfplay.__file__).is_relative_to({str(site)!r}), selfplay.__file__
+        from selfplay.inputs.prompts import BUNDLED_DIR
+        assert BUNDLED_DIR.is_relative_to({str(site)!r}) and (BUNDLED_DIR / "train.jsonl").is_file(), BUNDLED_DIR
         md = report.round_report("installed", {SUMMARY!r}, {JUDGE!r}, {TRAIN!r}, {EVALUATE!r}, b"")
         page = render(Path({str(empty_run)!r}))
         print(md.splitlines()[0])
