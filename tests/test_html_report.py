@@ -120,7 +120,8 @@ def run_root(tmp_path) -> Path:
     run = RunDir(root)
     root.mkdir(parents=True)
     write_json_atomic(root / "run.json", {"config": {"name": "html-demo", "rounds": 4}, "base_model": "Qwen/Qwen2.5-0.5B-Instruct",
-                                          "created_at": time.time() - 3600})
+                                          "created_at": time.time() - 3600, "provenance": PROVENANCE,
+                                          "resumed_under": [{"at": time.time(), "changes": ["torch 2.13.0 -> 2.14.1"]}]})
     # round 1: everything, accepted
     write_stages(run, 1)
     run.finish_round(1, {**summarize_round(run, 1), "accepted": True, "gate_reason": "win rate 0.625 >= 0.5",
@@ -151,6 +152,10 @@ def data_uri_pngs(text: str) -> list[bytes]:
     return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)]
 
 
+PROVENANCE = {"commit": "0123456789abcdef", "dirty": False, "python": "3.11.7", "libraries": {"torch": "2.13.0", "trl": "1.16.0"},
+              "device": "CPU: test, 2 cores"}
+
+
 def test_report_contents(run_root):
     out = write_report(run_root)
     assert out == run_root / "report.html" and out.is_file()
@@ -158,6 +163,9 @@ def test_report_contents(run_root):
     text = out.read_text(encoding="utf-8")
 
     assert "html-demo" in text and "Qwen/Qwen2.5-0.5B-Instruct" in text
+    # what produced the run, and what it was continued under
+    assert "produced by: commit 0123456789ab, Python 3.11.7, torch 2.13.0, trl 1.16.0; device CPU: test, 2 cores" in text
+    assert re.search(r"continued under: \d{4}-\d\d-\d\d [\d:]+ UTC: torch 2\.13\.0 -&gt; 2\.14\.1", text)
     assert "<b>3</b> completed round(s)" in text
     for k in (1, 2, 3, 4):
         assert f'id="round-{k}"' in text and f"Round {k}" in text
@@ -230,7 +238,9 @@ def test_untrusted_text_is_escaped_wherever_it_appears(tmp_path):
     root = tmp_path / "runs" / "hostile"
     run = RunDir(root)
     root.mkdir(parents=True)
-    write_json_atomic(root / "run.json", {"config": {"name": f"n{SCRIPT}", "rounds": 1}, "base_model": f"m{SCRIPT}"})
+    write_json_atomic(root / "run.json", {"config": {"name": f"n{SCRIPT}", "rounds": 1}, "base_model": f"m{SCRIPT}",
+                                          "provenance": {**PROVENANCE, "device": f"d{SCRIPT}"},
+                                          "resumed_under": [{"at": 0, "changes": [f"r{SCRIPT}"]}]})
     write_stages(run, 1, special=SCRIPT)
     pairs = pairs_table(1, SCRIPT).assign(prompt=f"prompt {SCRIPT}")
     pairs.to_parquet(run.stage_dir(1, "filter") / "pairs.parquet", index=False)
@@ -239,10 +249,10 @@ def test_untrusted_text_is_escaped_wherever_it_appears(tmp_path):
     text = write_report(root).read_text(encoding="utf-8")
     assert "<script" not in text.lower()
     escaped = re.escape(str(markupsafe.escape(SCRIPT)))
-    # title, h1, footer (name); model; reason in table, section and gate list; checkpoint; 2 warnings' 3 texts;
-    # the 3 shown pairs' prompts and the first one's chosen answer; the first shown eval prompt's new answer
+    # title, h1, footer (name); model; provenance and resume; reason in table, section and gate list; checkpoint;
+    # 2 warnings' 3 texts; the 3 shown pairs' prompts and the first one's chosen answer; the first shown eval prompt's new answer
     found = len(re.findall(escaped, text))
-    assert found == 3 + 1 + 3 + 1 + 3 + 3 + 1 + 1, found
+    assert found == 3 + 1 + 2 + 3 + 1 + 3 + 3 + 1 + 1, found
 
 
 def test_report_shows_held_out_accuracy_from_round_0_with_a_plot(tmp_path):

@@ -23,6 +23,7 @@ from typing import Any
 
 from selfplay.inputs.tables import present
 from selfplay.reporting.report import accuracy_cell, accuracy_curve, accuracy_fields, accuracy_png, templates
+from selfplay.runtime.provenance import describe
 from selfplay.runtime.rundir import MANIFEST, STAGES, RunDir, read_json
 
 SAMPLE_PAIRS = 3
@@ -287,6 +288,9 @@ def report_context(run_root: Path) -> dict[str, Any]:
         "target": config.get("rounds"), "base_model": _text(record.get("base_model") or "-"),
         "started": _fmt_time(record.get("created_at")), "generated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "directory": str(run.root.resolve()), "rounds": rounds,
+        "provenance": describe(record["provenance"]) if isinstance(record.get("provenance"), dict) else None,
+        "resumed_under": [f"{_fmt_time(r.get('at'))}: {'; '.join(map(str, r.get('changes', [])))}" for r in record.get("resumed_under", [])
+                          if isinstance(r, dict)],
         "start_accuracy": accuracy_cell(start["accuracy"], start["ci"]) if start else None,
         "accuracy_plot": "data:image/png;base64," + base64.b64encode(accuracy_png(points)).decode("ascii") if len(points) > 1 else None,
     }
