@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -250,17 +251,14 @@ def test_run_json_records_what_produced_the_run(tmp_path):
     assert recorded["device"].startswith("CPU: ") or "CUDA" in recorded["device"]
 
 
-class Log:
-    """A logger stand-in that keeps what it was told."""
-
-    def __init__(self):
-        self.warnings: list[str] = []
-
-    def warning(self, msg, *args):
-        self.warnings.append(msg % args)
+LOG = logging.getLogger("tests.rundir")
 
 
-def test_a_resume_under_other_versions_warns_once_and_is_recorded(tmp_path, monkeypatch):
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == LOG.name and r.levelno == logging.WARNING]
+
+
+def test_a_resume_under_other_versions_warns_once_and_is_recorded(tmp_path, monkeypatch, caplog):
     from selfplay.runtime import provenance
 
     then = {"commit": "a" * 40, "dirty": False, "python": "3.11.7", "libraries": {"torch": "2.13.0", "trl": "1.16.0"},
@@ -271,44 +269,42 @@ def test_a_resume_under_other_versions_warns_once_and_is_recorded(tmp_path, monk
     now = {**then, "commit": "b" * 40, "dirty": True, "libraries": {"torch": "2.14.1", "trl": "1.16.0"}}
     monkeypatch.setattr(provenance, "collect", lambda: now)
     assert open_locked(cfg, "/models/base").root.is_dir()  # the CLI's early check: no log, no warning, not refused
-    log = Log()
     with locked(cfg.run_dir):
-        open_run(cfg, "/models/base", log=log)  # the flow's
-    assert log.warnings == ["resuming r1 under other versions than it started with: commit aaaaaaaaaaaa -> bbbbbbbbbbbb+changes; "
+        open_run(cfg, "/models/base", log=LOG)  # the flow's
+    assert warnings_of(caplog) == ["resuming r1 under other versions than it started with: commit aaaaaaaaaaaa -> bbbbbbbbbbbb+changes; "
                             "torch 2.13.0 -> 2.14.1"]
     saved = read_json(cfg.run_dir / "run.json")
     assert saved["provenance"] == then  # what it started under stays
     assert saved["resumed_under"][0]["changes"] == ["commit aaaaaaaaaaaa -> bbbbbbbbbbbb+changes", "torch 2.13.0 -> 2.14.1"]
 
 
-def test_a_run_recorded_before_provenance_gets_it_at_its_next_resume_without_a_warning(tmp_path):
+def test_a_run_recorded_before_provenance_gets_it_at_its_next_resume_without_a_warning(tmp_path, caplog):
     cfg = config(tmp_path)
     open_locked(cfg, "/models/base")
     record = cfg.run_dir / "run.json"
     old = read_json(record)
     del old["provenance"]
     write_json_atomic(record, old)
-    log = Log()
     with locked(cfg.run_dir):
-        open_run(cfg, "/models/base", log=log)
-    assert not log.warnings and read_json(record)["provenance"]["recorded_at_resume"] is True
+        open_run(cfg, "/models/base", log=LOG)
+    assert not warnings_of(caplog) and read_json(record)["provenance"]["recorded_at_resume"] is True
 
 
-def test_the_vllm_a_server_reports_is_recorded_and_a_different_one_warned_about(tmp_path):
+def test_the_vllm_a_server_reports_is_recorded_and_a_different_one_warned_about(tmp_path, caplog):
     from selfplay.runtime.rundir import note_server_version
 
     cfg = config(tmp_path)
     open_locked(cfg, "/models/base")
-    log = Log()
+    log = LOG
     note_server_version(cfg.run_dir, None, log)  # a server without GET /version: nothing to record
     assert "vllm" not in read_json(cfg.run_dir / "run.json")["provenance"]
     note_server_version(cfg.run_dir, "0.32.0", log)
     note_server_version(cfg.run_dir, "0.32.0", log)
-    assert read_json(cfg.run_dir / "run.json")["provenance"]["vllm"] == "0.32.0" and not log.warnings
+    assert read_json(cfg.run_dir / "run.json")["provenance"]["vllm"] == "0.32.0" and not warnings_of(caplog)
     note_server_version(cfg.run_dir, "0.33.0", log)
     saved = read_json(cfg.run_dir / "run.json")
     assert saved["provenance"]["vllm"] == "0.33.0" and saved["resumed_under"][-1]["changes"] == ["vLLM 0.32.0 -> 0.33.0"]
-    assert log.warnings == ["the vLLM server for r1 reports version 0.33.0; the run's earlier servers reported 0.32.0"]
+    assert warnings_of(caplog) == ["the vLLM server for r1 reports version 0.33.0; the run's earlier servers reported 0.32.0"]
     note_server_version(tmp_path / "no-such-run", "0.33.0", log)  # a stage called outside a run: nothing to do
 
 

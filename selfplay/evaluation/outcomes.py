@@ -22,6 +22,7 @@ from selfplay.config.run import GateConfig
 from selfplay.evaluation.quality import wilson_interval, win_summary
 from selfplay.inputs.tables import present
 from selfplay.judging.verdicts import VERDICT_COLUMNS, Comparison
+from selfplay.judging.verifiers import is_correct
 
 OUTCOME = {"first": "win", "second": "loss", "judge_error": "error", "invalid": "error"}
 # eval.parquet's columns. i, j, similarity and screened are kept from when evaluation reused the judge stage's
@@ -65,8 +66,6 @@ def accuracy_summary(scores: list[float | None]) -> dict[str, Any]:
     >>> accuracy_summary([1.0, 0.0, 1.0, 0.2])["accuracy"]
     0.5
     """
-    from selfplay.judging.verifiers import is_correct
-
     n, correct = len(scores), sum(map(is_correct, scores))
     lo, hi = wilson_interval(correct, n)
     return {"n": n, "correct": correct, "accuracy": correct / n if n else None, "ci_low": lo, "ci_high": hi}
@@ -100,8 +99,6 @@ def win_rates(table: pd.DataFrame, new: pd.DataFrame, other: pd.DataFrame) -> di
 
 def accuracy_table(new: pd.DataFrame, previous: pd.DataFrame) -> pd.DataFrame:
     """accuracy.parquet: per checkable held-out prompt, both checkpoints' greedy answers, scores and correctness."""
-    from selfplay.judging.verifiers import is_correct
-
     table = pd.DataFrame({
         "prompt_id": new["prompt_id"], "prompt": new["prompt"], "reference": new["reference"], "verifier": new["verifier"],
         "response_new": new["response"], "score_new": new["verify_score"], "response_previous": previous["response"].to_numpy(),

@@ -56,6 +56,7 @@ from selfplay.inputs.tables import present
 __all__ = [
     "LC_L2",
     "QualityThresholds",
+    "accuracy_change",
     "data_quality",
     "length_controlled_win_rate",
     "similarity_histogram",

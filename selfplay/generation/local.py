@@ -115,17 +115,18 @@ def eval_generations(cfg: RunConfig, jobs: list[EvalJob], *, log=None,
     seed for all; each model is loaded once, whatever the number of its jobs."""
     e = cfg.evaluate
     tables: list[pd.DataFrame | None] = [None] * len(jobs)
-    for n, model_path in enumerate(dict.fromkeys(job[0] for job in jobs)):
+    models = list(dict.fromkeys(job.model for job in jobs))
+    for n, model_path in enumerate(models):
         model, tokenizer = load_causal_lm(model_path, cpu_dtype=cfg.policy.cpu_dtype), load_tokenizer(model_path)
-        for i, (path, prompts, temperature, max_new_tokens) in enumerate(jobs):
-            if path != model_path:
+        for i, job in enumerate(jobs):
+            if job.model != model_path:
                 continue
-            rows = generate(model, tokenizer, [p["prompt"] for p in prompts], num_samples=1, temperature=temperature, top_p=1.0,
-                            max_new_tokens=max_new_tokens, batch_size=cfg.sample.batch_size, seed=e.seed,
+            rows = generate(model, tokenizer, [p["prompt"] for p in job.prompts], num_samples=1, temperature=job.temperature, top_p=1.0,
+                            max_new_tokens=job.max_new_tokens, batch_size=cfg.sample.batch_size, seed=e.seed,
                             decoder=getattr(cfg.sample, "decoder", "generate"), log=log)  # only the transformers sampler has one
-            tables[i] = generation_table(prompts, rows)
+            tables[i] = generation_table(job.prompts, rows)
         del model
         release_memory()
         if progress:
-            progress(n + 1, len({job[0] for job in jobs}))
+            progress(n + 1, len(models))
     return tables

@@ -95,15 +95,15 @@ def eval_generations_from_server(cfg: RunConfig, k: int, jobs: list[EvalJob], ba
     if s.backend not in ("vllm", "endpoint"):
         return None
     tables: list[pd.DataFrame | None] = [None] * len(jobs)
-    models = list(dict.fromkeys(job[0] for job in jobs))
+    models = list(dict.fromkeys(job.model for job in jobs))
     names = {m: adapter_name(cfg.name, Path(m).resolve()) for m in models if is_adapter(m)}
 
     def answer(base_url: str, api_key: str, served: dict[str, str], **kw) -> None:
-        for i, (path, prompts, temperature, max_new_tokens) in enumerate(jobs):
-            if path in served:
-                out = sample_chat(base_url, served[path], [p["prompt"] for p in prompts], n=1, temperature=temperature, top_p=1.0,
-                                  max_tokens=max_new_tokens, seed=e.seed, exact_tokens=True, api_key=api_key, **kw)
-                tables[i] = generation_table(prompts, [choices[0] for choices in out])
+        for i, job in enumerate(jobs):
+            if job.model in served:
+                out = sample_chat(base_url, served[job.model], [p["prompt"] for p in job.prompts], n=1, temperature=job.temperature,
+                                  top_p=1.0, max_tokens=job.max_new_tokens, seed=e.seed, exact_tokens=True, api_key=api_key, **kw)
+                tables[i] = generation_table(job.prompts, [choices[0] for choices in out])
 
     if s.backend == "vllm":
         groups: dict[str, list[str]] = {}

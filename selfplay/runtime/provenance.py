@@ -8,11 +8,11 @@ starts and compares it when the run resumes (a difference is a warning, not a re
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import platform
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,7 @@ def code_version(where: Path | None = None) -> dict[str, Any]:
 
 def device() -> str:
     """The accelerators torch sees (name, count, CUDA version), or the CPU's model and core count."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        import torch
+    import torch  # already imported by the time a run records this
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         counted = ", ".join(f"{names.count(n)} x {n}" for n in dict.fromkeys(names))
@@ -63,8 +61,10 @@ def device() -> str:
     return f"CPU: {model}, {os.cpu_count()} cores"
 
 
+@functools.cache
 def collect() -> dict[str, Any]:
-    """This process's provenance, as run.json records it."""
+    """This process's provenance, as run.json records it. Read once per process: the CLI's early check and the flow
+    both ask, and a long-lived `selfplay serve` keeps running the code it imported, whatever the checkout becomes."""
     return {
         "selfplay": version_of("selfplay"),
         **code_version(),
