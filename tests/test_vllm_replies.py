@@ -1,6 +1,7 @@
-"""The project's parsers read vLLM's own replies: recorded-reply fixtures (tests/fixtures/vllm/*.json), written by
-hand from vLLM's protocol models (no vLLM can run here to capture them; each file's "source" says what it follows),
-served over real HTTP on loopback and read through the same code the runs use.
+"""The project's parsers read vLLM's own replies: fixtures (tests/fixtures/vllm/*.json) recorded from the real vLLM
+(its CPU build, on the bundled model) by tools/record_vllm_replies.py, served over real HTTP on loopback and read
+through the same code the runs use. tests/test_vllm_real.py records them again from a running vLLM and checks that
+they still hold; these tests need no server, so they run in the unit tier.
 
 And the FAKE vLLM (tests/vllm_stub.py) is checked against the same fixtures: its replies have their shape.
 """
@@ -53,8 +54,9 @@ def test_sampling_reads_choices_token_counts_and_truncation_from_a_vllm_reply():
     assert {k: sent[k] for k in req if k != "messages"} == {k: v for k, v in req.items() if k != "messages"}
     body = f["body"]["choices"]
     assert [c["response"] for c in choices] == [c["message"]["content"] for c in body]
-    assert [c["n_tokens"] for c in choices] == [len(c["logprobs"]["content"]) for c in body] == [5, 1, 6]  # per-token entries
-    assert [c["truncated"] for c in choices] == [False, False, True]  # finish_reason "length"
+    assert [c["n_tokens"] for c in choices] == [len(c["logprobs"]["content"]) for c in body]  # per-token entries
+    assert sum(c["n_tokens"] for c in choices) == f["body"]["usage"]["completion_tokens"]
+    assert [c["truncated"] for c in choices] == [c["finish_reason"] == "length" for c in body]
 
 
 def test_the_logprobs_judge_reads_the_label_masses_from_vllms_top_logprobs():
@@ -63,8 +65,10 @@ def test_the_logprobs_judge_reads_the_label_masses_from_vllms_top_logprobs():
         [result] = judge.judge([JudgeCall(system="s", user="u")])
         sent = server.chat_requests[0]["json"]
     assert sent["top_logprobs"] <= 20 and sent["logprobs"] is True and sent["max_tokens"] == 1  # within vLLM's max_logprobs
-    tops = {t["token"]: t["logprob"] for t in fixture("judge_logprobs")["body"]["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
-    mass_a, mass_b = math.exp(tops["A"]) + math.exp(tops[" A"]), math.exp(tops["B"]) + math.exp(tops[" B"])
+    tops = fixture("judge_logprobs")["body"]["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    mass_a = sum(math.exp(t["logprob"]) for t in tops if t["token"].strip() == "A")
+    mass_b = sum(math.exp(t["logprob"]) for t in tops if t["token"].strip() == "B")
+    assert mass_a > 0 and mass_b > 0  # the bundled model's first token is seldom a label: both are among the top 20
     assert result.error is None and result.mode == "logprobs"
     assert result.p_a == pytest.approx(mass_a / (mass_a + mass_b), rel=1e-6)
 
@@ -75,11 +79,15 @@ def test_the_choice_judge_reads_vllms_json_schema_reply():
         [result] = judge.judge([JudgeCall(system="s", user="u")])
         sent = server.chat_requests[0]["json"]
     assert sent["response_format"]["type"] == "json_schema" and "schema" in sent["response_format"]["json_schema"]
-    assert (result.error, result.label, result.p_a, result.tokens_out) == (None, "tie", 0.5, 6)
+    body = fixture("judge_json_schema")["body"]
+    label = json.loads(body["choices"][0]["message"]["content"])["verdict"]
+    assert (result.error, result.label, result.p_a, result.tokens_out) == (None, label, {"A": 1.0, "B": 0.0, "tie": 0.5}[label],
+                                                                           body["usage"]["completion_tokens"])
 
 
 @pytest.mark.parametrize("name, says, hint", [
-    ("lora_already_loaded", "answered 400: The lora adapter 'nightly-round_3' has already been loaded.", None),
+    ("lora_already_loaded", "answered 400: The lora adapter 'nightly-round_3' has already been loaded. If you want to load the "
+                            "adapter in place, set 'load_inplace' to True.", None),
     ("lora_not_found", "answered 404: Loading lora nightly-round_3 failed: No adapter found for /runs/nightly/round_3/train/checkpoint",
      "the path must be one the server sees"),
     ("lora_routes_off", "answered 404: Not Found", "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"),

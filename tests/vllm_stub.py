@@ -131,7 +131,7 @@ class Vllm:
     max_model_len: int = 2048
     defaults: dict[str, Any] = field(default_factory=dict)  # from generation_config.json
     varied_logprobs: bool = False
-    version: str = "0.33.0+fake"  # what GET /version reports: the pinned vLLM's number, marked as this fake's
+    version: str = "0.32.0+fake"  # what GET /version reports: the pinned vLLM's number, marked as this fake's
     adapters: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> {"path", "base"}, in load order
 
     def __post_init__(self) -> None:
@@ -166,7 +166,7 @@ class Vllm:
         if not name or not path:
             return vllm_error(400, "Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput")
         if name in self.adapters:
-            return vllm_error(400, f"The lora adapter '{name}' has already been loaded.", "InvalidUserInput")
+            return vllm_error(400, f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, set 'load_inplace' to True.", "InvalidUserInput")
         if not (Path(path) / "adapter_config.json").is_file():
             return vllm_error(404, f"Loading lora {name} failed: No adapter found for {path}", "NotFoundError")
         self.adapters[name] = {"path": path, "base": base or self.served_names[0]}
@@ -244,15 +244,17 @@ class Vllm:
                                         for i, t in enumerate(tokens)]}
             choices.append({"index": j, "message": {"role": "assistant", "content": "".join(tokens), "refusal": None,
                                                     "annotations": None, "audio": None, "function_call": None,
-                                                    "tool_calls": [], "reasoning": None},
+                                                    "reasoning": None},
                             "logprobs": logprobs, "finish_reason": "length" if cut else "stop", "stop_reason": None,
-                            "token_ids": None})
+                            "token_ids": None, "routed_experts": None})
         prompt = sum(len(token_split(m.get("content") or "")) for m in body["messages"] if isinstance(m.get("content"), str))
         return Reply(json={"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                            "model": body["model"], "choices": choices, "service_tier": None, "system_fingerprint": None,
                            "usage": {"prompt_tokens": prompt, "total_tokens": prompt + completion,
-                                     "completion_tokens": completion, "prompt_tokens_details": None},
-                           "prompt_logprobs": None, "prompt_token_ids": None, "kv_transfer_params": None})
+                                     "completion_tokens": completion, "prompt_tokens_details": None,
+                                     "completion_tokens_details": None},
+                           "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None, "kv_transfer_params": None,
+                           "ec_transfer_params": None, "metrics": None})
 
     def _label_logprobs(self, body: dict) -> list[tuple[str, float]]:
         p_a = 0.8

@@ -7,7 +7,7 @@ executable is found and a GPU is there, a second round samples (and answers the 
 
 vLLM runs from its own virtualenv (it cannot share selfplay's): `--vllm /opt/vllm/bin/vllm`, or $SELFPLAY_VLLM,
 or a `vllm` on PATH, or /opt/vllm/bin/vllm; install one with
-`python -m venv /opt/vllm && /opt/vllm/bin/pip install vllm==0.33.0`. Without one (or without a GPU) the vLLM
+`python -m venv /opt/vllm && /opt/vllm/bin/pip install vllm==0.32.0`. Without one (or without a GPU) the vLLM
 round is skipped with the reason.
 
 It runs on a CPU too (the device then reads cpu and peak GPU memory "-"), which is how it is checked where no GPU
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nvLLM round: skipped, no GPU (vLLM is CUDA-only)")
     elif vllm is None:
         print("\nvLLM round: skipped, no vLLM executable (pass --vllm PATH or set SELFPLAY_VLLM; install it in its own "
-              "virtualenv: python -m venv /opt/vllm && /opt/vllm/bin/pip install vllm==0.33.0)")
+              "virtualenv: python -m venv /opt/vllm && /opt/vllm/bin/pip install vllm==0.32.0)")
     else:
         name = f"{args.name}-vllm"
         overrides = ["sample.backend=vllm", f"sample.server.command=[{vllm}, serve]", "sample.server.gpu_memory_utilization=0.5",

@@ -30,7 +30,7 @@ __all__ = ["VLLM_VERSION", "VLLM_IMAGE", "ServerSpec", "build_command", "redact"
 
 # The vLLM this project is written against: the compose file's image, the README and the recipes name it (a test
 # keeps them in step). vLLM runs from its own virtualenv or this image, never in selfplay's environment.
-VLLM_VERSION = "0.33.0"
+VLLM_VERSION = "0.32.0"
 VLLM_IMAGE = f"vllm/vllm-openai:v{VLLM_VERSION}"
 
 
@@ -47,7 +47,7 @@ class ServerSpec(BaseModel):
         default_factory=lambda: ["vllm", "serve"], min_length=1,
         json_schema_extra=OPERATIONAL, description="Executable and subcommand, e.g. ['/opt/vllm-venv/bin/vllm', 'serve'] or ['docker', 'run', '--rm', "
         "'--gpus', 'all', '--ipc=host', '-p', '{port}:8000', '-v', '/models:/models', '-v', '/work/runs:/work/runs', "
-        "'vllm/vllm-openai:v0.33.0'] (mount models and runs at the same paths inside); '{port}' in any item becomes the chosen port.")
+        "'vllm/vllm-openai:v0.32.0'] (mount models and runs at the same paths inside); '{port}' in any item becomes the chosen port.")
     host: str = Field("127.0.0.1", json_schema_extra=OPERATIONAL, description="Address the server listens on and this process connects to.")
     port: int | None = Field(None, ge=1, le=65535, json_schema_extra=OPERATIONAL, description="Port on `host`; None picks a free one at start.")
     container_port: int | None = Field(

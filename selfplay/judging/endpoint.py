@@ -28,7 +28,7 @@ from selfplay.config.backends import EndpointConfig
 from selfplay.judging.cache import JudgeCache, call_key
 from selfplay.judging.calls import JudgeCall, JudgeResult
 from selfplay.judging.replies import CHOICE_SCHEMA, MODE_INSTRUCTIONS, MODES, P_OF_LABEL, label_probabilities, parse_choice, parse_text_verdict
-from selfplay.serving.openai_client import RequestFailed, async_client, chat, describe, resolve_api_key, run_sync
+from selfplay.serving.openai_client import RequestFailed, async_client, chat, describe, resolve_api_key, run_sync, watched
 
 PROGRESS_EVERY_S = 5.0  # a streaming judge reports progress this often, not per call
 TOP_LOGPROBS = 20  # OpenAI's maximum; enough to hold every variant of both labels
@@ -57,8 +57,12 @@ def _about_mode(exc: Exception, mode: str) -> bool:
 
 
 class OpenAIJudge:
-    def __init__(self, endpoint: EndpointConfig, mode: str = "auto", cache: JudgeCache | None = None, api_key: str | None = None):
+    def __init__(self, endpoint: EndpointConfig, mode: str = "auto", cache: JudgeCache | None = None, api_key: str | None = None,
+                 watch: Callable[[], str | None] | None = None):
+        """`watch`: for a server this process started (`ModelServer.problem`), asked every second whether it is still
+        alive; when it is not, judging stops at once with `ServerDied` naming the cause (see `openai_client.watched`)."""
         self.endpoint = endpoint
+        self._watch = watch
         self.configured_mode = mode
         self._modes = list(MODES) if mode == "auto" else [mode]
         self._cache = cache
@@ -99,7 +103,7 @@ class OpenAIJudge:
 
         async with async_client(self.endpoint.base_url, self._api_key, timeout=self.endpoint.timeout,
                                 max_retries=self.endpoint.max_retries) as client:
-            return list(await asyncio.gather(*(tracked(client, call) for call in calls)))
+            return list(await watched(asyncio.gather(*(tracked(client, call) for call in calls)), self._watch))
 
     async def _one(self, client, limit: asyncio.Semaphore, call: JudgeCall) -> JudgeResult:
         key = call_key(self.endpoint.model, self.configured_mode, call.system, call.user, self.endpoint.base_url)

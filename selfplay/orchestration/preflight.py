@@ -58,7 +58,7 @@ def _preflight(cfg: RunConfig) -> Path:
             raise ConfigError(
                 f"{section}.server.command: {spec.command[0]!r} is not an executable on PATH. vLLM cannot share this "
                 f"environment (it pins other torch/transformers/fastapi versions): install it in its own virtualenv and set "
-                f"{section}.server.command to [/path/to/vllm-venv/bin/vllm, serve], or use a docker run of vllm/vllm-openai:v0.33.0 (README: Sampling "
+                f"{section}.server.command to [/path/to/vllm-venv/bin/vllm, serve], or use a docker run of vllm/vllm-openai:v0.32.0 (README: Sampling "
                 f"through a server)."
             )
     if cfg.sample.backend == "endpoint":

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -115,9 +116,10 @@ def kill_group(proc: subprocess.Popen, grace: float = 10.0) -> int | None:
             forget(proc)
 
 
-def log_tail(path: str | os.PathLike, lines: int = 40, start: int = 0) -> str:
+def log_tail(path: str | os.PathLike, lines: int = 40, start: int = 0, noise: re.Pattern[str] | None = None) -> str:
     """The last `lines` lines of the log at `path` (only what was written after byte `start`; at most its last
-    64 KiB are read), for an error message; says so when there is nothing, or the log cannot be read."""
+    64 KiB are read), for an error message; says so when there is nothing, or the log cannot be read. Lines that
+    `noise` matches (a dying interpreter's leak reports, say) are left out, so that the cause stays in view."""
     try:
         with open(path, "rb") as f:
             end = f.seek(0, os.SEEK_END)
@@ -125,7 +127,8 @@ def log_tail(path: str | os.PathLike, lines: int = 40, start: int = 0) -> str:
             text = f.read().decode("utf-8", errors="replace")
     except OSError as exc:
         return f"(cannot read {path}: {exc})"
-    return "\n".join(text.splitlines()[-lines:]) or "(nothing was logged)"
+    kept = [line for line in text.splitlines() if noise is None or not noise.search(line)]
+    return "\n".join(kept[-lines:]) or "(nothing was logged)"
 
 
 def kill_all(grace: float = 3.0) -> None:

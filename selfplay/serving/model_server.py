@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import shlex
 import subprocess
 import threading
@@ -65,6 +66,10 @@ class ServerStopError(SelfplayError, RuntimeError):
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
+
+# What a dying vLLM prints after its real last words: nanobind's leak report (Triton's bindings) and the resource
+# tracker's leak warning.
+_EXIT_NOISE = re.compile(r"^(nanobind: | - leaked |  - \.\.\. skipped| - \.\.\. skipped|See https://nanobind)|resource_tracker|^\s+warnings\.warn\(")
 
 _live: set[ModelServer] = set()  # started and not yet stopped
 _live_lock = threading.Lock()
@@ -218,9 +223,35 @@ class ModelServer:
                     return f"the server did not become healthy within {timeout:g} s (GET {self.url}/health)"
                 time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
 
+    def problem(self) -> str | None:
+        """None while the server is alive; else what is wrong, with the last lines it logged: its process exited, or
+        GET /health answers but not 200 (vLLM answers 503 once its engine process is dead while the API process lives
+        on). A /health that does not answer in time is not counted: a busy server on a small machine is slow, not dead.
+        Passed as `watch` to `sample_chat` and `OpenAIJudge`, so that requests in flight fail at once with the cause."""
+        import httpx
+
+        proc = self._proc
+        if proc is None:
+            return f"the server on {self.model_path} is not running (stopped, or never started)"
+        if proc.poll() is None:
+            try:
+                status: int | None = httpx.get(f"{self.url}/health", timeout=5.0, trust_env=False).status_code
+            except httpx.TimeoutException:
+                return None
+            except httpx.HTTPError:
+                status = None  # refused: it no longer listens
+            if status == 200:
+                return None
+            time.sleep(1.0)  # a process on its way out: let it go, so that its exit code is the message
+            if proc.poll() is None:
+                said = f"GET /health answered {status}" if status is not None else f"it no longer accepts connections on {self.url}"
+                return f"the server (pid {self.pid}) is running but its engine is not ({said}); last lines of {self.log_path}:\n{self.log_tail()}"
+        return f"the server (pid {self.pid}) exited with code {proc.poll()}; last lines of {self.log_path}:\n{self.log_tail()}"
+
     def log_tail(self, lines: int = 40) -> str:
-        """The last `lines` lines the server logged since this start."""
-        return processes.log_tail(self.log_path, lines, start=self._log_offset)
+        """The last `lines` lines the server logged since this start, less the leak reports its dying interpreters
+        print (vLLM's CPU build: hundreds of "nanobind: leaked ..." lines after the traceback that says why)."""
+        return processes.log_tail(self.log_path, lines, start=self._log_offset, noise=_EXIT_NOISE)
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the server's process group and wait for its port to be free; a no-op when not running."""

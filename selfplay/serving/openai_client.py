@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     from selfplay.config.backends import EndpointConfig
 
-__all__ = ["EndpointError", "RequestFailed", "SamplingError", "resolve_api_key", "check_endpoint", "async_client", "chat",
+__all__ = ["EndpointError", "RequestFailed", "SamplingError", "ServerDied", "watched", "resolve_api_key", "check_endpoint", "async_client", "chat",
            "describe", "run_sync", "request_seed", "asample_chat", "sample_chat"]
 
 T = TypeVar("T")
@@ -208,6 +208,31 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     return box["out"]
 
 
+class ServerDied(SelfplayError, RuntimeError):
+    """The server being asked died (its process exited, or its engine is dead) while requests were in flight."""
+
+
+async def watched(work: Coroutine[Any, Any, T], watch: Callable[[], str | None] | None, every_s: float = 1.0) -> T:
+    """Await `work`, asking `watch()` every `every_s` seconds meanwhile whether the server behind it is still alive
+    (None: it is; else why not). When it is not, `work` is cancelled at once and `ServerDied` raised with that reason:
+    a dead engine fails the stage at once with its cause, not "Connection error" after every retry of every request."""
+    if watch is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=every_s)
+            if done:
+                return task.result()
+            why = await asyncio.to_thread(watch)
+            if why is not None:
+                raise ServerDied(why)
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
 # ---------------------------------------------------------------- sampling
 
 
@@ -260,6 +285,7 @@ async def asample_chat(
     max_retries: int = 5,
     exact_tokens: bool = False,
     extra_body: dict | None = None,
+    watch: Callable[[], str | None] | None = None,
 ) -> list[list[dict]]:
     """The async form of `sample_chat` (same arguments, same result)."""
     if n < 1 or max_concurrency < 1:
@@ -304,19 +330,24 @@ async def asample_chat(
         return [{"response": t, "n_tokens": int(k), "truncated": c.finish_reason == "length"}
                 for t, k, c in zip(texts, counts, choices)]
 
-    async with async_client(base_url, api_key, timeout=timeout, max_retries=max_retries) as client:
+    async def every(client: openai.AsyncOpenAI) -> list[list[dict]]:
         tasks = [asyncio.ensure_future(one(client, i, p)) for i, p in enumerate(prompts)]
         if not tasks:
             return []
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        try:
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for task in tasks:
+                task.cancel()  # a no-op on finished ones; the watchdog's cancellation stops the rest
+        await asyncio.gather(*tasks, return_exceptions=True)
         failures = [task.exception() for task in tasks if task in done]  # retrieves every one: no stray warnings
         for exc in failures:  # the first failure in prompt order
             if exc is not None:
                 raise exc
         return [task.result() for task in tasks]
+
+    async with async_client(base_url, api_key, timeout=timeout, max_retries=max_retries) as client:
+        return await watched(every(client), watch)
 
 
 def sample_chat(
@@ -336,6 +367,7 @@ def sample_chat(
     max_retries: int = 5,
     exact_tokens: bool = False,
     extra_body: dict | None = None,
+    watch: Callable[[], str | None] | None = None,
 ) -> list[list[dict]]:
     """`n` sampled chat completions per prompt from an OpenAI-compatible server; callable from sync code.
 
@@ -352,9 +384,12 @@ def sample_chat(
     reporting no usage gives the word count `len(text.split())`. With `exact_tokens=True` each choice's token
     count is read from per-token logprobs requested for it (exact, at the cost of a larger reply).
 
+    `watch`, where the caller owns the server (`ModelServer.problem`), is asked every second whether the server is
+    still alive: when it is not, every request is cancelled and `ServerDied` says why (see `watched`).
+
     Callable inside a running event loop too (see `run_sync`); async code may await `asample_chat` instead.
     """
     return run_sync(asample_chat(
         base_url, model, prompts, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
         max_concurrency=max_concurrency, api_key=api_key, timeout=timeout, system=system, max_retries=max_retries,
-        exact_tokens=exact_tokens, extra_body=extra_body))
+        exact_tokens=exact_tokens, extra_body=extra_body, watch=watch))
