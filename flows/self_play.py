@@ -28,6 +28,7 @@ from selfplay.reporting.artifacts import publish_lineage
 from selfplay.runtime import shutdown
 from selfplay.runtime.rundir import locked, open_run
 from selfplay.runtime.stages import ensure_gpu_limit, use_cluster_limit
+from selfplay.serving.kept import kept_servers
 
 DEFAULT_RECIPE = "deployments/recipes/cpu-demo.yaml"
 
@@ -55,7 +56,7 @@ def run_rounds(cfg: RunConfig) -> list[dict[str, Any]]:
     if cfg.cluster_gpu_limit:
         ensure_gpu_limit(name=cfg.cluster_gpu_limit)
     use_cluster_limit(cfg.cluster_gpu_limit)
-    with locked(cfg.run_dir):
+    with locked(cfg.run_dir), kept_servers(cfg):  # vLLM servers kept across rounds (sample/judge server_scope: run)
         run = open_run(cfg, str(base), log=log)
         rounds, summaries = Rounds(str(base), cfg.gate.early_stop_after), []
         for k in range(1, cfg.rounds + 1):

@@ -20,6 +20,7 @@ from selfplay.runtime import isolate
 from selfplay.runtime.isolate import accelerate_command, isolated
 from selfplay.runtime.rundir import RunDir
 from selfplay.runtime.stages import Progress, gpu_slot, run_logger, stage
+from selfplay.serving.kept import release_gpu
 from selfplay.training.dpo import check_enough_pairs
 
 
@@ -36,6 +37,7 @@ def train(cfg: RunConfig, k: int, policy: str) -> None:
     bar = Progress(f"{cfg.name} round {k}: DPO training")
     launcher = cfg.train.launcher
     command = accelerate_command(launcher.config_file, launcher.num_processes, launcher.args) if launcher.kind == "accelerate" else None
+    release_gpu()  # the run's kept vLLM servers give their GPU memory back (sleep) before training takes it
     with run.stage_output(k, "train", {"policy": policy, "reference": policy}) as (out, manifest), gpu_slot(f"{cfg.name} round {k} train"):
         metrics, peak = isolate.call(
             "selfplay.training.dpo:train_dpo", cfg, k, policy, str(run.stage_dir(k, "filter") / "pairs.parquet"), str(out),

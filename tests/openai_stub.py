@@ -341,8 +341,22 @@ def build_app(state: _State):
         with state.lock:
             return _respond(state.vllm.load_lora(body) if loading else state.vllm.unload_lora(body))
 
+    async def dev(request):
+        body = await read(request) if request.method == "POST" else None
+        if state.vllm is None:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        state.record(request.url.path, {k.lower(): v for k, v in request.headers.items()}, body)
+        with state.lock:
+            reply = state.vllm.dev(request.url.path, dict(request.query_params), body)
+        if state.log_requests:
+            query = f"?{request.url.query}" if request.url.query else ""
+            print(f"vllm-stub: {request.method} {request.url.path}{query} {jsonlib.dumps(body)} -> {reply.status}", flush=True)
+        return _respond(reply)
+
     return Starlette(
         routes=[
+            *(Route(path, dev, methods=["POST"]) for path in ("/collective_rpc", "/reset_prefix_cache", "/sleep", "/wake_up")),
+            Route("/is_sleeping", dev, methods=["GET"]),
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),

@@ -22,6 +22,9 @@ from tests.vllm_stub import Vllm
 pytestmark = pytest.mark.stage
 
 # The default ServerSpec (vLLM's argv) with the FAKE vLLM as its command.
+# The FAKE vLLM, a server per stage (server_scope: stage): the tiny random model's rounds take seconds, and what
+# they check is selfplay's process handling per stage. The real vLLM runs the kept server's rounds on the bundled
+# model in tests/test_flow_vllm_real.py.
 STUB_AS_VLLM = {"command": [sys.executable, "-m", "tests.vllm_stub", "serve"], "cwd": str(REPO), "startup_timeout": 60}
 
 
@@ -36,7 +39,7 @@ def port_free(port: int) -> bool:
 
 def test_vllm_backend_runs_a_server_per_round_and_stops_it(prefect_server, tiny_model, tmp_path):
     cfg = tiny_config(tiny_model, tmp_path / "runs", name="vllm-sampler", rounds=2,
-                      sample={"backend": "vllm", "server": STUB_AS_VLLM})
+                      sample={"backend": "vllm", "server": STUB_AS_VLLM, "server_scope": "stage"})
     summaries = run_self_play(cfg, tmp_path / "vllm.yaml")
     run = RunDir(Path(cfg["output_dir"]) / "vllm-sampler")
     assert [s["round"] for s in summaries] == [1, 2]
@@ -127,7 +130,7 @@ def test_endpoint_backend_loads_each_rounds_adapter_and_samples_from_it(prefect_
 
 def test_vllm_backend_serves_an_adapter_policy_over_its_base(prefect_server, tiny_model, tmp_path):
     cfg = tiny_config(tiny_model, tmp_path / "runs", name="vllm-lora", rounds=2, train={"merge": False},
-                      sample={"backend": "vllm", "server": STUB_AS_VLLM})
+                      sample={"backend": "vllm", "server": STUB_AS_VLLM, "server_scope": "stage"})
     run_self_play(cfg, tmp_path / "vllm-lora.yaml")
     run = RunDir(Path(cfg["output_dir"]) / "vllm-lora")
     log = (run.round_dir(2) / "sample-server.log").read_text()
@@ -147,7 +150,8 @@ def test_vllm_judge_is_started_for_each_judging_step_and_stopped(prefect_server,
     evaluation's judging, each stopped before the next GPU stage: the judge takes turns with the policy."""
     judge_server = {**STUB_AS_VLLM, "extra_args": ["--varied-logprobs"]}
     cfg = tiny_config(tiny_model, tmp_path / "runs", name="vllm-judge", rounds=1,
-                      judge={"backend": "vllm", "mode": "logprobs", "margin": 0.05, "server": judge_server})
+                      judge={"backend": "vllm", "mode": "logprobs", "margin": 0.05, "server": judge_server,
+                             "server_scope": "stage"})
     [summary] = run_self_play(cfg, tmp_path / "vllm-judge.yaml")
     run = RunDir(Path(cfg["output_dir"]) / "vllm-judge")
     base = str(Path(tiny_model).resolve())

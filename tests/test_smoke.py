@@ -54,5 +54,10 @@ def test_smoke_runs_a_vllm_round_where_a_vllm_is_found(prefect_server, tiny_mode
     vllm_part = out.split("vLLM round (", 1)[1]
     rows = {m.group(1): m.groups()[1:] for m in re.finditer(r"^(\w+)\s+([\d.]+)\s+(\S+)\s+(\S+)$", vllm_part, re.M)}
     assert float(rows["sample"][0]) > 0 and float(rows["sample"][1]) > 0  # seconds and tokens/s through the server
-    log = (tmp_path / "runs" / "smoke-vllm" / "round_1" / "sample-server.log").read_text()
-    assert "vllm-stub: FAKE vLLM server" in log and list((tmp_path / "runs" / "smoke-vllm" / "round_1").glob("eval-server-*.log"))
+    # one server kept for the run (sample.server_scope: run). On a GPU (FAKE: the real vLLM's CPU build cannot show
+    # GPU memory) it sleeps through training, wakes for the evaluation, and takes the new merged weights in place.
+    log = (tmp_path / "runs" / "smoke-vllm" / "policy-server.log").read_text()
+    assert log.count("vllm-stub: FAKE vLLM server") == 1 and "--enable-sleep-mode" in log
+    order = [log.index(f"vllm-stub: POST {path} ") for path in ("/sleep?level=1", "/wake_up", "/collective_rpc")]
+    assert order == sorted(order)
+    assert not list((tmp_path / "runs" / "smoke-vllm" / "round_1").glob("*server*.log"))

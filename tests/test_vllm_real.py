@@ -45,7 +45,7 @@ def vllm(tmp_path_factory):
     require_vllm()
     base = bundled_model()
     tmp = tmp_path_factory.mktemp("real-vllm")
-    adapters = [make_adapter(base, tmp / f"adapter-{i}", seed=i) for i in range(2)]
+    adapters = [make_adapter(base, tmp / f"round_{i + 1}" / "train" / "checkpoint", seed=i) for i in range(2)]  # as a run lays them out
     merged = make_merged(base, adapters[0], tmp / "merged")
     spec = recipe_spec(extra_args=LORA, env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_API_KEY": API_KEY,
                                              "VLLM_SERVER_DEV_MODE": "1"})
@@ -157,8 +157,57 @@ def test_the_recorded_replies_are_what_the_server_answers_now(vllm, tmp_path):
         _same_shape(kept["body"], reply["body"], name)
         if reply["status"] != 200:
             assert kept["body"] == reply["body"], name
+        elif name == "models_with_lora":
+            assert [(m["id"], m["parent"]) for m in kept["body"]["data"]] == [(m["id"], m["parent"]) for m in reply["body"]["data"]]
         elif name != "chat_n3_logprobs":  # greedy: the same words (seeded sampling is checked above)
-            assert [c["message"]["content"] for c in kept["body"]["choices"]] == [c["message"]["content"] for c in reply["body"]["choices"]], name
+            said = [[c["message"]["content"] for c in r["body"]["choices"]] for r in (kept, reply)]
+            assert said[0] == said[1], name
+
+
+def test_the_kept_server_loads_adapters_reloads_merged_weights_and_restarts_once(vllm, tmp_path, caplog):
+    """One server for a run (selfplay.serving.kept): the base, each round's adapter loaded at runtime, a merged
+    checkpoint's weights reloaded in place and back, all from one start; a dead engine restarted once, then not."""
+    from selfplay.serving.kept import KeptServer
+    from selfplay.serving.openai_client import sample_chat as chat
+
+    spec = recipe_spec(env={"VLLM_API_KEY": API_KEY})
+    kept = KeptServer("policy", spec, tmp_path / "policy-server.log", "run", lora_rank=8)
+
+    def greedy(model: str) -> list[str]:
+        out = kept.run(model, lambda server, name: chat(server.base_url, name, PROMPTS, n=1, temperature=0.0, top_p=1.0, max_tokens=12,
+                                                        seed=0, api_key=server.api_key, watch=server.problem), "a test")
+        return [c[0]["response"] for c in out]
+
+    try:
+        base = greedy(vllm.base)
+        assert base == [c[0]["response"] for c in vllm.sample(PROMPTS, temperature=0.0, max_tokens=12)]  # the same engine settings
+        one, two = greedy(str(vllm.adapters[0])), greedy(str(vllm.adapters[1]))
+        assert list(kept.loaded) == ["run-round_1", "run-round_2"] and one != base and two != one
+        assert greedy(str(vllm.adapters[0])) == one  # still loaded: served again as it was
+        merged = greedy(str(vllm.merged))  # adapter 0 merged into the base: reloaded in place, adapters dropped
+        assert merged != base and kept.weights == str(vllm.merged.resolve()) and kept.loaded == {}
+        assert greedy(vllm.base) == base  # and back
+        assert kept.starts == 1
+        log = (tmp_path / "policy-server.log").read_text()
+        assert log.count("starting on http://") == 1 and "/collective_rpc" in log
+
+        pid = kept.server.pid
+        engine = next(p for p in tree(pid) if p.name().startswith("VLLM::EngineCore") or "EngineCore" in " ".join(p.cmdline()))
+        engine.send_signal(signal.SIGKILL)
+        time.sleep(5)
+        with caplog.at_level("WARNING"):
+            assert greedy(vllm.base) == base  # found dead before the work, started again, asked again
+        assert kept.starts == 2 and kept.server.pid != pid
+        assert any("died during the wait before a test" in r.getMessage() and "(once per run)" in r.getMessage() for r in caplog.records)
+        procs = tree(kept.server.pid)
+        engine = next(p for p in procs if p.name().startswith("VLLM::EngineCore") or "EngineCore" in " ".join(p.cmdline()))
+        threading.Timer(2.0, lambda: engine.send_signal(signal.SIGKILL)).start()
+        with pytest.raises(ServerDied, match="died again during a test, after its restart"):
+            kept.run(vllm.base, lambda server, name: chat(server.base_url, name, PROMPTS * 30, n=4, temperature=1.0, top_p=1.0,
+                                                          max_tokens=200, seed=0, api_key=server.api_key, watch=server.problem), "a test")
+    finally:
+        kept.close()
+    assert kept.server is None and alive(procs) == []
 
 
 def test_a_failed_start_and_a_start_that_times_out_leave_nothing_behind(tmp_path):

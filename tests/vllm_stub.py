@@ -45,6 +45,8 @@ serving_models}.py`, "newest" the split layout of the 0.1x/0.3x line). Each beha
   "," is `name=path`, split on "=" (two "=" raise ValueError, a traceback); anything else must be JSON
   `{"name", "path", "base_model_name"?}` (else argparse's "Invalid JSON format for --lora-modules", exit 2). A
   static module whose path holds no adapter fails the start (`init_static_loras`).
+- **Development routes** (VLLM_SERVER_DEV_MODE=1): weight reload through /collective_rpc, /reset_prefix_cache, /sleep and
+  /wake_up (`Vllm.dev`; the real CPU build answers the same, tests/test_vllm_real.py).
 - **GPU memory at start**: with `--gpu-memory-utilization u`, free memory below u x total on a visible GPU ends the
   start with vLLM's "Free memory on device ... on startup is less than desired GPU memory utilization (...)"
   (vllm/v1/worker/gpu_worker.py `init_device`); memory is read from `nvidia-smi` (in tests a fake one) when it exists.
@@ -133,9 +135,44 @@ class Vllm:
     varied_logprobs: bool = False
     version: str = "0.32.0+fake"  # what GET /version reports: the pinned vLLM's number, marked as this fake's
     adapters: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> {"path", "base"}, in load order
+    dev_mode: bool = False  # VLLM_SERVER_DEV_MODE: /collective_rpc, /reset_prefix_cache, /sleep, /wake_up, /is_sleeping
+    sleep_mode: bool = False  # --enable-sleep-mode
+    sleeping: bool = False
+    weights: str = ""  # what the engine holds: the model, or the last weights_path reloaded
 
     def __post_init__(self) -> None:
         self.served_names = self.served_names or [self.model]
+        self.weights = self.weights or self.model
+
+    # --------------------------------------------------------------- development routes (VLLM_SERVER_DEV_MODE=1)
+    def dev(self, path: str, query: dict[str, str], body: Any) -> Reply:
+        """vllm/entrypoints/serve/dev/: POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path"}}
+        -> {"results": [null]} (the worker's `reload_weights`, which also resets the LoRA state); /reset_prefix_cache ->
+        {"success": true}; /sleep?level=N (needs --enable-sleep-mode: CUDA's allocator) and /wake_up -> {"status": ...};
+        GET /is_sleeping. Without dev mode the routes are not registered: FastAPI's 404."""
+        if not self.dev_mode:
+            return Reply(status=404, json={"detail": "Not Found"})
+        if path == "/collective_rpc":
+            if not isinstance(body, dict) or body.get("method") != "reload_weights":
+                return vllm_error(400, f"the FAKE knows only reload_weights, not {body!r}", "BadRequestError")
+            weights = (body.get("kwargs") or {}).get("weights_path")
+            if not weights or not Path(weights).is_dir():
+                return vllm_error(500, f"FileNotFoundError: no weights at {weights}", "InternalServerError")
+            self.weights, self.adapters = weights, {}
+            return Reply(json={"results": [None]})
+        if path == "/reset_prefix_cache":
+            return Reply(json={"success": True})
+        if path == "/sleep":
+            if not self.sleep_mode:
+                return vllm_error(500, "Sleep mode is not enabled: start with --enable-sleep-mode", "InternalServerError")
+            self.sleeping = True
+            return Reply(json={"status": "sleeping", "level": int(query.get("level", 1))})
+        if path == "/wake_up":
+            self.sleeping = False
+            return Reply(json={"status": "awake", "tags": None})
+        if path == "/is_sleeping":
+            return Reply(json={"is_sleeping": self.sleeping})
+        return Reply(status=404, json={"detail": "Not Found"})
 
     # --------------------------------------------------------------- auth, models
     def unauthorized(self, path: str, headers: dict[str, str]) -> Reply | None:
@@ -166,7 +203,8 @@ class Vllm:
         if not name or not path:
             return vllm_error(400, "Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput")
         if name in self.adapters:
-            return vllm_error(400, f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, set 'load_inplace' to True.", "InvalidUserInput")
+            return vllm_error(400, f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, "
+                                   "set 'load_inplace' to True.", "InvalidUserInput")
         if not (Path(path) / "adapter_config.json").is_file():
             return vllm_error(404, f"Loading lora {name} failed: No adapter found for {path}", "NotFoundError")
         self.adapters[name] = {"path": path, "base": base or self.served_names[0]}
@@ -330,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-lora-rank", type=int, default=16)
     p.add_argument("--max-loras", type=int, default=1)
     p.add_argument("--lora-modules", nargs="+", action=_LoraModules, default=[])
+    p.add_argument("--enable-sleep-mode", action="store_true")
     # the fake's own knobs
     p.add_argument("--startup-delay", type=float, default=0.0, help="seconds of 'model loading' before it listens")
     p.add_argument("--fail-start", action="store_true", help="log an engine error and exit 1 without listening")
@@ -364,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     vllm = Vllm(model=model, served_names=args.served_model_name, api_keys=keys, runtime_lora=runtime,
                 max_logprobs=args.max_logprobs, max_model_len=args.max_model_len,
                 defaults={} if args.generation_config == "vllm" else generation_defaults(model),
-                varied_logprobs=args.varied_logprobs)
+                varied_logprobs=args.varied_logprobs, sleep_mode=args.enable_sleep_mode,
+                dev_mode=os.environ.get("VLLM_SERVER_DEV_MODE", "0").strip().lower() in ("1", "true"))
     if vllm.defaults:
         print(f"vllm-stub: default sampling parameters from the model's generation config: {vllm.defaults}", flush=True)
     for module in args.lora_modules:

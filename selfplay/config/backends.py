@@ -72,6 +72,10 @@ class EndpointConfig(Section):
 
 # ---------------------------------------------------------------- sample
 
+SCOPE_HELP = ("'run': one server kept for the whole run, each round's checkpoint loaded into it (an adapter at runtime, merged "
+              "weights reloaded in place; asleep while training on a GPU); 'stage': a server started and stopped for each stage "
+              "that needs it.")
+
 class SampleConfig(Section):
     """What every sampler reads; `sample.backend` picks one of the subclasses below."""
 
@@ -96,8 +100,10 @@ class TransformersSampleConfig(SampleConfig):
 
 
 class VllmSampleConfig(SampleConfig):
-    backend: Literal["vllm"] = Field("vllm", description="Start a vLLM server on each round's policy, and stop it before training.")
+    backend: Literal["vllm"] = Field("vllm", description="Serve the policy with vLLM: a server selfplay starts, stops, and keeps "
+                                     "across rounds (server_scope).")
     server: ServerSpec = Field(default_factory=ServerSpec, description="How to start and stop the server.")
+    server_scope: Literal["run", "stage"] = operational("run", description=SCOPE_HELP)
 
 
 class EndpointSampleConfig(SampleConfig):
@@ -175,11 +181,12 @@ class TransformersJudgeConfig(JudgeConfig):
 
 
 class VllmJudgeConfig(JudgeConfig):
-    backend: Literal["vllm"] = Field("vllm", description="Start a vLLM server on judge.model for each judging step and stop it after, "
-                                     "so it takes turns with the policy on the GPU.")
+    backend: Literal["vllm"] = Field("vllm", description="Serve judge.model with vLLM: a server selfplay starts, stops, and keeps "
+                                     "across judging steps (server_scope); asleep while training on a GPU.")
     model: str = Field("reference", description="'reference' (the round's reference) or a directory or hub id vLLM loads.")
     mode: JudgeMode = Field("auto", description=MODE_HELP)
     server: ServerSpec = Field(default_factory=ServerSpec, description="How to start and stop the judge's server.")
+    server_scope: Literal["run", "stage"] = operational("run", description=SCOPE_HELP)
     max_concurrency: int = operational(64, ge=1, description="Requests in flight to the started server.")
     request_timeout: float = operational(300.0, gt=0, description="Seconds one request to the started server may take.")
 

@@ -1,6 +1,7 @@
 """Completions through an OpenAI-compatible server: the sample stage's K per prompt (`sample_from_server`) and
-the evaluate stage's answers (`eval_generations_from_server`), from a vLLM server started for the round (`sample.backend:
-vllm`) or a running endpoint (`endpoint`). A policy that is a LoRA adapter is served over its base model.
+the evaluate stage's answers (`eval_generations_from_server`), from vLLM (`sample.backend: vllm`: the run's kept
+server, `selfplay.serving.kept`, or with `sample.server_scope: stage` one started for the stage) or a running endpoint
+(`endpoint`). A policy that is a LoRA adapter is served over its base model.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ from selfplay.inputs.models import is_adapter, load_tokenizer
 from selfplay.runtime.rundir import note_server_version
 from selfplay.runtime.stages import gpu_slot
 from selfplay.serving import gpu
+from selfplay.serving.kept import kept_server
 
 
 def sample_from_server(cfg: RunConfig, k: int, policy: str, prompts: list[str], log_path: Path, log) -> list[dict[str, Any]]:
-    """K completions per prompt from an OpenAI-compatible server: a vLLM server started on `policy` for this round
-    (and stopped, its port and GPU memory free, before training), or an already-running endpoint.
+    """K completions per prompt from an OpenAI-compatible server: the run's kept vLLM server (`sample.server_scope:
+    run`, `selfplay.serving.kept`: `policy` loaded into it), a vLLM server started on `policy` for this stage (and
+    stopped, its port and GPU memory free, before training), or an already-running endpoint. A started server is
+    watched while it answers: if it dies, the stage fails at once with its last words (a kept one is restarted once).
 
     A policy that is a LoRA adapter (`train.merge: false`) is served over its base model: the started server gets
     `--enable-lora --lora-modules {"name": <name>, "path": <adapter>}`; a running endpoint is asked to load it (vLLM's
@@ -35,13 +39,18 @@ def sample_from_server(cfg: RunConfig, k: int, policy: str, prompts: list[str], 
     params = dict(n=s.num_samples, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, seed=s.seed + k, exact_tokens=True)
     adapter = Path(policy).resolve() if is_adapter(policy) else None
     name = adapter_name(cfg.name, adapter) if adapter else None
-    if s.backend == "vllm":
+    if s.backend == "vllm" and (kept := kept_server(cfg, "policy", log)) is not None:
+        with gpu_slot(f"{cfg.name} round {k} sample (vLLM server)"):
+            out = kept.run(policy, lambda server, model: sample_chat(server.base_url, model, prompts, api_key=server.api_key,
+                                                                     watch=server.problem, **params), f"round {k} sampling")
+    elif s.backend == "vllm":
         spec, model_path, _ = serving_plan(s.server, policy, name or "policy")
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with gpu_slot(f"{cfg.name} round {k} sample (vLLM server)"):
             with ModelServer(spec, model_path, log_path) as server:
                 note_server_version(cfg.run_dir, server.version, log)
-                out = sample_chat(server.base_url, name or server.api_model, prompts, api_key=server.api_key, **params)
+                out = sample_chat(server.base_url, name or server.api_model, prompts, api_key=server.api_key, watch=server.problem,
+                                  **params)
             if not server.wait_gpu_free():
                 log.warning("round %d: GPU memory was not all given back %g s after the sampling server stopped; held by %s", k,
                             spec.gpu_free_timeout, gpu.holders())
@@ -79,7 +88,8 @@ def eval_generations_from_server(cfg: RunConfig, k: int, jobs: list[EvalJob], ba
     `endpoint`: one answer per prompt and job, `n=1`, seeded with `evaluate.seed` (`seed + index` per prompt), greedy
     where the job's temperature is 0. None when the backend is `transformers` (the caller generates in-process).
 
-    `vllm`: one server per full model (`sample.server`, the spec the round's samples came from), and one server for
+    `vllm` with the run's kept server: each model loaded into it in turn (no start). Per stage: one server per full
+    model (`sample.server`, the spec the round's samples came from), and one server for
     a base with all its adapters (`train.merge: false`: the new and the current checkpoint in one start), each
     stopped, its GPU memory given back, before the next. `endpoint`: the running server, each adapter loaded and
     unloaded around its jobs; where a job's model is neither the endpoint's own (round 0's policy) nor an adapter
@@ -105,6 +115,11 @@ def eval_generations_from_server(cfg: RunConfig, k: int, jobs: list[EvalJob], ba
                                   top_p=1.0, max_tokens=job.max_new_tokens, seed=e.seed, exact_tokens=True, api_key=api_key, **kw)
                 tables[i] = generation_table(job.prompts, [choices[0] for choices in out])
 
+    if s.backend == "vllm" and (kept := kept_server(cfg, "policy", log)) is not None:
+        for m in models:
+            kept.run(m, lambda server, model, m=m: answer(server.base_url, server.api_key, {m: model}, watch=server.problem),
+                     f"round {k} evaluation answers")
+        return tables
     if s.backend == "vllm":
         groups: dict[str, list[str]] = {}
         for m in models:
@@ -119,7 +134,7 @@ def eval_generations_from_server(cfg: RunConfig, k: int, jobs: list[EvalJob], ba
                      f" with adapters {', '.join(names[m] for m in adapters)}" if adapters else "")
             with ModelServer(spec, model_path, log_dir / f"eval-server-{n + 1}.log") as server:
                 note_server_version(cfg.run_dir, server.version, log)
-                answer(server.base_url, server.api_key, {m: names.get(m, server.api_model) for m in members})
+                answer(server.base_url, server.api_key, {m: names.get(m, server.api_model) for m in members}, watch=server.problem)
             if not server.wait_gpu_free():
                 log.warning("round %d: GPU memory was not all given back %g s after the evaluation server stopped; held by %s", k,
                             spec.gpu_free_timeout, gpu.holders())

@@ -20,6 +20,7 @@ from selfplay.runtime.isolate import isolated
 from selfplay.runtime.rundir import note_server_version
 from selfplay.runtime.stages import gpu_slot
 from selfplay.serving import gpu
+from selfplay.serving.kept import kept_server
 
 
 def judge_phases(judge: Judge, phases: Phases, cfg: JudgeConfig, progress: Callable[[int, int], None] | None = None) -> Judged:
@@ -94,6 +95,10 @@ def run_judge(cfg: RunConfig, reference: str, batches: list[Batch], scratch: Pat
         return [judge_batch(None, batch, j) for batch in batches], None
     if j.backend == "endpoint":
         return judge_batches(j, reference, batches, log=log, progress=progress), None
+    if j.backend == "vllm" and (kept := kept_server(cfg, "judge", log)) is not None:
+        with gpu_slot(f"{cfg.name} {label} (kept judge server)"):
+            return kept.run(judge_server_model(j, reference),
+                            lambda server, model: judge_with_server(j, server, model, batches, progress), label), None
     if j.backend == "vllm":
         return serve_and_judge(j, reference, batches, server_log or scratch / "judge-server.log", f"{cfg.name}-judge", log, progress,
                                run_dir=cfg.run_dir), None
@@ -119,8 +124,6 @@ def serve_and_judge(cfg: JudgeConfig, reference: str, batches: list[Batch], log_
                     progress: Callable[[int, int], None] | None = None, run_dir: Path | None = None) -> list[Judged]:
     """Start a vLLM server on the judge model, judge every batch through it, stop it and wait for the GPU. The
     version the server reports goes into `run_dir`'s run.json."""
-    from selfplay.config.backends import EndpointConfig
-    from selfplay.judging.endpoint import OpenAIJudge
     from selfplay.serving.lora import serving_plan
     from selfplay.serving.model_server import ModelServer
 
@@ -130,15 +133,24 @@ def serve_and_judge(cfg: JudgeConfig, reference: str, batches: list[Batch], log_
             log.info("judge server on %s up at %s (log %s)", model, server.base_url, log_path)
             if run_dir is not None:
                 note_server_version(run_dir, server.version, log)
-            endpoint = EndpointConfig(base_url=server.base_url, model=request_name or server.api_model,
-                                      max_concurrency=cfg.max_concurrency, timeout=cfg.request_timeout)
-            # A new port each time: nothing to key a cache on.
-            judge = OpenAIJudge(endpoint, mode=cfg.mode, cache=None, api_key=server.api_key)
-            results = [judge_batch(judge, batch, cfg, progress=progress) for batch in batches]
+            results = judge_with_server(cfg, server, request_name or server.api_model, batches, progress)
         if not server.wait_gpu_free():
             log.warning("GPU memory was not all given back %g s after the judge server stopped; held by %s", spec.gpu_free_timeout,
                         gpu.holders())
     return results
+
+
+def judge_with_server(cfg: JudgeConfig, server, model: str, batches: list[Batch],
+                      progress: Callable[[int, int], None] | None = None) -> list[Judged]:
+    """Every batch judged by `model` on a started `server`, which is watched: if it dies, judging stops at once with
+    its last words (`ServerDied`)."""
+    from selfplay.config.backends import EndpointConfig
+    from selfplay.judging.endpoint import OpenAIJudge
+
+    endpoint = EndpointConfig(base_url=server.base_url, model=model, max_concurrency=cfg.max_concurrency, timeout=cfg.request_timeout)
+    # A new port each time: nothing to key a cache on.
+    judge = OpenAIJudge(endpoint, mode=cfg.mode, cache=None, api_key=server.api_key, watch=server.problem)
+    return [judge_batch(judge, batch, cfg, progress=progress) for batch in batches]
 
 
 def make_judge(cfg, reference: str) -> Judge:

