@@ -5,6 +5,7 @@
     python -m tools.bench speed                  # one round's cost by stage and per kept pair, beside a plain loop
     python -m tools.bench speed --tiny           # (make bench runs the full one; CI the tiny one)
     python -m tools.bench knockout [JUDGMENTS ...]   # a knockout's best-vs-worst against all pairs' (seconds)
+    python -m tools.bench serving                # the same rounds sampled by transformers, vLLM per stage, vLLM kept
 
 `improvement` runs real self-play rounds through `selfplay run` (the same flow, a temporary Prefect server when
 PREFECT_API_URL is unset) on the generated checkable workload (`tools.checkable`: bundled:checkable_train and
@@ -368,6 +369,77 @@ def knockout_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+CPU_VLLM_RECIPE = Path(__file__).resolve().parents[1] / "deployments" / "recipes" / "cpu-vllm.yaml"
+SERVING_VARIANTS = {  # label -> overrides over the CPU vLLM recipe
+    "transformers (in-process)": ["sample.backend=transformers"],
+    "vLLM, a server per stage": ["sample.server_scope=stage"],
+    "vLLM, one kept server": ["sample.server_scope=run"],
+}
+
+
+def server_starts(run: RunDir) -> list[float]:
+    """The seconds each vLLM start of the run took to turn healthy (every server log under the run directory)."""
+    import re
+
+    out = []
+    for log in sorted(run.root.rglob("*server*.log")):
+        out += [float(x) for x in re.findall(r"\] healthy after ([\d.]+) s$", log.read_text(errors="replace"), re.M)]
+    return out
+
+
+def serving_figures(run: RunDir, rounds: int, wall_s: float) -> dict[str, Any]:
+    """Per round: seconds by stage; for the run: vLLM starts and their seconds, kept pairs, seconds per kept pair."""
+    per_round = [_stage_seconds(run, k) for k in range(1, rounds + 1) if run.round_done(k)]
+    kept = sum(run.round_manifest(k).get("kept") or 0 for k in range(1, rounds + 1) if run.round_done(k))
+    starts = server_starts(run)
+    return {"rounds": len(per_round), "stages": {st: sum(r.get(st, 0.0) for r in per_round) for st in STAGES},
+            "starts": len(starts), "start_s": sum(starts), "kept": kept, "wall_s": wall_s,
+            "per_kept_pair_s": wall_s / kept if kept else None}
+
+
+def format_serving(rows: dict[str, dict[str, Any]]) -> str:
+    head = f"{'sampler':<26} {'rounds':>6} {'starts':>6} {'start s':>7} " + " ".join(f"{st + ' s':>10}" for st in STAGES) + \
+           f" {'wall s':>7} {'kept':>5} {'s/kept pair':>11}"
+    lines = [head]
+    for label, f in rows.items():
+        per_pair = f"{f['per_kept_pair_s']:.1f}" if f["per_kept_pair_s"] else "-"
+        lines.append(f"{label:<26} {f['rounds']:>6} {f['starts']:>6} {f['start_s']:>7.0f} "
+                     + " ".join(f"{f['stages'][st]:>10.1f}" for st in STAGES) + f" {f['wall_s']:>7.0f} {f['kept']:>5} {per_pair:>11}")
+    stage, kept = rows.get("vLLM, a server per stage"), rows.get("vLLM, one kept server")
+    if stage and kept and stage["starts"]:
+        saved = (stage["starts"] - kept["starts"]) * stage["start_s"] / stage["starts"]
+        lines.append(f"\nkept server: {kept['starts']} start(s) for {kept['rounds']} round(s), against {stage['starts']}; its run took "
+                     f"{kept['wall_s']:.0f} s, the per-stage run {stage['wall_s']:.0f} s less its extra start-ups "
+                     f"({saved:.0f} s) = {stage['wall_s'] - saved:.0f} s: target {'met' if kept['wall_s'] <= stage['wall_s'] - saved + 1e-9 else 'missed'} "
+                     f"(no more than that)")
+    return "\n".join(lines)
+
+
+def serving(args: argparse.Namespace) -> int:
+    """The same rounds (same seeds and prompts) three ways: transformers in-process, vLLM per stage, vLLM kept."""
+    from selfplay.cli import main as selfplay_main
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = [f"output_dir={args.output_dir}", f"rounds={args.rounds}", f"prompts.per_round={args.per_round}",
+            f"sample.num_samples={args.samples}", f"sample.max_new_tokens={args.max_new_tokens}",
+            f"evaluate.max_new_tokens={args.max_new_tokens}", f"prompts.eval_size={args.eval_size}",
+            f"prompts.accuracy_size={args.accuracy_size}", "gate.enabled=false", *(args.set or [])]
+    rows = {}
+    for label, over in SERVING_VARIANTS.items():
+        name = f"bench-serving-{stamp}-{over[0].split('=')[1]}"
+        started = time.time()
+        code = selfplay_main(["run", "--config", str(args.recipe), *sum((["--set", o] for o in [f"name={name}", *base, *over]), [])])
+        if code != 0:
+            return code
+        rows[label] = serving_figures(RunDir(Path(args.output_dir) / name), args.rounds, time.time() - started)
+    print(f"\nserving benchmark: {args.rounds} round(s) of {args.recipe} ({args.per_round} prompts x {args.samples}, "
+          f"{args.max_new_tokens} tokens), the same seeds each way; seconds per stage summed over the rounds\n")
+    print(format_serving(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -396,8 +468,19 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--noise", type=float, nargs="+", default=[0.1, 0.5, 1.0, 2.0])
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--json", help="also write the figures as JSON here")
+    v = sub.add_parser("serving", help="the same rounds sampled by transformers, by vLLM with a server per stage, and by one kept vLLM")
+    v.add_argument("--recipe", default=str(CPU_VLLM_RECIPE))
+    v.add_argument("--rounds", type=int, default=2)
+    v.add_argument("--per-round", type=int, default=24)
+    v.add_argument("--samples", type=int, default=4, help="K, samples per prompt")
+    v.add_argument("--max-new-tokens", type=int, default=32)
+    v.add_argument("--eval-size", type=int, default=8)
+    v.add_argument("--accuracy-size", type=int, default=24)
+    v.add_argument("--output-dir", default="runs")
+    v.add_argument("--set", action="append", metavar="KEY=VALUE", help="more config overrides")
+    v.add_argument("--json", help="also write the figures as JSON here")
     args = parser.parse_args(argv)
-    return {"improvement": improvement, "speed": speed, "knockout": knockout_bench}[args.bench](args)
+    return {"improvement": improvement, "speed": speed, "knockout": knockout_bench, "serving": serving}[args.bench](args)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,7 @@ class ModelServer:
         self._log_offset = 0
         self._gpu_before: dict[int, tuple[int, int]] | None = None
         self.version: str | None = None  # what GET /version reports once started (vLLM does; other servers may not)
+        self.startup_s: float | None = None  # seconds from the process's start to a healthy /health
 
     def __repr__(self) -> str:
         return f"ModelServer(model={self.model_path!r}, url={self.url if self.port else None!r}, pid={self.pid})"
@@ -174,6 +175,7 @@ class ModelServer:
             except OSError as exc:
                 raise ServerStartError(f"cannot run {shlex.join(redact(self.command))}: {exc}") from None
         self.pid = self._proc.pid
+        began = time.monotonic()
         with _live_lock:
             _live.add(self)
         try:
@@ -185,6 +187,12 @@ class ModelServer:
             self._stop_quietly()  # first, so that the tail holds the server's last words
             raise ServerStartError(f"{failure}; last lines of {self.log_path}:\n{self.log_tail()}")
         self.version = self._reported_version()
+        self.startup_s = time.monotonic() - began
+        try:
+            with open(self.log_path, "ab") as log:
+                log.write(f"[{__name__} {time.strftime('%Y-%m-%d %H:%M:%S')}] healthy after {self.startup_s:.1f} s\n".encode())
+        except OSError:
+            pass
         return self
 
     def _reported_version(self) -> str | None:
