@@ -314,6 +314,7 @@ OPERATIONAL_BEFORE = {
     "train.share_prompt",  # the same log-probabilities and gradients, within rounding
     "gate.early_stop_after", "judge.max_error_rate", "judge.cache", "judge.batch_size", "judge.max_concurrency",
     "judge.request_timeout",
+    "sample.server_scope", "judge.server_scope",  # one kept server or one per stage: the same engine, the same answers
     *(f"{section}.endpoint.{field}" for section in ("judge", "sample") for field in (
         "timeout", "max_concurrency", "max_retries", "api_key_env", "api_key_secret", "price_input_per_mtok", "price_output_per_mtok")),
     *(f"{section}.server.{field}" for section in ("sample", "judge") for field in (
