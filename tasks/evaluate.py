@@ -46,6 +46,7 @@ from selfplay.runtime import isolate
 from selfplay.runtime.isolate import isolated
 from selfplay.runtime.rundir import RunDir
 from selfplay.runtime.stages import gpu_slot, run_logger, stage
+from selfplay.serving.kept import release_gpu
 
 
 def find_generations(run: RunDir, model: str, upto: int, held_out: list[dict[str, str]], kind: str = "") -> pd.DataFrame | None:
@@ -93,6 +94,7 @@ def evaluate(cfg: RunConfig, k: int, previous: str, base: str | None = None) -> 
         # the sampling backend's server where there is one (vLLM, a running endpoint), else transformers in-process
         generated, generation_peak = eval_generations_from_server(cfg, k, distinct, base or previous, run.round_dir(k), log), None
         if generated is None:
+            release_gpu()  # a kept vLLM judge server on the GPU sleeps while the answers are generated here
             generated, generation_peak = isolate.call("selfplay.generation.local:eval_generations", cfg, distinct,
                                                       isolated=isolated(cfg.isolation), scratch=run.round_dir(k),
                                                       label=f"round {k} eval generation", log=log)

@@ -21,6 +21,7 @@ from selfplay.runtime import isolate
 from selfplay.runtime.isolate import isolated
 from selfplay.runtime.rundir import RunDir
 from selfplay.runtime.stages import Progress, gpu_slot, run_logger, stage
+from selfplay.serving.kept import release_gpu
 
 COLUMNS = ["prompt_id", "prompt", "reference", "verifier", "sample_idx", "response", "prompt_tokens", "n_tokens", "truncated"]
 
@@ -47,6 +48,7 @@ def sample(cfg: RunConfig, k: int, policy: str) -> None:
 
     peak = None
     if s.backend == "transformers":
+        release_gpu()  # a kept vLLM judge server on the GPU sleeps while the policy samples here
         with gpu_slot(f"{cfg.name} round {k} sample"):
             rows, peak = isolate.call("selfplay.generation.local:sample_local", policy, [p["prompt"] for p in prompts], s, s.seed + k,
                                       isolated=isolated(cfg.isolation), scratch=run.round_dir(k), label=f"round {k} sample",

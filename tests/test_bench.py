@@ -3,6 +3,7 @@ verifier as the only judge. It asserts what the run produced, never an accuracy 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -128,3 +129,25 @@ def test_knockout_benchmark_prints_calls_and_how_often_each_pairing_finds_the_tr
     assert sharp["knockout_true_best"] >= 0.95 and sharp["knockout_true_worst"] >= 0.95 and sharp["same_pair"] >= 0.8
     assert noisy["knockout_true_best"] < sharp["knockout_true_best"]  # a noisier judge is harder to follow
     assert replayed["llm_calls_all_pairs"] == 10 * 56 and "tournament_true_best" not in replayed
+
+
+@pytest.mark.timeout(1500)
+def test_serving_benchmark_tiny_runs_the_round_three_ways_and_the_kept_server_starts_once(prefect_server, tmp_path):
+    """The same round by transformers, by vLLM with a server per stage and by one kept vLLM (the real CPU build)."""
+    from tests.vllm_real import require_vllm
+
+    require_vllm()
+    out_json = tmp_path / "serving.json"
+    proc = subprocess.run([sys.executable, "-m", "tools.bench", "serving", "--rounds", "1", "--per-round", "6", "--samples", "3",
+                           "--max-new-tokens", "16", "--eval-size", "4", "--accuracy-size", "6", "--output-dir", str(tmp_path / "runs"),
+                           "--json", str(out_json)], cwd=REPO, env={**os.environ, "PREFECT_API_URL": prefect_server},
+                          capture_output=True, text=True, timeout=1400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = json.loads(out_json.read_text())
+    starts = {label: row["starts"] for label, row in rows.items()}
+    # per stage: one to sample, one for the evaluation (the base with the new adapter); kept: one for all
+    assert starts == {"transformers (in-process)": 0, "vLLM, a server per stage": 2, "vLLM, one kept server": 1}
+    for row in rows.values():
+        assert row["rounds"] == 1 and row["kept"] > 0 and all(row["stages"][st] > 0 for st in ("sample", "judge", "train", "evaluate"))
+    printed = proc.stdout
+    assert "vLLM, one kept server" in printed and "kept server: 1 start(s) for 1 round(s), against 2" in printed

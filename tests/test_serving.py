@@ -9,6 +9,7 @@ is fake. It takes vLLM's own arguments, so its spec is the default `ServerSpec` 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import subprocess
@@ -503,3 +504,51 @@ def test_the_version_a_server_reports_is_read_and_a_server_without_the_route_has
             server = ModelServer(stub_spec(), "m", tmp_path / "server.log")
             server.port = int(stub.base_url.rsplit(":", 1)[1].split("/")[0])  # as start() sets it
             assert server._reported_version() == expected
+
+
+# --------------------------------------------------------------------------------------------------- kept servers
+
+
+def _fake_adapter(path, base) -> str:
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base), "r": 8}))
+    return str(path)
+
+
+def test_kept_gpu_servers_take_turns_asleep_and_keep_the_two_newest_adapters(tmp_path, caplog):
+    """FAKE vLLM: sleep mode frees GPU memory only on a GPU, which the real CPU build cannot show. A policy and a judge
+    server kept on one GPU: serving one puts the other to sleep, training puts both to sleep, and the next request
+    wakes the one it needs; a third adapter unloads the oldest; nothing is started twice."""
+    from selfplay.serving.kept import KeptServer
+
+    base = tmp_path / "base"
+    base.mkdir()
+    adapters = [_fake_adapter(tmp_path / f"round_{k}" / "train" / "checkpoint", base) for k in (1, 2, 3)]
+    spec = stub_spec(gpu_memory_utilization=0.5)
+    policy = KeptServer("policy", spec, tmp_path / "policy.log", "run", lora_rank=8)
+    judge = KeptServer("judge", spec, tmp_path / "judge.log", "run", lora_rank=None)
+
+    def ask(kept, model):
+        return kept.run(model, lambda server, name: (name, sample_chat(server.base_url, name, ["q"], n=1, temperature=1.0, top_p=1.0,
+                                                                       max_tokens=4, seed=0, watch=server.problem)), "a test")
+
+    import selfplay.serving.kept as kept_module
+
+    kept_module._registry = {"policy": policy, "judge": judge}
+    try:
+        assert ask(policy, adapters[0])[0] == "run-round_1"
+        assert ask(judge, str(base))[0] == "judge" and policy.asleep and not judge.asleep
+        assert ask(policy, adapters[1])[0] == "run-round_2" and judge.asleep and not policy.asleep
+        kept_module.release_gpu()  # before training
+        assert policy.asleep and judge.asleep
+        with caplog.at_level("INFO"):
+            assert ask(policy, adapters[2])[0] == "run-round_3"
+        assert list(policy.loaded) == ["run-round_2", "run-round_3"]  # round 1's adapter unloaded
+        assert (policy.starts, judge.starts) == (1, 1)
+        log = (tmp_path / "policy.log").read_text()
+        assert log.count("vllm-stub: POST /sleep?level=1") == 2 and log.count("vllm-stub: POST /wake_up") == 2
+        assert "--enable-sleep-mode" in log and "--max-lora-rank 8" in log
+    finally:
+        kept_module._registry = None
+        policy.close()
+        judge.close()

@@ -423,7 +423,8 @@ def serving(args: argparse.Namespace) -> int:
     base = [f"output_dir={args.output_dir}", f"rounds={args.rounds}", f"prompts.per_round={args.per_round}",
             f"sample.num_samples={args.samples}", f"sample.max_new_tokens={args.max_new_tokens}",
             f"evaluate.max_new_tokens={args.max_new_tokens}", f"prompts.eval_size={args.eval_size}",
-            f"prompts.accuracy_size={args.accuracy_size}", "gate.enabled=false", *(args.set or [])]
+            f"prompts.accuracy_size={args.accuracy_size}", "gate.enabled=false", "train.min_pairs=4", "filter.drop_truncated=false",
+            *(args.set or [])]
     rows = {}
     for label, over in SERVING_VARIANTS.items():
         name = f"bench-serving-{stamp}-{over[0].split('=')[1]}"

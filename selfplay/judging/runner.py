@@ -20,7 +20,7 @@ from selfplay.runtime.isolate import isolated
 from selfplay.runtime.rundir import note_server_version
 from selfplay.runtime.stages import gpu_slot
 from selfplay.serving import gpu
-from selfplay.serving.kept import kept_server
+from selfplay.serving.kept import kept_server, release_gpu
 
 
 def judge_phases(judge: Judge, phases: Phases, cfg: JudgeConfig, progress: Callable[[int, int], None] | None = None) -> Judged:
@@ -102,6 +102,7 @@ def run_judge(cfg: RunConfig, reference: str, batches: list[Batch], scratch: Pat
     if j.backend == "vllm":
         return serve_and_judge(j, reference, batches, server_log or scratch / "judge-server.log", f"{cfg.name}-judge", log, progress,
                                run_dir=cfg.run_dir), None
+    release_gpu()  # a kept vLLM server on the GPU sleeps while the local judge uses it
     with gpu_slot(f"{cfg.name} {label}"):
         return isolate.call("selfplay.judging.runner:judge_batches", j, reference, batches, isolated=isolated(cfg.isolation),
                             scratch=scratch, label=label, log=log, progress=progress)

@@ -120,6 +120,7 @@ class KeptServer:
         """`work(server, request_name)` against a server serving `model`; `what` names the work in messages."""
         from selfplay.serving.openai_client import ServerDied
 
+        release_gpu(but=self)  # a policy and a judge server kept on one GPU take turns: the other sleeps
         with self._lock:
             while True:
                 server, name = self._serve(model, what)
@@ -291,9 +292,10 @@ def kept_server(cfg, role: str, log=None) -> KeptServer | None:
         return kept
 
 
-def release_gpu() -> None:
-    """Before training: every kept GPU server gives its memory back (sleeps, or stops)."""
+def release_gpu(but: KeptServer | None = None) -> None:
+    """Before a GPU stage that is not served by a kept server (training, a local judge), and before one kept server
+    serves: every other kept GPU server gives its memory back (sleeps, or stops). A no-op on CPU servers."""
     with _registry_lock:
-        servers = list((_registry or {}).values())
+        servers = [kept for kept in (_registry or {}).values() if kept is not but]
     for kept in servers:
         kept.release()
