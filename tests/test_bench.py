@@ -140,7 +140,7 @@ def test_serving_benchmark_tiny_runs_the_round_three_ways_and_the_kept_server_st
     out_json = tmp_path / "serving.json"
     proc = subprocess.run([sys.executable, "-m", "tools.bench", "serving", "--rounds", "1", "--per-round", "6", "--samples", "3",
                            "--max-new-tokens", "16", "--eval-size", "4", "--accuracy-size", "6", "--output-dir", str(tmp_path / "runs"),
-                           "--json", str(out_json)], cwd=REPO, env={**os.environ, "PREFECT_API_URL": prefect_server},
+                           "--set", "train.min_pairs=1", "--json", str(out_json)], cwd=REPO, env={**os.environ, "PREFECT_API_URL": prefect_server},
                           capture_output=True, text=True, timeout=1400)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     rows = json.loads(out_json.read_text())
