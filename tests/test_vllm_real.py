@@ -23,7 +23,7 @@ from selfplay.serving.lora import LoraAdapterError, load_lora_adapter, unload_lo
 from selfplay.serving.model_server import ModelServer, ServerStartError
 from selfplay.serving.openai_client import EndpointError, SamplingError, ServerDied, check_endpoint, request_seed, sample_chat
 from tests.test_vllm_replies import FIXTURES, _same_shape
-from tests.vllm_real import API_KEY, alive, bundled_model, make_adapter, make_merged, recipe_spec, require_vllm, tree
+from tests.vllm_real import API_KEY, alive, bundled_model, engine_of, make_adapter, make_merged, recipe_spec, require_vllm, tree
 
 pytestmark = pytest.mark.stage
 
@@ -192,15 +192,14 @@ def test_the_kept_server_loads_adapters_reloads_merged_weights_and_restarts_once
         assert log.count("starting on http://") == 1 and "/collective_rpc" in log
 
         pid = kept.server.pid
-        engine = next(p for p in tree(pid) if p.name().startswith("VLLM::EngineCore") or "EngineCore" in " ".join(p.cmdline()))
-        engine.send_signal(signal.SIGKILL)
+        engine_of(pid).send_signal(signal.SIGKILL)
         time.sleep(5)
         with caplog.at_level("WARNING"):
             assert greedy(vllm.base) == base  # found dead before the work, started again, asked again
         assert kept.starts == 2 and kept.server.pid != pid
         assert any("died during the wait before a test" in r.getMessage() and "(once per run)" in r.getMessage() for r in caplog.records)
         procs = tree(kept.server.pid)
-        engine = next(p for p in procs if p.name().startswith("VLLM::EngineCore") or "EngineCore" in " ".join(p.cmdline()))
+        engine = engine_of(kept.server.pid)
         threading.Timer(2.0, lambda: engine.send_signal(signal.SIGKILL)).start()
         with pytest.raises(ServerDied, match="died again during a test, after its restart"):
             kept.run(vllm.base, lambda server, name: chat(server.base_url, name, PROMPTS * 30, n=4, temperature=1.0, top_p=1.0,
@@ -241,9 +240,9 @@ def test_a_dead_engine_fails_the_requests_at_once_with_its_cause(tmp_path):
         with pytest.raises(LoraAdapterError, match="no runtime LoRA API.*VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"):
             load_lora_adapter(server.base_url, "run-round_1", "/runs/nightly/round_3/train/checkpoint")
         off = httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/y"})
-        assert (off.status_code, off.json()) == (json.loads((FIXTURES / "lora_routes_off.json").read_text())["status"],
-                                                 json.loads((FIXTURES / "lora_routes_off.json").read_text())["body"])
-        engine = next(p for p in procs if "EngineCore" in " ".join(p.cmdline()) or p.name().startswith("VLLM::EngineCore"))
+        recorded = json.loads((FIXTURES / "lora_routes_off.json").read_text())
+        assert (off.status_code, off.json()) == (recorded["status"], recorded["body"])
+        engine = engine_of(server.pid)
         box: dict = {}
 
         def sample() -> None:

@@ -86,3 +86,8 @@ def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             pass
     return out
+
+
+def engine_of(pid: int) -> psutil.Process:
+    """The EngineCore process under vLLM's API server `pid` (it names itself VLLM::EngineCore)."""
+    return next(p for p in tree(pid) if p.name().startswith("VLLM::EngineCore") or "EngineCore" in " ".join(p.cmdline()))

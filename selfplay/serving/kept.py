@@ -231,9 +231,13 @@ class KeptServer:
                 self.log.warning("GPU memory was not all given back after the %s server stopped; held by %s", self.role, gpu.holders())
 
     def _wake(self) -> None:
-        reply = _post(self.server, "/wake_up", timeout=600.0)
-        if reply.status_code != 200:
-            self.log.warning("the kept %s server did not wake (POST /wake_up answered %d); restarting it", self.role, reply.status_code)
+        try:
+            reply = _post(self.server, "/wake_up", timeout=600.0)
+            why = None if reply.status_code == 200 else f"POST /wake_up answered {reply.status_code}"
+        except Exception as exc:  # noqa: BLE001 - any failure: restart it instead
+            why = f"{type(exc).__name__}: {exc}"
+        if why is not None:
+            self.log.warning("the kept %s server did not wake (%s); restarting it", self.role, why)
             weights = self.weights
             self._stop()
             self._start(weights, "waking")
@@ -277,7 +281,7 @@ def kept_server(cfg, role: str, log=None) -> KeptServer | None:
     """The run's kept server for `role` ('policy': sample.server; 'judge': judge.server), created on first use; None
     when no registry is open or the section's `server_scope` is `stage`."""
     section = cfg.sample if role == "policy" else cfg.judge
-    if section.backend != "vllm" or getattr(section, "server_scope", "stage") != "run":
+    if section.backend != "vllm" or section.server_scope != "run":
         return None
     with _registry_lock:
         if _registry is None:

@@ -335,11 +335,11 @@ async def asample_chat(
         if not tasks:
             return []
         try:
-            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         finally:
             for task in tasks:
-                task.cancel()  # a no-op on finished ones; the watchdog's cancellation stops the rest
-        await asyncio.gather(*tasks, return_exceptions=True)
+                task.cancel()  # a no-op on finished ones; after a failure, or the watchdog's cancellation, the rest stop
+            await asyncio.gather(*tasks, return_exceptions=True)
         failures = [task.exception() for task in tasks if task in done]  # retrieves every one: no stray warnings
         for exc in failures:  # the first failure in prompt order
             if exc is not None:
