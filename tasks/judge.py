@@ -58,7 +58,8 @@ def judge(cfg: RunConfig, k: int, reference: str) -> None:
 
     def progress(done: int, total: int) -> None:
         bar.update(done, total)
-        log.info("round %d: judge calls %d/%d (%.0f s)", k, done, total, time.time() - started)
+        elapsed = time.time() - started
+        log.info("round %d: judge calls %d/%d (%.2f calls/s, %.0f s)", k, done, total, done / max(elapsed, 1e-9), elapsed)
 
     [judged], peak = run_judge(cfg, reference, [comparisons], run.round_dir(k), f"round {k} judge", log, progress,
                                server_log=run.round_dir(k) / "judge-server.log")
@@ -66,6 +67,10 @@ def judge(cfg: RunConfig, k: int, reference: str) -> None:
     stats.update(verifier_stats(samples))
     stats["peak_gpu_gb"] = peak
     stats["seconds"] = time.time() - started
+    if cfg.judge.backend == "endpoint":
+        from selfplay.serving.probe import remembered
+
+        stats["endpoint"] = remembered(cfg.judge.endpoint)  # what the endpoint was probed to honour
     check_error_rate(table, cfg.judge.max_error_rate, k, cfg.judge, stats["unreadable_replies"])  # before anything is published
     judge_model = cfg.judge.endpoint.model if cfg.judge.backend == "endpoint" else cfg.judge.model
     with run.stage_output(k, "judge", {"judge": cfg.judge.backend, "judge_model": judge_model, "reference": reference}) as (out, manifest):
@@ -73,8 +78,10 @@ def judge(cfg: RunConfig, k: int, reference: str) -> None:
         samples[["prompt_id", "sample_idx", "verifier", "verify_score"]].to_parquet(out / "scores.parquet", index=False)
         table.to_parquet(out / "judgments.parquet", index=False)
         manifest["metrics"] = stats
+    costs = "; ".join(f"{m}: {c['calls']} calls, {c['tokens_in_per_call'] + c['tokens_out_per_call']:.0f} tokens "
+                      f"({c['tokens_out_per_call']:.0f} out) and {c['seconds_per_call']:.2f} s per call" for m, c in stats["per_mode"].items())
     log.info(
-        "round %d: judged %d pairs in %.0f s (decided by the verifier %d, by the LLM %d); position consistency %.2f; verdicts %s",
+        "round %d: judged %d pairs in %.0f s (decided by the verifier %d, by the LLM %d); position consistency %.2f; verdicts %s%s",
         k, len(table), stats["seconds"], stats["sources"]["verifier"], stats["sources"]["llm"], stats["position_consistency"] or 0.0,
-        stats["verdicts"],
+        stats["verdicts"], f"; {costs}" if costs else "",
     )

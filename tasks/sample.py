@@ -44,7 +44,9 @@ def sample(cfg: RunConfig, k: int, policy: str) -> None:
 
     def progress(done: int, total: int) -> None:
         bar.update(done, total)
-        log.info("round %d: sampled %d/%d prompts x %d (%.0f s)", k, done, total, s.num_samples, time.time() - started)
+        elapsed = time.time() - started
+        log.info("round %d: sampled %d/%d prompts x %d (%.2f prompts/s, %.0f s)", k, done, total, s.num_samples, done / max(elapsed, 1e-9),
+                 elapsed)
 
     peak = None
     if s.backend == "transformers":
@@ -54,7 +56,8 @@ def sample(cfg: RunConfig, k: int, policy: str) -> None:
                                       isolated=isolated(cfg.isolation), scratch=run.round_dir(k), label=f"round {k} sample",
                                       log=log, progress=progress, cpu_dtype=cfg.policy.cpu_dtype)
     else:
-        rows = sample_from_server(cfg, k, policy, [p["prompt"] for p in prompts], run.round_dir(k) / "sample-server.log", log)
+        rows = sample_from_server(cfg, k, policy, [p["prompt"] for p in prompts], run.round_dir(k) / "sample-server.log", log,
+                                  progress=progress)
     for row in rows:
         p = prompts[row.pop("prompt_index")]
         row.update(prompt_id=p["id"], prompt=p["prompt"], reference=p.get("reference"), verifier=p.get("verifier"))
@@ -70,4 +73,8 @@ def sample(cfg: RunConfig, k: int, policy: str) -> None:
             "seconds": time.time() - started,
             "peak_gpu_gb": peak,
         }
+        if s.backend == "endpoint":
+            from selfplay.serving.probe import remembered
+
+            manifest["metrics"]["endpoint"] = remembered(s.endpoint)  # what the endpoint was probed to honour
     log.info("round %d: %d completions, %d truncated", k, len(table), manifest["metrics"]["truncated"])

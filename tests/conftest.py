@@ -193,3 +193,13 @@ def run_self_play(cfg: dict, path: Path) -> list[dict]:
 
     path.write_text(yaml.safe_dump(cfg))
     return self_play(recipe=str(path))
+
+
+def assume_probed(base_url: str, model: str, **honours) -> None:
+    """Take a test double at `base_url` as a server that honours what vLLM honours (or what `honours` says), without
+    probing it. A FAKE scripts the sampler's or the judge's replies only, not the probe's; the probe itself is
+    tested against real servers (tests/test_real_servers.py) and against doubles built for it."""
+    from selfplay.serving.probe import Capabilities, remember
+
+    flags = dict(choices=True, samples=True, seeds=True, logprobs=True, top_logprobs=True, structured=True, serial=False)
+    remember(Capabilities(base_url, model, server="test double", **{**flags, **honours}))

@@ -15,7 +15,7 @@ import pytest
 
 from selfplay.config.run import build_config
 from selfplay.runtime.rundir import RunDir
-from tests.conftest import run_self_play, tiny_config
+from tests.conftest import assume_probed, run_self_play, tiny_config
 from tests.openai_stub import Reply, ScriptedOpenAI, chat_completion
 
 pytestmark = pytest.mark.stage
@@ -44,6 +44,7 @@ def endpoint_run(prefect_server, tiny_model, tmp_path_factory):
     Secret(value=KEY).save("judge-api-key", overwrite=True)
     tmp = tmp_path_factory.mktemp("runs")
     with ScriptedOpenAI(prefer_shorter, latency=0.01) as server:
+        assume_probed(server.base_url, "judge")
         raw = tiny_config(
             tiny_model, tmp, name="endpoint-judge", rounds=1,
             # the LLM judges every pair here, also the bundled arithmetic ones a verifier would decide

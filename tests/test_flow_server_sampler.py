@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from selfplay.runtime.rundir import RunDir
-from tests.conftest import REPO, run_self_play, tiny_config
+from tests.conftest import REPO, assume_probed, run_self_play, tiny_config
 from tests.openai_stub import Reply, ScriptedOpenAI, chat_completion
 from tests.vllm_stub import Vllm
 
@@ -75,6 +75,7 @@ def test_endpoint_backend_samples_from_a_running_server(prefect_server, tiny_mod
         return Reply(json=chat_completion("", contents=[f"reply {i} (seed {body.get('seed')})" for i in range(k)], n=k, completion_tokens=3 * k))
 
     with ScriptedOpenAI(answer, model="policy") as server:
+        assume_probed(server.base_url, "policy")
         cfg = tiny_config(tiny_model, tmp_path / "runs", name="endpoint-sampler", rounds=1,
                           sample={"backend": "endpoint", "endpoint": {"base_url": server.base_url, "model": "policy", "api_key_env": None}})
         run_self_play(cfg, tmp_path / "endpoint.yaml")
@@ -94,6 +95,7 @@ def test_endpoint_backend_loads_each_rounds_adapter_and_samples_from_it(prefect_
         return Reply(json=chat_completion("", contents=[f"{body['model']} reply {i}" for i in range(k)], n=k, completion_tokens=3 * k))
 
     with ScriptedOpenAI(answer, model="policy", vllm=Vllm(model="policy", runtime_lora=True)) as server:
+        assume_probed(server.base_url, "policy")
         cfg = tiny_config(tiny_model, tmp_path / "runs", name="endpoint-lora", rounds=2, train={"merge": False},
                           sample={"backend": "endpoint", "endpoint": {"base_url": server.base_url, "model": "policy", "api_key_env": None}})
         run_self_play(cfg, tmp_path / "endpoint-lora.yaml")

@@ -20,7 +20,7 @@ from selfplay.pairs.selection import select_pairs
 from selfplay.reporting.report import plot_curves
 from selfplay.runtime.rundir import RunDir
 from selfplay.training.dpo import dpo_arguments, training_diagnoses
-from tests.conftest import run_self_play, tiny_config
+from tests.conftest import assume_probed, run_self_play, tiny_config
 from tests.openai_stub import Reply, ScriptedOpenAI, chat_completion
 
 pytestmark = pytest.mark.unit
@@ -60,6 +60,7 @@ def test_rejected_rounds_stay_on_disk_and_the_lineage_keeps_the_previous_checkpo
         return Reply(json=chat_completion(win, logprobs={win: -0.05, "B" if win == "A" else "A": -3.0}))
 
     with ScriptedOpenAI(judge) as server:
+        assume_probed(server.base_url, "judge")
         cfg = tiny_config(tiny_model, tmp_path / "runs", name="gated", rounds=3,
                           judge={"backend": "endpoint", "cache": False, "margin": 0.0,
                                  "endpoint": {"base_url": server.base_url, "model": "judge", "api_key_env": None}},

@@ -41,6 +41,7 @@ from selfplay.pairs.build import build_pairs, judged_tables, pair_comparisons
 from selfplay.pairs.knockout import KnockoutPhases
 from selfplay.pairs.selection import drop_counts, select_pairs
 from selfplay.serving.openai_client import EndpointError, check_endpoint, resolve_api_key
+from tests.conftest import assume_probed
 from tests.openai_stub import Reply, ScriptedOpenAI, api_error, chat_completion
 
 pytestmark = pytest.mark.unit
@@ -350,7 +351,9 @@ def test_retries_exhausted_is_judge_error_never_a_label(name, fault, kind, timeo
     for row in records(calls, ["mode", "p_a", "label", "error", "cached", "tokens_in", "tokens_out", "cost"]):
         assert row["p_a"] is None and row["label"] is None and row["cached"] is False
         assert row["mode"] == "logprobs" and row["tokens_in"] == 0 and row["tokens_out"] == 0 and row["cost"] == 0.0
-        assert row["error"].startswith(kind) and row["error"].endswith("(gave up after 3 attempts)")
+        assert row["error"].startswith(kind) and row["error"].endswith(
+            "(gave up after 3 attempts; each attempt timed out after 0.3 s, which counts the time a request waits in the server's queue)"
+            if name == "timeout" else "(gave up after 3 attempts)")
     assert stats["error_rate"] == 1.0 and stats["verdicts"]["judge_error"] == 1
     assert select_pairs(table)["drop_reason"].tolist() == ["judge_error"]
 
@@ -551,6 +554,7 @@ def test_judge_stage_fails_on_unreadable_replies_and_publishes_nothing(tmp_path,
 
     monkeypatch.setenv("STAGE_JUDGE_KEY", STAGE_KEY)
     with ScriptedOpenAI(handler) as server:
+        assume_probed(server.base_url, "judge", logprobs=False, structured=False)  # a text-only server
         cfg = build_config({
             "name": "unreadable", "output_dir": str(tmp_path),
             "judge": {"backend": "endpoint", "mode": "text", "cache": False, "max_error_rate": 0.05,

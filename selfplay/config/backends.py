@@ -118,7 +118,9 @@ SampleBackend = Annotated[TransformersSampleConfig | VllmSampleConfig | Endpoint
 
 JudgeMode = Literal["auto", "logprobs", "choice", "text"]
 MODE_HELP = ("How the verdict is read: label logprobs, a structured A/B/tie choice, or a [[A]]/[[B]]/[[tie]] marker in "
-             "text. 'auto' falls back in that order.")
+             "text. 'auto' uses the best of these that the endpoint honours (probed before the run starts).")
+REASONING_HELP = ("Text mode's answer budget: 0 asks for the verdict marker alone (at most 8 tokens); more asks the judge to "
+                  "reason first and end with the marker, in at most this many tokens.")
 
 
 class VerifierConfig(Section):
@@ -185,6 +187,7 @@ class VllmJudgeConfig(JudgeConfig):
                                      "across judging steps (server_scope); asleep while training on a GPU.")
     model: str = Field("reference", description="'reference' (the round's reference) or a directory or hub id vLLM loads.")
     mode: JudgeMode = Field("auto", description=MODE_HELP)
+    reasoning_tokens: int = Field(0, ge=0, description=REASONING_HELP)
     server: ServerSpec = Field(default_factory=ServerSpec, description="How to start and stop the judge's server.")
     server_scope: Literal["run", "stage"] = operational("run", description=SCOPE_HELP)
     max_concurrency: int = operational(64, ge=1, description="Requests in flight to the started server.")
@@ -195,6 +198,7 @@ class EndpointJudgeConfig(JudgeConfig):
     backend: Literal["endpoint"] = Field("endpoint", description="Ask an OpenAI-compatible server that is already running (an API, a server elsewhere).")
     endpoint: EndpointConfig = Field(..., description="The endpoint to ask (base_url, model).")
     mode: JudgeMode = Field("auto", description=MODE_HELP)
+    reasoning_tokens: int = Field(0, ge=0, description=REASONING_HELP)
     cache: bool = operational(True, description="Cache each call's judgment on disk ($SELFPLAY_CACHE/judge-cache.sqlite), so reruns pay nothing twice.")
 
 

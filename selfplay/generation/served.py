@@ -7,6 +7,7 @@ server, `selfplay.serving.kept`, or with `sample.server_scope: stage` one starte
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,15 @@ from selfplay.serving import gpu
 from selfplay.serving.kept import kept_server
 
 
-def sample_from_server(cfg: RunConfig, k: int, policy: str, prompts: list[str], log_path: Path, log) -> list[dict[str, Any]]:
+def sample_from_server(cfg: RunConfig, k: int, policy: str, prompts: list[str], log_path: Path, log,
+                       progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """K completions per prompt from an OpenAI-compatible server: the run's kept vLLM server (`sample.server_scope:
     run`, `selfplay.serving.kept`: `policy` loaded into it), a vLLM server started on `policy` for this stage (and
     stopped, its port and GPU memory free, before training), or an already-running endpoint. A started server is
     watched while it answers: if it dies, the stage fails at once with its last words (a kept one is restarted once).
+    An endpoint is asked as it was probed to answer (`selfplay.serving.probe`): one choice per request where it
+    ignores `n`, the body it needs to sample, fewer requests in flight where it answers one at a time.
+    `progress(prompts done, prompts)` every few seconds.
 
     A policy that is a LoRA adapter (`train.merge: false`) is served over its base model: the started server gets
     `--enable-lora --lora-modules {"name": <name>, "path": <adapter>}`; a running endpoint is asked to load it (vLLM's
@@ -42,7 +47,8 @@ def sample_from_server(cfg: RunConfig, k: int, policy: str, prompts: list[str], 
     if s.backend == "vllm" and (kept := kept_server(cfg, "policy", log)) is not None:
         with gpu_slot(f"{cfg.name} round {k} sample (vLLM server)"):
             out = kept.run(policy, lambda server, model: sample_chat(server.base_url, model, prompts, api_key=server.api_key,
-                                                                     watch=server.problem, **params), f"round {k} sampling")
+                                                                     watch=server.problem, progress=progress, **params),
+                           f"round {k} sampling")
     elif s.backend == "vllm":
         spec, model_path, _ = serving_plan(s.server, policy, name or "policy")
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,13 +56,14 @@ def sample_from_server(cfg: RunConfig, k: int, policy: str, prompts: list[str], 
             with ModelServer(spec, model_path, log_path) as server:
                 note_server_version(cfg.run_dir, server.version, log)
                 out = sample_chat(server.base_url, name or server.api_model, prompts, api_key=server.api_key, watch=server.problem,
-                                  **params)
+                                  progress=progress, **params)
             if not server.wait_gpu_free():
                 log.warning("round %d: GPU memory was not all given back %g s after the sampling server stopped; held by %s", k,
                             spec.gpu_free_timeout, gpu.holders())
     else:
         from selfplay.serving.lora import LoraAdapterError, load_lora_adapter, unload_lora_adapter
         from selfplay.serving.openai_client import resolve_api_key
+        from selfplay.serving.probe import capabilities
 
         e = s.endpoint
         key = resolve_api_key(e)
@@ -66,9 +73,17 @@ def sample_from_server(cfg: RunConfig, k: int, policy: str, prompts: list[str], 
             with contextlib.suppress(LoraAdapterError):
                 unload_lora_adapter(e.base_url, name, api_key=key)
             load_lora_adapter(e.base_url, name, adapter, api_key=key)
+        caps, _ = capabilities(e, key, sampling=True, role="sampling", logger=log)  # probed by the run's preflight
+        if not caps.choices:
+            log.info("round %d: the endpoint returns one choice per request: %d single-choice requests per prompt, choice j seeded "
+                     "seed + i*%d + j", k, s.num_samples, s.num_samples)
+        if not caps.seeds:
+            log.warning("round %d: the endpoint ignores seeds: these samples are not reproducible", k)
+        params.update(choices_per_request=bool(caps.choices), exact_tokens=bool(caps.logprobs),
+                      extra_body=caps.sample_body or None)
         try:
-            out = sample_chat(e.base_url, name or e.model, prompts, api_key=key, max_concurrency=e.max_concurrency,
-                              timeout=e.timeout, **params)
+            out = sample_chat(e.base_url, name or e.model, prompts, api_key=key, max_concurrency=caps.in_flight(e.max_concurrency),
+                              timeout=e.timeout, progress=progress, **params)
         finally:
             if adapter:
                 try:
@@ -112,7 +127,7 @@ def eval_generations_from_server(cfg: RunConfig, k: int, jobs: list[EvalJob], ba
         for i, job in enumerate(jobs):
             if job.model in served:
                 out = sample_chat(base_url, served[job.model], [p["prompt"] for p in job.prompts], n=1, temperature=job.temperature,
-                                  top_p=1.0, max_tokens=job.max_new_tokens, seed=e.seed, exact_tokens=True, api_key=api_key, **kw)
+                                  top_p=1.0, max_tokens=job.max_new_tokens, seed=e.seed, api_key=api_key, **{"exact_tokens": True, **kw})
                 tables[i] = generation_table(job.prompts, [choices[0] for choices in out])
 
     if s.backend == "vllm" and (kept := kept_server(cfg, "policy", log)) is not None:
@@ -144,8 +159,12 @@ def eval_generations_from_server(cfg: RunConfig, k: int, jobs: list[EvalJob], ba
     if len(own) + len(names) < len(models):
         log.info("round %d: the endpoint cannot serve a merged checkpoint: every evaluation answer is generated in-process", k)
         return None
+    from selfplay.serving.probe import capabilities
+
     key = resolve_api_key(endpoint)
-    kw = dict(max_concurrency=endpoint.max_concurrency, timeout=endpoint.timeout)
+    caps, _ = capabilities(endpoint, key, sampling=True, role="sampling", logger=log)
+    kw = dict(max_concurrency=caps.in_flight(endpoint.max_concurrency), timeout=endpoint.timeout, extra_body=caps.sample_body or None,
+              exact_tokens=bool(caps.logprobs))
     answer(endpoint.base_url, key, {m: endpoint.model for m in own}, **kw)
     for m, name in names.items():
         with contextlib.suppress(LoraAdapterError):  # left loaded by a crash

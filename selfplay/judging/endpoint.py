@@ -5,10 +5,13 @@ pair go out concurrently. 429, 5xx, timeouts, connection errors and malformed re
 own backoff, waiting what `Retry-After` asks). A call still failing after that becomes a result with `error` set
 (the judge stage records it as `judge_error`): never a dropped pair, never a label.
 
-Verdict modes, in the order `mode: auto` tries them (see `verdicts.py`): `logprobs`, `choice`, `text`. When the
-endpoint does not give what a mode needs (no logprobs; a 400 for the structured-output request), the judge moves
-to the next mode for this and every later call; when one reply has no label in its logprobs or breaks the schema,
-only that call tries the next mode. Each result records the mode that produced it; a reply read as `invalid`
+Verdict modes, in the order `mode: auto` tries them (see `replies.py`): `logprobs`, `choice`, `text`. Given what
+the endpoint was probed to honour (`selfplay.serving.probe`, before any work starts), `auto` uses only the modes
+that work there, best first: a server without logprobs or structured output is asked in text mode from the first
+call, for the verdict marker alone (`MARKER_TOKENS`), or for reasoning ending in one when `reasoning_tokens` is
+set. Without a probe, when the endpoint does not give what a mode needs (no logprobs; a 400 for the
+structured-output request), the judge moves to the next mode for this and every later call; when one reply has no
+label in its logprobs or breaks the schema, only that call tries the next mode. Each result records the mode that produced it; a reply read as `invalid`
 keeps its raw text in `extra["reply"]`, so the judge stage can quote what the endpoint said.
 
 The API key is read once (`openai_client.resolve_api_key`: an environment variable or a Prefect Secret block),
@@ -27,10 +30,11 @@ import openai
 from selfplay.config.backends import EndpointConfig
 from selfplay.judging.cache import JudgeCache, call_key
 from selfplay.judging.calls import JudgeCall, JudgeResult
-from selfplay.judging.replies import CHOICE_SCHEMA, MODE_INSTRUCTIONS, MODES, P_OF_LABEL, label_probabilities, parse_choice, parse_text_verdict
-from selfplay.serving.openai_client import RequestFailed, async_client, chat, describe, resolve_api_key, run_sync, watched
+from selfplay.judging.replies import CHOICE_SCHEMA, MARKER_TOKENS, MODE_INSTRUCTIONS, MODES, P_OF_LABEL, label_probabilities, parse_choice, parse_text_verdict
+from selfplay.serving.openai_client import RequestFailed, async_client, chat, describe, resolve_api_key, run_sync, ticking, watched
+from selfplay.serving.probe import Capabilities
 
-PROGRESS_EVERY_S = 5.0  # a streaming judge reports progress this often, not per call
+PROGRESS_EVERY_S = 5.0  # a streaming judge reports progress this often, however slow each call is
 TOP_LOGPROBS = 20  # OpenAI's maximum; enough to hold every variant of both labels
 
 
@@ -58,18 +62,28 @@ def _about_mode(exc: Exception, mode: str) -> bool:
 
 class OpenAIJudge:
     def __init__(self, endpoint: EndpointConfig, mode: str = "auto", cache: JudgeCache | None = None, api_key: str | None = None,
-                 watch: Callable[[], str | None] | None = None):
+                 watch: Callable[[], str | None] | None = None, caps: Capabilities | None = None, reasoning_tokens: int = 0):
         """`watch`: for a server this process started (`ModelServer.problem`), asked every second whether it is still
-        alive; when it is not, judging stops at once with `ServerDied` naming the cause (see `openai_client.watched`)."""
+        alive; when it is not, judging stops at once with `ServerDied` naming the cause (see `openai_client.watched`).
+        `caps`: what the endpoint was probed to honour (the modes `auto` uses, the requests kept in flight).
+        `reasoning_tokens`: 0 asks text mode for the verdict marker alone; more asks for reasoning ending in one, in
+        that budget."""
         self.endpoint = endpoint
         self._watch = watch
         self.configured_mode = mode
-        self._modes = list(MODES) if mode == "auto" else [mode]
+        self.reasoning_tokens = reasoning_tokens
+        self._modes = caps.judge_modes(mode) if caps is not None else list(MODES) if mode == "auto" else [mode]
+        self._in_flight = caps.in_flight(endpoint.max_concurrency) if caps is not None else endpoint.max_concurrency
         self._cache = cache
         self._api_key = api_key if api_key is not None else resolve_api_key(endpoint)
 
     def __repr__(self) -> str:  # no key in reprs, logs or tracebacks
         return f"OpenAIJudge(base_url={self.endpoint.base_url!r}, model={self.endpoint.model!r}, mode={self.configured_mode!r})"
+
+    @property
+    def modes(self) -> list[str]:
+        """The modes this judge uses, best first (the first is the one every call starts with)."""
+        return list(self._modes)
 
     # ---------------------------------------------------------------- public
 
@@ -89,24 +103,26 @@ class OpenAIJudge:
     # ---------------------------------------------------------------- internals
 
     async def _judge_all(self, calls: list[JudgeCall], progress=None, every_s: float = PROGRESS_EVERY_S) -> list[JudgeResult]:
-        limit = asyncio.Semaphore(self.endpoint.max_concurrency)
-        done, last = 0, time.monotonic()
+        limit = asyncio.Semaphore(self._in_flight)
+        done = 0
 
         async def tracked(client, call: JudgeCall) -> JudgeResult:
-            nonlocal done, last
+            nonlocal done
             result = await self._one(client, limit, call)
             done += 1
-            if progress is not None and (time.monotonic() - last >= every_s or done == len(calls)):
-                last = time.monotonic()
-                progress(done, len(calls))
             return result
 
+        report = (lambda: progress(done, len(calls))) if progress is not None else None
         async with async_client(self.endpoint.base_url, self._api_key, timeout=self.endpoint.timeout,
                                 max_retries=self.endpoint.max_retries) as client:
-            return list(await watched(asyncio.gather(*(tracked(client, call) for call in calls)), self._watch))
+            results = list(await watched(ticking(asyncio.gather(*(tracked(client, call) for call in calls)), report, every_s), self._watch))
+        if progress is not None:
+            progress(len(calls), len(calls))
+        return results
 
     async def _one(self, client, limit: asyncio.Semaphore, call: JudgeCall) -> JudgeResult:
-        key = call_key(self.endpoint.model, self.configured_mode, call.system, call.user, self.endpoint.base_url)
+        mode = self.configured_mode + (f"+reasoning{self.reasoning_tokens}" if self.reasoning_tokens else "")
+        key = call_key(self.endpoint.model, mode, call.system, call.user, self.endpoint.base_url)
         if self._cache is not None and (hit := self._cache.get(key)) is not None:
             return JudgeResult(**{**hit, "cached": True, "cost": 0.0, "latency_s": 0.0})
         tried, spent, reply = [], {"tokens_in": 0, "tokens_out": 0, "cost": 0.0}, ""
@@ -140,14 +156,15 @@ class OpenAIJudge:
         return JudgeResult(None, self._modes[-1], error="no verdict mode works with this endpoint: " + "; ".join(tried))
 
     def _request(self, call: JudgeCall, mode: str) -> dict[str, Any]:
-        messages = [{"role": "system", "content": call.system}, {"role": "user", "content": call.user + MODE_INSTRUCTIONS[mode]}]
+        asked = "reasoning" if mode == "text" and self.reasoning_tokens else mode
+        messages = [{"role": "system", "content": call.system}, {"role": "user", "content": call.user + MODE_INSTRUCTIONS[asked]}]
         params: dict[str, Any] = {"model": self.endpoint.model, "messages": messages, "temperature": 0.0}
         if mode == "logprobs":
             params.update(max_tokens=1, logprobs=True, top_logprobs=TOP_LOGPROBS)
         elif mode == "choice":
             params.update(max_tokens=20, response_format=CHOICE_SCHEMA)
         else:
-            params.update(max_tokens=512)
+            params.update(max_tokens=self.reasoning_tokens or MARKER_TOKENS)
         return params
 
     async def _ask(self, client, limit: asyncio.Semaphore, call: JudgeCall, mode: str) -> JudgeResult:
@@ -189,7 +206,7 @@ class OpenAIJudge:
             if label is None:
                 raise _NoVerdictInReply(f"no verdict: reply is not the structured choice ({raw[:60]!r})", spent, raw)
             return JudgeResult(P_OF_LABEL[label], "choice", label=label, **common)
-        label = parse_text_verdict(content)
+        label = parse_text_verdict(content, bare=not self.reasoning_tokens)
         return JudgeResult(P_OF_LABEL.get(label, 0.5), "text", label=label, extra={"reply": raw} if label == "invalid" else {}, **common)
 
     def _redact(self, text: str) -> str:

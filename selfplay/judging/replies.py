@@ -3,7 +3,10 @@
   logprobs  the first token's top logprobs: probability summed over each label's variants ("A", " A", "**A", ...)
             and renormalised over A and B
   choice    structured output, a JSON object {"verdict": "A" | "B" | "tie"}
-  text      free text ending with one marker: the LAST of [[A]], [[B]] or [[tie]] wins; no marker is `invalid`
+  text      the marker alone (the default: a budget of `MARKER_TOKENS`): [[A]], [[B]] or [[tie]], or a reply whose
+            first word is a bare label ("A", "**B**", "A." -- what the logprobs mode reads from the first token); with
+            reasoning asked for (`judge.reasoning_tokens`), free text ending with one marker: the LAST marker wins.
+            No verdict is `invalid`
 
     >>> label_probabilities([("A", -0.1), (" B", -2.4), ("The", -3.0)])
     (0.9048..., 0.0907...)
@@ -21,12 +24,16 @@ MODES = ("logprobs", "choice", "text")
 LABELS = ("A", "B", "tie")
 P_OF_LABEL = {"A": 1.0, "B": 0.0, "tie": 0.5}
 
-# What each mode adds to the judge's user message.
+# What each mode adds to the judge's user message ("reasoning": text mode when the recipe asks for reasoning).
 MODE_INSTRUCTIONS = {
     "logprobs": "",
     "choice": '\n\nReply with a JSON object {"verdict": "A"}, {"verdict": "B"} or {"verdict": "tie"}.',
-    "text": "\n\nExplain briefly if you need to, then end your reply with exactly one verdict marker: [[A]], [[B]] or [[tie]].",
+    "text": "\n\nReply with the verdict marker only: [[A]], [[B]] or [[tie]].",
+    "reasoning": "\n\nExplain briefly if you need to, then end your reply with exactly one verdict marker: [[A]], [[B]] or [[tie]].",
 }
+# The answer budget of the text mode without reasoning: " [[tie]]" is 5 tokens in common tokenizers, a margin for a
+# leading space or newline.
+MARKER_TOKENS = 8
 
 CHOICE_SCHEMA = {
     "type": "json_schema",
@@ -73,10 +80,21 @@ def parse_choice(content: str | None) -> str | None:
     return None
 
 
-def parse_text_verdict(content: str | None) -> str:
-    """The last [[A]] / [[B]] / [[tie]] marker in free text; 'invalid' when there is none."""
+def parse_text_verdict(content: str | None, bare: bool = False) -> str:
+    """The last [[A]] / [[B]] / [[tie]] marker in the reply; with `bare` (a marker-only reply was asked for), else a
+    first word that is a label ("A", "**B**", "A.", "tie"); 'invalid' when there is none.
+
+    >>> parse_text_verdict("A\\n\\nA is better.", bare=True), parse_text_verdict("A is better."), parse_text_verdict("The answer is A", bare=True)
+    ('A', 'invalid', 'invalid')
+    """
     found = _MARKER.findall(content or "")
-    if not found:
-        return "invalid"
-    last = found[-1]
-    return "tie" if last.lower() == "tie" else last.upper()
+    if found:
+        last = found[-1]
+        return "tie" if last.lower() == "tie" else last.upper()
+    words = (content or "").split(maxsplit=1)
+    if bare and words:
+        if label := token_label(words[0]):
+            return label
+        if words[0].strip("*_`\"'([{<>)]}:.").lower() == "tie":
+            return "tie"
+    return "invalid"

@@ -150,7 +150,7 @@ def judge_with_server(cfg: JudgeConfig, server, model: str, batches: list[Batch]
 
     endpoint = EndpointConfig(base_url=server.base_url, model=model, max_concurrency=cfg.max_concurrency, timeout=cfg.request_timeout)
     # A new port each time: nothing to key a cache on.
-    judge = OpenAIJudge(endpoint, mode=cfg.mode, cache=None, api_key=server.api_key, watch=server.problem)
+    judge = OpenAIJudge(endpoint, mode=cfg.mode, cache=None, api_key=server.api_key, watch=server.problem, reasoning_tokens=cfg.reasoning_tokens)
     return [judge_batch(judge, batch, cfg, progress=progress) for batch in batches]
 
 
@@ -161,9 +161,13 @@ def make_judge(cfg, reference: str) -> Judge:
     if cfg.backend == "endpoint":
         from selfplay.judging.cache import JudgeCache
         from selfplay.judging.endpoint import OpenAIJudge
+        from selfplay.serving.openai_client import resolve_api_key
+        from selfplay.serving.probe import capabilities
 
+        key = resolve_api_key(cfg.endpoint)
+        caps, _ = capabilities(cfg.endpoint, key, judging=True, role="judge", mode=cfg.mode)  # probed by the run's preflight
         cache = JudgeCache(cache_root() / "judge-cache.sqlite") if cfg.cache else None
-        return OpenAIJudge(cfg.endpoint, mode=cfg.mode, cache=cache)
+        return OpenAIJudge(cfg.endpoint, mode=cfg.mode, cache=cache, api_key=key, caps=caps, reasoning_tokens=cfg.reasoning_tokens)
     if cfg.backend == "transformers":
         from selfplay.judging.local import LocalJudge
 

@@ -183,6 +183,8 @@ def judge_stats(table: pd.DataFrame, results: list[JudgeResult]) -> dict[str, An
         "invalid_rate": counts.get("invalid", 0) / n if n else None,
         "error_rate": counts.get("judge_error", 0) / n if n else None,
         "modes": {m: sum(r.mode == m for r in results) for m in sorted({r.mode for r in results})},
+        "per_mode": per_mode_costs(results),
+        "tokens_per_verdict": (sum(r.tokens_in + r.tokens_out for r in live) / (len(live) / 2)) if live else None,
         "cache_hits": sum(r.cached for r in results),
         "tokens_in": int(sum(r.tokens_in for r in results)),
         "tokens_out": int(sum(r.tokens_out for r in results)),
@@ -190,6 +192,19 @@ def judge_stats(table: pd.DataFrame, results: list[JudgeResult]) -> dict[str, An
         "cost": float(sum(r.cost for r in results)),
         "unreadable_replies": list(unreadable)[:QUOTED_REPLIES],
     }
+
+
+def per_mode_costs(results: Sequence[JudgeResult]) -> dict[str, dict[str, float]]:
+    """Per verdict mode, over the calls answered live (not from the cache, not failed): how many, and the mean prompt
+    and completion tokens and seconds per call. A verdict is two calls, one per order."""
+    out: dict[str, dict[str, float]] = {}
+    for mode in sorted({r.mode for r in results}):
+        live = [r for r in results if r.mode == mode and not r.cached and r.error is None]
+        if live:
+            out[mode] = {"calls": len(live), "tokens_in_per_call": sum(r.tokens_in for r in live) / len(live),
+                         "tokens_out_per_call": sum(r.tokens_out for r in live) / len(live),
+                         "seconds_per_call": sum(r.latency_s for r in live) / len(live)}
+    return out
 
 
 class JudgeFailed(SelfplayError, RuntimeError):

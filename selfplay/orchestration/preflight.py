@@ -67,17 +67,15 @@ def _preflight(cfg: RunConfig) -> Path:
                 f"through a server)."
             )
     if cfg.sample.backend == "endpoint":
-        from selfplay.serving.openai_client import EndpointError, check_endpoint, resolve_api_key
-
-        try:
-            check_endpoint(cfg.sample.endpoint, resolve_api_key(cfg.sample.endpoint))
-        except EndpointError as exc:
-            raise ConfigError(str(exc).replace("judge.endpoint", "sample.endpoint")) from None
+        check_sampling_endpoint(cfg)
     if cfg.judge.backend == "endpoint":
         from selfplay.serving.openai_client import EndpointError, check_endpoint, resolve_api_key
+        from selfplay.serving.probe import capabilities
 
         try:
-            check_endpoint(cfg.judge.endpoint, resolve_api_key(cfg.judge.endpoint))
+            key = resolve_api_key(cfg.judge.endpoint)
+            check_endpoint(cfg.judge.endpoint, key)
+            capabilities(cfg.judge.endpoint, key, judging=True, role="judge", mode=cfg.judge.mode)
         except EndpointError as exc:
             raise ConfigError(str(exc)) from None
     elif cfg.judge.backend == "vllm":
@@ -94,6 +92,30 @@ def _preflight(cfg: RunConfig) -> Path:
 
         label_token_ids(load_tokenizer(judge_model))
     return base
+
+
+def check_sampling_endpoint(cfg: RunConfig) -> None:
+    """The sampling endpoint answers, and samples: probed once (`selfplay.serving.probe`), its findings logged in one
+    line. A server that ignores `n` is sampled one choice per request, one that ignores seeds with a warning; one that
+    returns the same text at any seed and temperature would give K identical completions per prompt: refused."""
+    from selfplay.serving.openai_client import EndpointError, check_endpoint, resolve_api_key
+    from selfplay.serving.probe import capabilities
+
+    e = cfg.sample.endpoint
+    try:
+        key = resolve_api_key(e)
+        check_endpoint(e, key)
+        caps, probed = capabilities(e, key, sampling=True, role="sampling")
+    except EndpointError as exc:
+        raise ConfigError(str(exc).replace("judge.endpoint", "sample.endpoint")) from None
+    if not caps.samples:
+        raise ConfigError(
+            f"sample.endpoint: {e.base_url} returns the same text for different seeds at temperature 1 (model {e.model!r}): it "
+            f"samples greedily, so each prompt's {cfg.sample.num_samples} completions would be identical. Start the server so that it "
+            f"samples (a generation config with do_sample: true, or its own sampling flag), or sample with another backend.")
+    if probed and not caps.seeds:
+        logging.getLogger(__name__).warning(
+            "sample.endpoint %s ignores seeds: its samples are not reproducible (a rerun of a stage draws other completions)", e.base_url)
 
 
 def check_prompts(p: PromptsConfig) -> dict[str, list[dict[str, str]]]:

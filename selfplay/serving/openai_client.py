@@ -136,9 +136,20 @@ class RequestFailed(Exception):
     `refused`: the server answered with a status the client does not retry (a 4xx other than 408/409/429: the
     request itself is wrong), before the budget was spent."""
 
-    def __init__(self, error: BaseException, attempts: int, refused: bool):
-        super().__init__(describe(error) + ("" if refused else f" (gave up after {attempts} attempts)"))
-        self.error, self.attempts, self.refused = error, attempts, refused
+    def __init__(self, error: BaseException, attempts: int, refused: bool, timeout: float | None = None):
+        import openai
+
+        timed_out = isinstance(error, openai.APITimeoutError) and timeout is not None
+        per = f"; each attempt timed out after {timeout:g} s, which counts the time a request waits in the server's queue" if timed_out else ""
+        super().__init__(describe(error) + ("" if refused else f" (gave up after {attempts} attempts{per})"))
+        self.error, self.attempts, self.refused, self.timed_out = error, attempts, refused, timed_out
+
+
+def _seconds(timeout: Any) -> float | None:
+    """A client's time-out in seconds (a float, or an httpx.Timeout's read time-out)."""
+    if isinstance(timeout, (int, float)):
+        return float(timeout)
+    return getattr(timeout, "read", None)
 
 
 def _has_choices(reply: Any) -> str | None:
@@ -171,12 +182,12 @@ async def chat(client: openai.AsyncOpenAI, *, max_retries: int, check: Callable[
                 made = max(counter[0], rounds)
                 status = getattr(exc, "status_code", None) if isinstance(exc, openai.APIStatusError) else None
                 refused = status is not None and status not in (408, 409, 429) and status < 500  # what the client never retries
-                raise RequestFailed(exc, made, refused) from exc
+                raise RequestFailed(exc, made, refused, _seconds(client.timeout)) from exc
             if problem is None:
                 return reply
             made = max(counter[0], rounds)  # without the counting hook (another client), one per round
             if made >= max_retries + 1:
-                raise RequestFailed(problem, made, refused=False) from problem
+                raise RequestFailed(problem, made, refused=False, timeout=_seconds(client.timeout)) from problem
             await asyncio.sleep(MALFORMED_RETRY_DELAY_S)
     finally:
         _attempts.reset(token)
@@ -227,6 +238,24 @@ async def watched(work: Coroutine[Any, Any, T], watch: Callable[[], str | None] 
             why = await asyncio.to_thread(watch)
             if why is not None:
                 raise ServerDied(why)
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def ticking(work: Coroutine[Any, Any, T], report: Callable[[], None] | None, every_s: float) -> T:
+    """Await `work`, calling `report()` every `every_s` seconds meanwhile: progress shows however slow each request
+    is (a server that answers one request at a time, a long generation), not only when one ends."""
+    if report is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=every_s)
+            if done:
+                return task.result()
+            report()
     finally:
         if not task.done():
             task.cancel()
@@ -286,22 +315,26 @@ async def asample_chat(
     exact_tokens: bool = False,
     extra_body: dict | None = None,
     watch: Callable[[], str | None] | None = None,
+    choices_per_request: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+    every_s: float = 5.0,
 ) -> list[list[dict]]:
     """The async form of `sample_chat` (same arguments, same result)."""
     if n < 1 or max_concurrency < 1:
         raise ValueError("n and max_concurrency must be at least 1")
     limit = asyncio.Semaphore(max_concurrency)
+    finished = [0]
 
-    def n_choices(reply: Any) -> str | None:
-        got = len(reply.choices or [])
-        return None if got == n else f"asked for {n} choices, got {got}"
+    async def ask(client: openai.AsyncOpenAI, index: int, prompt: str, choices: int, request_seed_: int | None) -> list[dict]:
+        def n_choices(reply: Any) -> str | None:
+            got = len(reply.choices or [])
+            return None if got == choices else f"asked for {choices} choices, got {got}"
 
-    async def one(client: openai.AsyncOpenAI, index: int, prompt: str) -> list[dict]:
         messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": prompt}]
-        request: dict[str, Any] = dict(model=model, messages=messages, n=n, temperature=temperature, top_p=top_p,
+        request: dict[str, Any] = dict(model=model, messages=messages, n=choices, temperature=temperature, top_p=top_p,
                                        max_tokens=max_tokens)
-        if seed is not None:
-            request["seed"] = request_seed(seed, index, n)
+        if request_seed_ is not None:
+            request["seed"] = request_seed_
         if exact_tokens:
             request["logprobs"] = True
         if extra_body:
@@ -318,8 +351,10 @@ async def asample_chat(
                         "api_key_secret)") if exc.status_code in (401, 403) else ""
                 raise SamplingError(f"prompt {index}: the server refused the request ({exc.status_code}): "
                                     f"{str(exc)[:300]}{f' ({said})' if said else ''}{hint}") from exc
+            slow = (f" Each attempt timed out after {timeout:g} s (the endpoint's timeout), which counts the time a request waits "
+                    f"in the server's queue: for a slow server, raise the timeout or lower max_concurrency.") if failed.timed_out else ""
             raise SamplingError(f"prompt {index}: failed after {failed.attempts} attempts: "
-                                f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+                                f"{type(exc).__name__}: {str(exc)[:300]}{slow}") from exc
         choices = sorted(reply.choices, key=lambda c: c.index)
         texts = [(c.message.content or "").strip() if c.message else "" for c in choices]
         total = getattr(reply.usage, "completion_tokens", None) if reply.usage else None
@@ -329,6 +364,16 @@ async def asample_chat(
                       for c, k in zip(choices, counts)]
         return [{"response": t, "n_tokens": int(k), "truncated": c.finish_reason == "length"}
                 for t, k, c in zip(texts, counts, choices)]
+
+    async def one(client: openai.AsyncOpenAI, index: int, prompt: str) -> list[dict]:
+        first = None if seed is None else request_seed(seed, index, n)
+        if choices_per_request:
+            out = await ask(client, index, prompt, n, first)
+        else:  # a server that ignores n: n single-choice requests, choice j seeded as vLLM seeds choice j of one request
+            parts = await asyncio.gather(*(ask(client, index, prompt, 1, None if first is None else first + j) for j in range(n)))
+            out = [choice for part in parts for choice in part]
+        finished[0] += 1
+        return out
 
     async def every(client: openai.AsyncOpenAI) -> list[list[dict]]:
         tasks = [asyncio.ensure_future(one(client, i, p)) for i, p in enumerate(prompts)]
@@ -346,8 +391,12 @@ async def asample_chat(
                 raise exc
         return [task.result() for task in tasks]
 
+    report = (lambda: progress(finished[0], len(prompts))) if progress is not None else None
     async with async_client(base_url, api_key, timeout=timeout, max_retries=max_retries) as client:
-        return await watched(every(client), watch)
+        out = await watched(ticking(every(client), report, every_s), watch)
+    if progress is not None:
+        progress(len(prompts), len(prompts))
+    return out
 
 
 def sample_chat(
@@ -368,6 +417,9 @@ def sample_chat(
     exact_tokens: bool = False,
     extra_body: dict | None = None,
     watch: Callable[[], str | None] | None = None,
+    choices_per_request: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+    every_s: float = 5.0,
 ) -> list[list[dict]]:
     """`n` sampled chat completions per prompt from an OpenAI-compatible server; callable from sync code.
 
@@ -387,9 +439,15 @@ def sample_chat(
     `watch`, where the caller owns the server (`ModelServer.problem`), is asked every second whether the server is
     still alive: when it is not, every request is cancelled and `ServerDied` says why (see `watched`).
 
+    `choices_per_request=False`, for a server that ignores `n` (`selfplay.serving.probe`): `n` requests of one
+    choice per prompt, choice j seeded `seed + index * n + j` (the seed vLLM gives choice j of the one request), each
+    one's token count exact from its usage. `progress(prompts done, prompts)` every `every_s` seconds while requests
+    are in flight, however slow each one is, and once at the end.
+
     Callable inside a running event loop too (see `run_sync`); async code may await `asample_chat` instead.
     """
     return run_sync(asample_chat(
         base_url, model, prompts, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
         max_concurrency=max_concurrency, api_key=api_key, timeout=timeout, system=system, max_retries=max_retries,
-        exact_tokens=exact_tokens, extra_body=extra_body, watch=watch))
+        exact_tokens=exact_tokens, extra_body=extra_body, watch=watch, choices_per_request=choices_per_request, progress=progress,
+        every_s=every_s))
