@@ -6,6 +6,7 @@ judging and run again.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -132,16 +133,24 @@ def test_a_plain_http_server_is_refused_by_the_probe(tmp_path):
         stop(proc)
 
 
+# Sums the bundled model gets right in some draws and wrong in others (the verifier decides those pairs, which
+# the round trains on), and open prompts the LLM judge decides.
+ROUND_PROMPTS = [("What is 2 + 2? Reply with only the number.", "4"), ("What is 3 + 5? Reply with only the number.", "8"),
+                 ("What is 6 + 6? Reply with only the number.", "12"), ("What is 7 + 2? Reply with only the number.", "9"),
+                 ("Name a colour.", None), ("Write one sentence about the sea.", None)]
+
+
 def round_recipe(tmp_path: Path, server) -> Path:
     cfg = yaml.safe_load((REPO / "tests/recipes/bundled-smoke.yaml").read_text())
     api = {"base_url": server.base_url, "model": server.model, "max_concurrency": 8, "timeout": 120}
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": q, "answer": a}) + "\n" for i, (q, a) in enumerate(ROUND_PROMPTS)))
     cfg.update(name="tserve", output_dir=str(tmp_path / "runs"))
-    cfg["prompts"].update(per_round=6, eval_size=4, accuracy_size=4)
-    cfg["sample"] = {"backend": "endpoint", "endpoint": api, "num_samples": 3, "max_new_tokens": 24}
-    # The LLM judges every pair here, the bundled arithmetic ones a verifier would decide too. The 135M model's text
-    # verdicts are often unreadable: this test is about the path, so unreadable verdicts do not fail the stage.
-    cfg["judge"] = {"backend": "endpoint", "endpoint": api, "mode": "auto", "margin": 0.0, "cache": False,
-                    "verifier": {"kind": "none"}, "max_error_rate": 1.0}
+    cfg["prompts"].update(train=str(prompts), per_round=6, eval_size=4, accuracy_size=4)
+    cfg["sample"] = {"backend": "endpoint", "endpoint": api, "num_samples": 4, "max_new_tokens": 24}
+    # The bundled model judging itself names the first position in both orders (every verdict inconsistent, dropped)
+    # and often answers no marker: this test is about the path, so unreadable verdicts do not fail the stage.
+    cfg["judge"] = {"backend": "endpoint", "endpoint": api, "mode": "auto", "margin": 0.0, "cache": False, "max_error_rate": 1.0}
     cfg["filter"] = {"drop_truncated": False, "max_similarity": 0.99}
     cfg["train"].update(min_pairs=1)
     cfg["evaluate"].update(max_new_tokens=16)
@@ -172,7 +181,7 @@ def test_a_round_samples_and_judges_through_transformers_serve_killed_and_rerun(
     found = dict(probes)
     assert found["sampling"].startswith("one choice per request (n ignored), samples (with {\"generation_config\"")
     assert found["judge"].endswith("-> judge mode text; 2 requests in flight, not 8")
-    assert re.search(r"round 1: sampled \d/6 prompts x 3 \([\d.]+ prompts/s", killed)
+    assert re.search(r"round 1: sampled \d/6 prompts x 4 \([\d.]+ prompts/s", killed)
     samples = sha256_file(run.stage_dir(1, "sample") / "samples.parquet")
 
     rerun = subprocess.run([SELFPLAY, "run", "--config", str(path)], capture_output=True, text=True, env=env, timeout=1500)
@@ -180,7 +189,7 @@ def test_a_round_samples_and_judges_through_transformers_serve_killed_and_rerun(
     assert rerun.returncode == 0, output[-4000:]
     assert run.round_done(1) and sha256_file(run.stage_dir(1, "sample") / "samples.parquet") == samples  # kept, not redone
     table = pd.read_parquet(run.stage_dir(1, "sample") / "samples.parquet")
-    assert len(table) == 18 and (table.groupby("prompt_id")["response"].nunique() > 1).mean() >= 0.5  # it sampled
+    assert len(table) == 24 and (table.groupby("prompt_id")["response"].nunique() > 1).mean() >= 0.5  # it sampled
     assert run.manifest(1, "sample")["metrics"]["endpoint"]["choices"] is False
     calls = pd.read_parquet(run.stage_dir(1, "judge") / "calls.parquet")
     assert len(calls) > 0 and set(calls["mode"]) == {"text"} and calls["tokens_out"].max() <= MARKER_TOKENS

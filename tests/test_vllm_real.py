@@ -88,6 +88,17 @@ def test_n_seeded_choices_are_reproducible_and_choice_j_draws_seed_plus_j(vllm):
     assert alone["response"] == first[1][2]["response"]
 
 
+def test_the_probe_finds_what_vllm_honours(vllm):
+    """The probe (selfplay.serving.probe) against the real server: everything the sampler and the judge use."""
+    from selfplay.serving.probe import probe_endpoint
+
+    caps = probe_endpoint(EndpointConfig(base_url=vllm.server.base_url, model="policy"), API_KEY, sampling=True, judging=True)
+    assert (caps.choices, caps.samples, caps.sample_body, caps.seeds) == (True, True, {}, True)
+    assert caps.logprobs and caps.top_logprobs and caps.structured and caps.server == "vllm"
+    assert caps.serial is False  # it batches: four requests at once take about one's time
+    assert caps.judge_modes("auto") == ["logprobs", "choice", "text"]
+
+
 def test_greedy_answers_repeat_and_greedy_with_several_choices_is_refused(vllm):
     one = vllm.sample(PROMPTS, temperature=0.0, max_tokens=12)
     assert one == vllm.sample(PROMPTS, temperature=0.0, max_tokens=12, seed=99)  # greedy: the seed changes nothing

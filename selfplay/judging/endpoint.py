@@ -32,7 +32,7 @@ from selfplay.judging.cache import JudgeCache, call_key
 from selfplay.judging.calls import JudgeCall, JudgeResult
 from selfplay.judging.replies import CHOICE_SCHEMA, MARKER_TOKENS, MODE_INSTRUCTIONS, MODES, P_OF_LABEL, label_probabilities, parse_choice, parse_text_verdict
 from selfplay.serving.openai_client import RequestFailed, async_client, chat, describe, resolve_api_key, run_sync, ticking, watched
-from selfplay.serving.probe import Capabilities
+from selfplay.serving.probe import CHOICE_TOKENS, Capabilities
 
 PROGRESS_EVERY_S = 5.0  # a streaming judge reports progress this often, however slow each call is
 TOP_LOGPROBS = 20  # OpenAI's maximum; enough to hold every variant of both labels
@@ -162,7 +162,7 @@ class OpenAIJudge:
         if mode == "logprobs":
             params.update(max_tokens=1, logprobs=True, top_logprobs=TOP_LOGPROBS)
         elif mode == "choice":
-            params.update(max_tokens=20, response_format=CHOICE_SCHEMA)
+            params.update(max_tokens=CHOICE_TOKENS, response_format=CHOICE_SCHEMA)
         else:
             params.update(max_tokens=self.reasoning_tokens or MARKER_TOKENS)
         return params

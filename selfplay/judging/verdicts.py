@@ -245,9 +245,12 @@ def check_error_rate(table: pd.DataFrame, max_error_rate: float, k: int, judge: 
             f" The judge's replies were unreadable: {source} answered {n_invalid} pair(s), but no verdict could be read "
             f"from its replies (mode {modes}{configured}).{f' It replied: {quoted}.' if quoted else ''} Check that the "
             f"endpoint serves a model that can judge ({model_field}), that judge.template asks for the verdict "
-            f"the mode reads, and judge.mode (text wants a final [[A]], [[B]] or [[tie]]; choice a JSON verdict; "
-            f"logprobs a first token A or B; auto tries all three)."
+            f"the mode reads, and judge.mode (text wants the marker [[A]], [[B]] or [[tie]], alone, or last after reasoning with "
+            f"judge.reasoning_tokens; choice a JSON verdict; logprobs a first token A or B; auto uses the best the endpoint honours)."
         )
+        if "text" in modes:
+            message += (" A small model often does not follow the text format: a server that returns logprobs (vLLM, llama.cpp's "
+                        "server) lets the same model judge from its label probabilities.")
     if len(errors):
         kinds = errors["error"].fillna("unknown").str.split(":").str[0].value_counts().to_dict()
         message += f" Errors by kind: {kinds}. First: {errors['error'].iloc[0]}."

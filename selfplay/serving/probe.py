@@ -18,7 +18,7 @@ finds this out call by call pays for it on every call, or fails after minutes. `
     caps.line()          # "... one choice per request (n ignored), seeded, no logprobs, ... -> judge mode text"
     caps.judge_modes("auto")   # ['text']: the modes that work for every call, best first
 
-Each probe request asks for at most 16 tokens; a probe costs a few seconds on a CPU server (about 10 requests).
+Each probe request asks for at most 16 tokens (48 for the structured one); a probe costs a few seconds on a CPU server (about 10 requests).
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from selfplay.serving.openai_client import EndpointError, describe
+
+# Room for a constrained JSON object: vLLM's grammar lets a small model spend tokens on whitespace and newlines
+# ('{\n    "word"\n\n:\n\n"zq"' is 16 tokens and not yet closed); the grammar stops it at the closing brace.
+CHOICE_TOKENS = 48
 
 if TYPE_CHECKING:
     from selfplay.config.backends import EndpointConfig
@@ -252,7 +256,7 @@ def _probe_structured(caps: Capabilities, ask) -> bool:
     import openai
 
     try:
-        reply = ask(prompt="Say hello.", max_tokens=16, temperature=0.0, response_format=STRUCTURED_PROBE)
+        reply = ask(prompt="Say hello.", max_tokens=CHOICE_TOKENS, temperature=0.0, response_format=STRUCTURED_PROBE)
     except openai.APIStatusError as exc:  # 400, or llama-cpp-python's 500 for a response_format type it does not know
         caps.notes.append(f"response_format refused: {describe(exc)}")
         return False
