@@ -54,7 +54,8 @@ serving_models}.py`, "newest" the split layout of the 0.1x/0.3x line). Each beha
 The default answers: choice j of a chat request is "answer {j} to: {the last user message[:40]} [seed {seed + j}]",
 cut at max_tokens (finish_reason "length"), its tokens the text's whitespace-led words; a request with
 `top_logprobs` gets the one-token judge answer "A" with A/B top logprobs (`--varied-logprobs`: from a hash of the
-request); a `json_schema` response format gets `{"verdict": "A"}`.
+request); a `json_schema` response format gets the object the schema allows, each property its first allowed value
+(`{"verdict": "A"}` for the judge's schema): vLLM constrains the reply to the schema.
 
 CLI, in place of `vllm serve` (the argv selfplay builds for vLLM runs unchanged)::
 
@@ -101,6 +102,11 @@ def vllm_error(status: int, message: str, type: str, param: str | None = None) -
 def token_split(text: str) -> list[str]:
     """This fake's tokens: each word with the spaces before it ("a bc" -> ["a", " bc"])."""
     return re.findall(r"\s*\S+", text) or ([text] if text else [])
+
+
+def _fill_schema(schema: dict) -> dict:
+    """The object a JSON schema of flat properties allows, each property its first `enum` value (else "x")."""
+    return {name: (prop.get("enum") or ["x"])[0] for name, prop in schema.get("properties", {}).items()}
 
 
 def _entry(token: str, logprob: float, top: list[tuple[str, float]]) -> dict:
@@ -269,7 +275,7 @@ class Vllm:
                 labels = self._label_logprobs(body)[:top]
                 tokens, tops = [labels[0][0]], [labels]
             elif (body.get("response_format") or {}).get("type") == "json_schema":
-                tokens, tops = token_split('{"verdict": "A"}'), None
+                tokens, tops = token_split(json.dumps(_fill_schema(body["response_format"]["json_schema"]["schema"]))), None
             else:
                 seed = f" [seed {s['seed'] + j}]" if s["seed"] is not None else ""
                 tokens, tops = token_split(f"answer {j} to: {last[:40]}{seed}"), None

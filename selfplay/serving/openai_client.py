@@ -147,9 +147,7 @@ class RequestFailed(Exception):
 
 def _seconds(timeout: Any) -> float | None:
     """A client's time-out in seconds (a float, or an httpx.Timeout's read time-out)."""
-    if isinstance(timeout, (int, float)):
-        return float(timeout)
-    return getattr(timeout, "read", None)
+    return float(timeout) if isinstance(timeout, (int, float)) else getattr(timeout, "read", None)
 
 
 def _has_choices(reply: Any) -> str | None:
@@ -249,17 +247,7 @@ async def ticking(work: Coroutine[Any, Any, T], report: Callable[[], None] | Non
     is (a server that answers one request at a time, a long generation), not only when one ends."""
     if report is None:
         return await work
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=every_s)
-            if done:
-                return task.result()
-            report()
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+    return await watched(work, lambda: report(), every_s)  # a watch that never says the server died: a ticker
 
 
 # ---------------------------------------------------------------- sampling
