@@ -202,4 +202,13 @@ def assume_probed(base_url: str, model: str, **honours) -> None:
     from selfplay.serving.probe import Capabilities, remember
 
     flags = dict(choices=True, samples=True, seeds=True, logprobs=True, top_logprobs=True, structured=True, serial=False)
-    remember(Capabilities(base_url, model, server="test double", **{**flags, **honours}))
+    remember(Capabilities(base_url, model, server="test double", asked=["sampling", "judging"], **{**flags, **honours}))
+
+
+@pytest.fixture(autouse=True)
+def _forget_probes():
+    """No test sees another's remembered probe (a port reused, a double taken for a real server)."""
+    yield
+    from selfplay.serving import probe
+
+    probe.forget()

@@ -352,7 +352,7 @@ def test_retries_exhausted_is_judge_error_never_a_label(name, fault, kind, timeo
         assert row["p_a"] is None and row["label"] is None and row["cached"] is False
         assert row["mode"] == "logprobs" and row["tokens_in"] == 0 and row["tokens_out"] == 0 and row["cost"] == 0.0
         assert row["error"].startswith(kind) and row["error"].endswith(
-            "(gave up after 3 attempts; each attempt timed out after 0.3 s, which counts the time a request waits in the server's queue)"
+            "(gave up after 3 attempts; the last attempt timed out after 0.3 s, which counts the time a request waits in the server's queue)"
             if name == "timeout" else "(gave up after 3 attempts)")
     assert stats["error_rate"] == 1.0 and stats["verdicts"]["judge_error"] == 1
     assert select_pairs(table)["drop_reason"].tolist() == ["judge_error"]
@@ -695,10 +695,16 @@ def test_cache_second_run_makes_no_requests(tmp_path):
         judge.close()
         assert server.count == 8 and col(c3, "cached") == [False] * 4
 
-        judge = make_judge(server, mode="logprobs", cache=JudgeCache(path), **prices)  # another mode: a miss
+        # keyed by the mode the calls start with: auto on an endpoint with logprobs asks what mode logprobs asks
+        judge = make_judge(server, mode="logprobs", cache=JudgeCache(path), **prices)
         _, c4, _ = run(judge, GROUPS)
         judge.close()
-        assert server.count == 12 and col(c4, "cached") == [False] * 4
+        assert server.count == 8 and col(c4, "cached") == [True] * 4
+
+        judge = make_judge(server, mode="text", cache=JudgeCache(path), **prices)  # another mode: a miss
+        _, c5, _ = run(judge, GROUPS)
+        judge.close()
+        assert server.count == 12 and col(c5, "cached") == [False] * 4
 
         judge = make_judge(server, mode="logprobs", cache=JudgeCache(path), **prices)
         _, c5, _ = run(judge, GROUPS)

@@ -21,7 +21,7 @@ from selfplay.judging.endpoint import OpenAIJudge
 from selfplay.judging.replies import MARKER_TOKENS, MODE_INSTRUCTIONS, parse_text_verdict
 from selfplay.orchestration.preflight import check_sampling_endpoint
 from selfplay.serving import probe
-from selfplay.serving.openai_client import EndpointError, SamplingError, request_seed, sample_chat
+from selfplay.serving.openai_client import EndpointError, SamplingError, asample_chat, request_seed, sample_chat
 from tests.openai_stub import Reply, ScriptedOpenAI, chat_completion
 from tests.vllm_stub import Vllm
 
@@ -48,15 +48,8 @@ def endpoint(server, **kw) -> EndpointConfig:
     return EndpointConfig(base_url=server.base_url, model="m", **{"max_retries": 0, **kw})
 
 
-@pytest.fixture(autouse=True)
-def fresh():
-    probe.forget()
-    yield
-    probe.forget()
-
-
 def test_the_fake_vllm_is_probed_as_honouring_everything():
-    with ScriptedOpenAI(None, vllm=Vllm(model="m")) as server:
+    with ScriptedOpenAI(None, vllm=Vllm(model="m"), latency=0.2) as server:
         caps = probe.probe_endpoint(endpoint(server), "k", sampling=True, judging=True)
     assert (caps.choices, caps.samples, caps.sample_body, caps.seeds) == (True, True, {}, True)
     assert (caps.logprobs, caps.top_logprobs, caps.structured, caps.serial) == (True, True, True, False)
@@ -121,13 +114,13 @@ def test_a_serial_server_gets_two_requests_in_flight():
 
     async def serial(body: dict, n: int) -> Reply:
         async with lock:
-            await asyncio.sleep(0.15)
+            await asyncio.sleep(0.4)
             return Reply(json=chat_completion("x"))
 
     with ScriptedOpenAI(serial) as server:
         caps = probe.probe_endpoint(endpoint(server), "k")
     assert caps.serial is True and caps.in_flight(16) == probe.SERIAL_IN_FLIGHT and caps.in_flight(1) == 1
-    with ScriptedOpenAI(Reply(json=chat_completion("x")), latency=0.15) as server:
+    with ScriptedOpenAI(Reply(json=chat_completion("x")), latency=0.4) as server:
         assert probe.probe_endpoint(endpoint(server), "k").serial is False
 
 
@@ -166,7 +159,7 @@ def test_a_text_only_judge_asks_for_the_marker_alone_from_the_first_call():
     assert len(bodies) == len(replies)  # no logprobs or structured request tried first
     assert all(b["max_tokens"] == MARKER_TOKENS and b["messages"][-1]["content"].endswith(MODE_INSTRUCTIONS["text"]) for b in bodies)
     assert all("logprobs" not in b and "response_format" not in b for b in bodies)
-    assert sorted(r.label for r in results) == sorted(["A", "B", "tie", "A", "invalid", "A"])
+    assert [r.label for r in results] == ["A", "B", "tie", "invalid", "invalid", "A"]
 
 
 def test_reasoning_asks_for_a_marker_at_the_end_within_its_budget():
@@ -181,7 +174,7 @@ def test_reasoning_asks_for_a_marker_at_the_end_within_its_budget():
 
 @pytest.mark.parametrize("reply, bare, label", [
     ("A", True, "A"), ("b.", True, "invalid"), ("B.", True, "B"), ("tie", True, "tie"), ("`A`", True, "A"),
-    ("A good answer", True, "A"), ("A", False, "invalid"), ("x [[A]] then [[B]]", False, "B"), ("", True, "invalid"),
+    ("A good answer", True, "invalid"), ("A\n\nbecause", True, "A"), ("A", False, "invalid"), ("x [[A]] then [[B]]", False, "B"), ("", True, "invalid"),
 ])
 def test_text_verdicts(reply, bare, label):
     assert parse_text_verdict(reply, bare=bare) == label
@@ -202,6 +195,76 @@ def test_progress_is_reported_while_slow_requests_are_in_flight():
 
 def test_a_request_that_times_out_says_after_how_long():
     with ScriptedOpenAI(Reply(json=chat_completion("x", n=2)), latency=1.0) as server:
-        with pytest.raises(SamplingError, match=r"failed after 2 attempts: APITimeoutError.*timed out after 0.3 s .* raise the timeout or lower "
+        with pytest.raises(SamplingError, match=r"failed after 2 attempts: APITimeoutError.*last attempt timed out after 0.3 s .* raise the timeout or lower "
                                                 r"max_concurrency"):
             sample_chat(server.base_url, "m", ["a"], n=2, temperature=1.0, top_p=1.0, max_tokens=4, seed=0, timeout=0.3, max_retries=1)
+
+
+def test_a_server_whose_choices_share_one_seed_is_sampled_one_choice_per_request():
+    """Some servers give every choice of a seeded request the request's seed: K identical completions."""
+    def handle(body: dict, n: int) -> Reply:
+        k = body.get("n", 1)
+        return Reply(json=chat_completion("", contents=[seeded(body)] * k, n=k))
+
+    with ScriptedOpenAI(handle) as server:
+        caps = probe.probe_endpoint(endpoint(server), "k", sampling=True)
+    assert caps.samples is True and caps.choices is False and "same text" in caps.notes[-1]
+
+
+def test_refusals_of_n_and_of_the_sampling_body_are_findings_not_failures():
+    """A 422 for n > 1 (FastAPI-style validation) and a 400 for the unknown `generation_config` field (an API that
+    rejects fields it does not know): one choice per request, and no sampling, said in the notes."""
+    def handle(body: dict, n: int) -> Reply:
+        if body.get("n", 1) > 1:
+            return Reply(status=422, json={"error": {"message": "n must be 1"}})
+        if "generation_config" in body:
+            return Reply(status=400, json={"error": {"message": "unknown field generation_config"}})
+        return Reply(json=chat_completion("greedy"))
+
+    with ScriptedOpenAI(handle) as server:
+        caps = probe.probe_endpoint(endpoint(server), "k", sampling=True)
+    assert caps.choices is False and caps.samples is False and caps.draws == ["greedy"] * 3
+    assert any(note.startswith("n=2 refused: UnprocessableEntityError 422") for note in caps.notes)
+    assert any("generation_config" in note and "refused" in note for note in caps.notes)
+
+
+def test_a_reasoning_models_reasoning_counts_as_its_draw_and_empty_replies_leave_sampling_unknown():
+    def reasoning(body: dict, n: int) -> Reply:
+        reply = chat_completion("")
+        reply["choices"][0]["message"]["reasoning_content"] = seeded(body)
+        return Reply(json=reply)
+
+    with ScriptedOpenAI(reasoning) as server:
+        assert probe.probe_endpoint(endpoint(server), "k", sampling=True).samples is True
+    with ScriptedOpenAI(Reply(json=chat_completion(""))) as server:
+        caps = probe.probe_endpoint(endpoint(server), "k", sampling=True)
+    assert caps.samples is None and "whether it samples is unknown" in caps.notes[-1]
+
+
+def test_credentials_in_the_url_and_the_key_stay_out_of_what_the_probe_reports():
+    key = "sk-probe-0123456789SECRET"
+    with ScriptedOpenAI(Reply(status=400, json={"error": {"message": f"bad request from {key}"}})) as server:
+        url = server.base_url.replace("http://", "http://user:pw@")
+        with pytest.raises(EndpointError) as info:
+            probe.probe_endpoint(EndpointConfig(base_url=url, model="m", max_retries=0), key)
+    message = str(info.value)
+    assert key not in message and "[api key]" in message and "pw@" not in message
+    assert probe.public_url("https://u:p@host/v1?key=1") == "https://host/v1"
+
+
+def test_one_failed_choice_request_stops_its_siblings():
+    """A server without n: prompt 0's second single-choice request is refused; the others of that prompt are
+    cancelled, not left running past the error."""
+    async def handle(body: dict, n: int) -> Reply:
+        if body.get("seed") == 1:
+            return Reply(status=400, json={"error": {"message": "refused"}})
+        await asyncio.sleep(3.0)
+        return Reply(json=chat_completion("x"))
+
+    async def run(base_url: str) -> list:
+        with pytest.raises(SamplingError, match=r"prompt 0: the server refused the request \(400\)"):
+            await asample_chat(base_url, "m", ["a"], n=3, temperature=1.0, top_p=1.0, max_tokens=4, seed=0, choices_per_request=False)
+        return [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+
+    with ScriptedOpenAI(handle) as server:
+        assert asyncio.run(run(server.base_url)) == []  # nothing of the failed prompt still running

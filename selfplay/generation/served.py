@@ -62,7 +62,7 @@ def sample_from_server(cfg: RunConfig, k: int, policy: str, prompts: list[str], 
                             spec.gpu_free_timeout, gpu.holders())
     else:
         from selfplay.serving.lora import LoraAdapterError, load_lora_adapter, unload_lora_adapter
-        from selfplay.serving.openai_client import resolve_api_key
+        from selfplay.serving.openai_client import SamplingError, resolve_api_key
         from selfplay.serving.probe import capabilities
 
         e = s.endpoint
@@ -74,6 +74,8 @@ def sample_from_server(cfg: RunConfig, k: int, policy: str, prompts: list[str], 
                 unload_lora_adapter(e.base_url, name, api_key=key)
             load_lora_adapter(e.base_url, name, adapter, api_key=key)
         caps, _ = capabilities(e, key, sampling=True, role="sampling", logger=log)  # probed by the run's preflight
+        if caps.samples is False:  # it did then; probed again now (an hour later, or the server restarted)
+            raise SamplingError(f"round {k}: {caps.base_url} no longer samples (the same text at any seed): start it so that it samples")
         if not caps.choices:
             log.info("round %d: the endpoint returns one choice per request: %d single-choice requests per prompt, choice j seeded "
                      "seed + i*%d + j", k, s.num_samples, s.num_samples)

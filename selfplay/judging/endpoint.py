@@ -32,10 +32,9 @@ from selfplay.judging.cache import JudgeCache, call_key
 from selfplay.judging.calls import JudgeCall, JudgeResult
 from selfplay.judging.replies import CHOICE_SCHEMA, MARKER_TOKENS, MODE_INSTRUCTIONS, MODES, P_OF_LABEL, label_probabilities, parse_choice, parse_text_verdict
 from selfplay.serving.openai_client import RequestFailed, async_client, chat, describe, resolve_api_key, run_sync, ticking, watched
-from selfplay.serving.probe import CHOICE_TOKENS, Capabilities
+from selfplay.serving.probe import CHOICE_TOKENS, TOP_LOGPROBS, Capabilities
 
 PROGRESS_EVERY_S = 5.0  # a streaming judge reports progress this often, however slow each call is
-TOP_LOGPROBS = 20  # OpenAI's maximum; enough to hold every variant of both labels
 
 
 class _ModeUnsupported(Exception):
@@ -121,7 +120,8 @@ class OpenAIJudge:
         return results
 
     async def _one(self, client, limit: asyncio.Semaphore, call: JudgeCall) -> JudgeResult:
-        mode = self.configured_mode + (f"+reasoning{self.reasoning_tokens}" if self.reasoning_tokens else "")
+        # keyed by the mode every call starts with (what `auto` means depends on the server), and text's budget
+        mode = self._modes[0] + (f"+reasoning{self.reasoning_tokens}" if self._modes[0] == "text" and self.reasoning_tokens else "")
         key = call_key(self.endpoint.model, mode, call.system, call.user, self.endpoint.base_url)
         if self._cache is not None and (hit := self._cache.get(key)) is not None:
             return JudgeResult(**{**hit, "cached": True, "cost": 0.0, "latency_s": 0.0})

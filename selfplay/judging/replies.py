@@ -4,7 +4,7 @@
             and renormalised over A and B
   choice    structured output, a JSON object {"verdict": "A" | "B" | "tie"}
   text      the marker alone (the default: a budget of `MARKER_TOKENS`): [[A]], [[B]] or [[tie]], or a reply whose
-            first word is a bare label ("A", "**B**", "A." -- what the logprobs mode reads from the first token); with
+            first line is a bare label ("A", "**B**", "A."); with
             reasoning asked for (`judge.reasoning_tokens`), free text ending with one marker: the LAST marker wins.
             No verdict is `invalid`
 
@@ -82,7 +82,8 @@ def parse_choice(content: str | None) -> str | None:
 
 def parse_text_verdict(content: str | None, bare: bool = False) -> str:
     """The last [[A]] / [[B]] / [[tie]] marker in the reply; with `bare` (a marker-only reply was asked for), else a
-    first word that is a label ("A", "**B**", "A.", "tie"); 'invalid' when there is none.
+    first line that is a label alone ("A", "**B**", "A.", "tie"; not "A good answer", whose "A" is an article);
+    'invalid' when there is none.
 
     >>> parse_text_verdict("A\\n\\nA is better.", bare=True), parse_text_verdict("A is better."), parse_text_verdict("The answer is A", bare=True)
     ('A', 'invalid', 'invalid')
@@ -91,10 +92,10 @@ def parse_text_verdict(content: str | None, bare: bool = False) -> str:
     if found:
         last = found[-1]
         return "tie" if last.lower() == "tie" else last.upper()
-    words = (content or "").split(maxsplit=1)
-    if bare and words:
-        if label := token_label(words[0]):
+    first_line = (content or "").strip().split("\n", 1)[0]
+    if bare and first_line:
+        if label := token_label(first_line):
             return label
-        if words[0].strip("*_`\"'([{<>)]}:.").lower() == "tie":
+        if first_line.strip().strip("*_`\"'([{<>)]}:.").lower() == "tie":
             return "tie"
     return "invalid"

@@ -105,17 +105,23 @@ def check_sampling_endpoint(cfg: RunConfig) -> None:
     try:
         key = resolve_api_key(e)
         check_endpoint(e, key)
-        caps, probed = capabilities(e, key, sampling=True, role="sampling")
+        j = cfg.judge
+        shared = j.backend == "endpoint" and (j.endpoint.base_url, j.endpoint.model) == (e.base_url, e.model)  # one probe for both
+        caps, probed = capabilities(e, key, sampling=True, judging=shared, role="sampling and judge" if shared else "sampling",
+                                    mode=j.mode if shared else None)
     except EndpointError as exc:
         raise ConfigError(str(exc).replace("judge.endpoint", "sample.endpoint")) from None
-    if not caps.samples:
+    if caps.samples is None:
+        logging.getLogger(__name__).warning("sample.endpoint %s gave empty replies to the probe: whether it samples is unknown", caps.base_url)
+    elif not caps.samples:
         raise ConfigError(
-            f"sample.endpoint: {e.base_url} returns the same text for different seeds at temperature 1 (model {e.model!r}): it "
-            f"samples greedily, so each prompt's {cfg.sample.num_samples} completions would be identical. Start the server so that it "
-            f"samples (a generation config with do_sample: true, or its own sampling flag), or sample with another backend.")
+            f"sample.endpoint: {caps.base_url} returns the same text for different seeds at temperature 1 (model {e.model!r}"
+            f"{f', {caps.draws[0][:60]!r} three times' if caps.draws else ''}): it samples greedily, so each prompt's "
+            f"{cfg.sample.num_samples} completions would be identical. Start the server so that it samples (a generation config with "
+            f"do_sample: true, or its own sampling flag), or sample with another backend.")
     if probed and not caps.seeds:
         logging.getLogger(__name__).warning(
-            "sample.endpoint %s ignores seeds: its samples are not reproducible (a rerun of a stage draws other completions)", e.base_url)
+            "sample.endpoint %s ignores seeds: its samples are not reproducible (a rerun of a stage draws other completions)", caps.base_url)
 
 
 def check_prompts(p: PromptsConfig) -> dict[str, list[dict[str, str]]]:

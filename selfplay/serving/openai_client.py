@@ -140,7 +140,7 @@ class RequestFailed(Exception):
         import openai
 
         timed_out = isinstance(error, openai.APITimeoutError) and timeout is not None
-        per = f"; each attempt timed out after {timeout:g} s, which counts the time a request waits in the server's queue" if timed_out else ""
+        per = f"; the last attempt timed out after {timeout:g} s, which counts the time a request waits in the server's queue" if timed_out else ""
         super().__init__(describe(error) + ("" if refused else f" (gave up after {attempts} attempts{per})"))
         self.error, self.attempts, self.refused, self.timed_out = error, attempts, refused, timed_out
 
@@ -339,7 +339,7 @@ async def asample_chat(
                         "api_key_secret)") if exc.status_code in (401, 403) else ""
                 raise SamplingError(f"prompt {index}: the server refused the request ({exc.status_code}): "
                                     f"{str(exc)[:300]}{f' ({said})' if said else ''}{hint}") from exc
-            slow = (f" Each attempt timed out after {timeout:g} s (the endpoint's timeout), which counts the time a request waits "
+            slow = (f" The last attempt timed out after {timeout:g} s (the endpoint's timeout), which counts the time a request waits "
                     f"in the server's queue: for a slow server, raise the timeout or lower max_concurrency.") if failed.timed_out else ""
             raise SamplingError(f"prompt {index}: failed after {failed.attempts} attempts: "
                                 f"{type(exc).__name__}: {str(exc)[:300]}{slow}") from exc
@@ -358,8 +358,14 @@ async def asample_chat(
         if choices_per_request:
             out = await ask(client, index, prompt, n, first)
         else:  # a server that ignores n: n single-choice requests, choice j seeded as vLLM seeds choice j of one request
-            parts = await asyncio.gather(*(ask(client, index, prompt, 1, None if first is None else first + j) for j in range(n)))
-            out = [choice for part in parts for choice in part]
+            parts = [asyncio.ensure_future(ask(client, index, prompt, 1, None if first is None else first + j)) for j in range(n)]
+            try:
+                out = [choice for part in await asyncio.gather(*parts) for choice in part]
+            except BaseException:  # one failed (or all were cancelled): none of its siblings outlives it
+                for part in parts:
+                    part.cancel()
+                await asyncio.gather(*parts, return_exceptions=True)
+                raise
         finished[0] += 1
         return out
 

@@ -6,19 +6,20 @@ samples greedily at any temperature unless asked through its own `generation_con
 finds this out call by call pays for it on every call, or fails after minutes. `probe_endpoint` asks once:
 
     several choices per request   n=2: two choices back?
-    sampling                      two draws at temperature 1 with different seeds differ; if they do not, the same
-                                  again with transformers' `generation_config: {"do_sample": true}` (`SAMPLE_BODIES`)
+    sampling                      draws at temperature 1 with three seeds differ; if they do not, the same again with
+                                  transformers' `generation_config: {"do_sample": true}` (`SAMPLE_BODIES`); then the
+                                  two choices of one seeded request differ (else: one choice per request)
     seeds                         the same seed twice gives the same draw
     logprobs                      per-token logprobs, with top alternatives
     structured output             a JSON schema whose only allowed value no model would write unasked is obeyed
     concurrency                   four requests at once take about as long as one, or about four times as long
                                   (a server that answers one request at a time: `serial`)
 
-    caps = capabilities(endpoint, api_key, sampling=True, log=log)   # probed once per process, then remembered
-    caps.line()          # "... one choice per request (n ignored), seeded, no logprobs, ... -> judge mode text"
+    caps, probed = capabilities(endpoint, api_key, judging=True, logger=log, role="judge", mode="auto")  # then remembered
+    caps.line("judge", "text")   # "judge endpoint ...: one choice per request (n ignored), ... -> judge mode text"
     caps.judge_modes("auto")   # ['text']: the modes that work for every call, best first
 
-Each probe request asks for at most 16 tokens (48 for the structured one); a probe costs a few seconds on a CPU server (about 10 requests).
+Each probe request asks for at most 16 tokens (48 for the structured one); a probe costs a few seconds on a CPU server (10 to 16 requests).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from selfplay.serving.openai_client import EndpointError, describe
 
@@ -54,8 +56,11 @@ STRUCTURED_PROBE = {
         "type": "object", "properties": {"word": {"type": "string", "enum": ["zq"]}}, "required": ["word"],
         "additionalProperties": False}},
 }
-# Four requests at once taking this many times one request's time: the server answers them one by one.
+# Four requests at once, the second done after SERIAL_SECOND and the last after SERIAL_RATIO times one request's
+# time: the server answers them one by one (in turn they end at 1, 2, 3 and 4 times).
+SERIAL_SECOND = 1.6
 SERIAL_RATIO = 3.0
+TOP_LOGPROBS = 20  # OpenAI's maximum, what the judge's logprobs mode asks for
 SERIAL_IN_FLIGHT = 2  # requests kept in flight to a serial server: one served, one queued behind it
 REMEMBER_S = 3600.0
 
@@ -77,6 +82,8 @@ class Capabilities:
     serial: bool | None = None  # answers one request at a time
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)  # why a feature counts as missing, where a reply said
+    draws: list[str] = field(default_factory=list)  # the same text at three seeds, when it does not sample
+    asked: list[str] = field(default_factory=list)  # what the probe asked about: "sampling", "judging"
 
     def judge_modes(self, configured: str = "auto") -> list[str]:
         """The verdict modes that work with this endpoint for every call, best first (`auto`), or the configured one;
@@ -88,7 +95,8 @@ class Capabilities:
                 raise EndpointError(f"judge.mode {configured!r}: {self.base_url} does not honour {need} (probed: {self.summary()}); "
                                     f"use judge.mode auto or text")
             return [configured]
-        return [mode for mode in ("logprobs", "choice", "text") if works[mode]]
+        order = ("logprobs", "choice", "text") if self.top_logprobs else ("choice", "logprobs", "text")  # one token's logprob alone is
+        return [mode for mode in order if works[mode]]                                               # a hard 0/1
 
     def in_flight(self, configured: int) -> int:
         """Requests to keep in flight: at most `SERIAL_IN_FLIGHT` to a server that answers one at a time (more only wait
@@ -133,14 +141,15 @@ def capabilities(endpoint: EndpointConfig, api_key: str, *, sampling: bool = Fal
     """`probe_endpoint`, remembered in this process for an hour per (base_url, model): the run's preflight probes, its
     stages reuse the answer (a remembered probe that did not ask what is asked now is asked again). Returns
     (capabilities, whether it was probed now); a fresh probe is logged in one line on `logger`."""
-    key = (endpoint.base_url, endpoint.model)
+    key = (public_url(endpoint.base_url), endpoint.model)
     with _lock:
         hit = _remembered.get(key)
-    if hit is not None and time.monotonic() - hit[1] < REMEMBER_S:
+    if hit is not None:
         caps = hit[0]
-        if (not sampling or caps.samples is not None) and (not judging or caps.structured is not None):
+        if time.monotonic() - hit[1] < REMEMBER_S and (not sampling or "sampling" in caps.asked) and (not judging or "judging" in caps.asked):
             return caps, False
-        sampling, judging = sampling or caps.samples is not None, judging or caps.structured is not None
+        # asked again: for everything asked before too, so that a stage and the next do not take turns at it
+        sampling, judging = sampling or "sampling" in caps.asked, judging or "judging" in caps.asked
     caps = probe_endpoint(endpoint, api_key, sampling=sampling, judging=judging)
     remember(caps)
     chosen = caps.judge_modes(mode)[0] if judging and mode is not None else None
@@ -157,7 +166,7 @@ def remember(caps: Capabilities) -> None:
 def remembered(endpoint: EndpointConfig) -> dict[str, Any] | None:
     """What this process last probed of `endpoint`, as a dict for a stage's metrics; None when it was not probed here."""
     with _lock:
-        hit = _remembered.get((endpoint.base_url, endpoint.model))
+        hit = _remembered.get((public_url(endpoint.base_url), endpoint.model))
     return hit[0].as_dict() if hit else None
 
 
@@ -174,33 +183,45 @@ def probe_endpoint(endpoint: EndpointConfig, api_key: str, *, sampling: bool = F
     import openai
 
     started = time.perf_counter()
-    caps = Capabilities(endpoint.base_url, endpoint.model, server=_server_name(endpoint, api_key))
+    url = public_url(endpoint.base_url)
+    caps = Capabilities(url, endpoint.model, server=_server_name(endpoint, api_key),
+                        asked=[what for what, on in (("sampling", sampling), ("judging", judging)) if on])
     client = openai.OpenAI(base_url=endpoint.base_url, api_key=api_key, timeout=endpoint.timeout, max_retries=2)
 
     def ask(**kw: Any):
         return client.chat.completions.create(model=endpoint.model, messages=[{"role": "user", "content": kw.pop("prompt", PROMPT)}], **kw)
 
+    def redacted(text: str) -> str:
+        return text.replace(api_key, "[api key]") if len(api_key) >= 8 else text
+
     try:
         first = ask(max_tokens=8, temperature=0.0)
     except openai.APIError as exc:
-        raise EndpointError(f"{endpoint.base_url} does not answer a chat completion for model {endpoint.model!r}: {describe(exc)}; "
-                            f"it must be an OpenAI-compatible server (POST {endpoint.base_url.rstrip('/')}/chat/completions)") from None
+        raise EndpointError(redacted(f"{url} does not answer a chat completion for model {endpoint.model!r}: {describe(exc)}; it must be "
+                                     f"an OpenAI-compatible server (POST {url.rstrip('/')}/chat/completions)")) from None
     if not getattr(first, "choices", None):
-        raise EndpointError(f"{endpoint.base_url} answered a chat completion without choices ({str(first)[:120]}): it is not an "
-                            f"OpenAI-compatible chat server")
+        raise EndpointError(redacted(f"{url} answered a chat completion without choices ({str(first)[:120]}): it is not an OpenAI-compatible "
+                                     f"chat server"))
     try:
         if sampling:
             _probe_sampling(caps, ask)
         caps.logprobs, caps.top_logprobs = _probe_logprobs(caps, ask)
         if judging:
             caps.structured = _probe_structured(caps, ask)
-        caps.serial = _probe_serial(ask)
+        caps.serial = _probe_serial(client.with_options(max_retries=0), endpoint.model)
     except openai.APIError as exc:
-        raise EndpointError(f"{endpoint.base_url}: a probe request failed: {describe(exc)}") from None
+        raise EndpointError(redacted(f"{url}: a probe request failed: {describe(exc)}")) from None
     finally:
         client.close()
+    caps.notes = [redacted(note) for note in caps.notes]
     caps.seconds = time.perf_counter() - started
     return caps
+
+
+def public_url(url: str) -> str:
+    """The URL without credentials or a query (a token may ride in either): what logs and metrics may show."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2], query="", fragment="").geturl()
 
 
 def _server_name(endpoint: EndpointConfig, api_key: str) -> str:
@@ -209,41 +230,78 @@ def _server_name(endpoint: EndpointConfig, api_key: str) -> str:
     try:
         reply = httpx.get(endpoint.base_url.rstrip("/") + "/models", headers={"Authorization": f"Bearer {api_key}"},
                           timeout=min(endpoint.timeout, 10.0))
-        owners = {str(m.get("owned_by")) for m in reply.json().get("data", []) if m.get("owned_by")}
-    except (httpx.HTTPError, ValueError, AttributeError):
+        owners = {str(m.get("owned_by")) for m in reply.json().get("data") or [] if m.get("owned_by")}
+    except (httpx.HTTPError, ValueError, AttributeError, TypeError):
         return "unknown"
     return ", ".join(sorted(owners)) or "unknown"
 
 
+def _texts(reply) -> list[str]:
+    """Each choice's text; a reasoning model's `reasoning_content` counts (its `content` may be empty until it is done)."""
+    out = []
+    for choice in reply.choices or []:
+        message = choice.message
+        extra = getattr(message, "model_extra", None) or {}
+        out.append((message.content or "") + str(extra.get("reasoning_content") or extra.get("reasoning") or "") if message else "")
+    return out
+
+
 def _text(reply) -> str:
-    return (reply.choices[0].message.content or "") if reply.choices and reply.choices[0].message else ""
+    texts = _texts(reply)
+    return texts[0] if texts else ""
+
+
+def _refused(exc: Exception) -> bool:
+    """A 4xx other than 408/409/429: the server will not take this request as it is."""
+    status = getattr(exc, "status_code", None)
+    return status is not None and 400 <= status < 500 and status not in (408, 409, 429)
 
 
 def _probe_sampling(caps: Capabilities, ask) -> None:
-    """Choices per request, then (with single-choice requests, as the sampler then sends them) sampling and seeds."""
+    """Choices per request, then (with single-choice requests, as the sampler then sends them) sampling and seeds;
+    last, whether the choices of one seeded request differ (a server may give them all the request's seed)."""
     import openai
 
     try:
         both = ask(n=2, temperature=1.0, top_p=1.0, max_tokens=16, seed=SEED)
         caps.choices = len(both.choices or []) == 2
-    except openai.BadRequestError as exc:  # a server that refuses n > 1 outright
-        caps.choices = False
+    except openai.APIStatusError as exc:  # a server that refuses n > 1 (or n with a seed) outright
+        if not _refused(exc):
+            raise
+        both, caps.choices = None, False
         caps.notes.append(f"n=2 refused: {describe(exc)}")
     for body in ({}, *SAMPLE_BODIES):
-        draws = [_text(ask(temperature=1.0, top_p=1.0, max_tokens=16, seed=seed, extra_body=body or None)) for seed in (SEED, SEED, SEED + 1)]
-        if draws[0] != draws[2] or draws[1] != draws[2]:
-            caps.samples, caps.sample_body, caps.seeds = True, dict(body), draws[0] == draws[1]
+        try:
+            draws = [_text(ask(temperature=1.0, top_p=1.0, max_tokens=16, seed=seed, extra_body=body or None))
+                     for seed in (SEED, SEED, SEED + 1, SEED + 2)]
+        except openai.APIStatusError as exc:  # a server that refuses the fields it does not know
+            if not body or not _refused(exc):
+                raise
+            caps.notes.append(f"{json.dumps(body)} refused: {describe(exc)}")
+            break
+        if not any(draws):
+            caps.notes.append("empty replies at temperature 1: whether it samples is unknown")
             return
-    caps.samples = False
+        if len(set(draws[1:])) > 1 or draws[0] != draws[1]:
+            caps.samples, caps.sample_body, caps.seeds = True, dict(body), draws[0] == draws[1]
+            break
+        caps.draws = draws[1:]
+    if caps.samples is None:
+        caps.samples = False
+    if caps.samples and caps.choices and both is not None and len(set(_texts(both))) < 2:
+        again = _texts(ask(n=2, temperature=1.0, top_p=1.0, max_tokens=16, seed=SEED + 3, extra_body=caps.sample_body or None))
+        if len(set(again)) < 2:
+            caps.choices = False
+            caps.notes.append("the choices of one seeded request are the same text: one choice per request")
 
 
 def _probe_logprobs(caps: Capabilities, ask) -> tuple[bool, bool]:
     import openai
 
     try:
-        reply = ask(max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=5)
+        reply = ask(max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=TOP_LOGPROBS)
     except openai.APIStatusError as exc:
-        caps.notes.append(f"logprobs refused: {describe(exc)}")
+        caps.notes.append(f"logprobs with top_logprobs={TOP_LOGPROBS} refused: {describe(exc)}")
         return False, False
     lp = getattr(reply.choices[0], "logprobs", None) if reply.choices else None
     content = getattr(lp, "content", None) or []
@@ -266,17 +324,18 @@ def _probe_structured(caps: Capabilities, ask) -> bool:
         return False
 
 
-def _probe_serial(ask) -> bool:
-    """Four identical requests at once against one alone (the faster of two): a server that batches or serves them
-    in parallel takes about one request's time, one that serves them in turn about four."""
-    def timed() -> float:
+def _probe_serial(client, model: str) -> bool:
+    """Four identical requests at once against one alone (the faster of two), on connections opened beforehand. A
+    server that serves them in turn finishes them at about 1, 2, 3 and 4 times one request's time; one that batches
+    them, or serves them in parallel, all at about once (a slow straggler of a remote API moves only the last): serial
+    when the second finishes after `SERIAL_SECOND` and the last after `SERIAL_RATIO` times one alone."""
+    def timed(tokens: int = 8) -> float:
         started = time.perf_counter()
-        ask(max_tokens=8, temperature=0.0)
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=tokens, temperature=0.0)
         return time.perf_counter() - started
 
-    alone = min(timed(), timed())
     with ThreadPoolExecutor(4) as pool:
-        started = time.perf_counter()
-        list(pool.map(lambda _: timed(), range(4)))
-        together = time.perf_counter() - started
-    return together > SERIAL_RATIO * max(alone, 0.05)
+        list(pool.map(lambda _: timed(1), range(4)))  # four connections open, as many as the timed round needs
+        alone = max(min(timed(), timed()), 0.02)
+        ends = sorted(pool.map(lambda _: timed(), range(4)))
+    return ends[1] > SERIAL_SECOND * alone and ends[3] > SERIAL_RATIO * alone
