@@ -9,10 +9,21 @@ import random
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import selfplay.evaluation.pathologies as pathology_module
 import selfplay.evaluation.quality as quality
-from selfplay.evaluation.pathologies import degenerate_rate, hedging_rate, pathologies, pathology_trend, repetition_rate, sycophancy_rate, verbosity
+from selfplay.evaluation.pathologies import (
+    degenerate_rate,
+    hedging_rate,
+    pathologies,
+    pathology_trend,
+    repetition_rate,
+    shared_tail,
+    sycophancy_rate,
+    verbosity,
+)
 from selfplay.evaluation.quality import QualityThresholds, data_quality, length_controlled_win_rate, similarity_histogram, wilson_interval, win_summary
 
 pytestmark = pytest.mark.unit
@@ -303,9 +314,41 @@ def test_repetition_and_degenerate():
 
 def test_pathologies_keys():
     p = pathologies(["Great question! As an AI, the cat the cat the cat the cat.", "Paris."])
-    assert set(p) == {"verbosity", "sycophancy_rate", "hedging_rate", "repetition_rate", "degenerate_rate"}
+    assert set(p) == {"verbosity", "sycophancy_rate", "hedging_rate", "repetition_rate", "degenerate_rate", "shared_tail_rate", "shared_tail"}
     assert p["sycophancy_rate"] == 0.5 and p["hedging_rate"] == 0.5
-    assert all(0.0 <= v <= 1.0 for k, v in p.items() if k != "verbosity")
+    assert p["shared_tail_rate"] == 0.0 and p["shared_tail"] == ""
+    assert all(0.0 <= v <= 1.0 for k, v in p.items() if k not in ("verbosity", "shared_tail"))
+
+
+TIC = "Your answer is correct, but I'll make sure to provide a more detailed explanation of the steps"
+ANSWERS = [f"The sum of {a} and {b} is {a + b}." for a, b in zip(range(3, 15), range(20, 32))] + [
+    "Paris is the capital of France and its largest city.", "Water boils at one hundred degrees at sea level.",
+    "A haiku has three lines of five, seven and five syllables.", "Photosynthesis turns light into chemical energy."]
+
+
+def test_a_tail_that_a_quarter_of_the_answers_share_is_found_with_its_text():
+    """The issue's case: a lenient judge taught the policy to follow a correct answer with the same filler."""
+    assert shared_tail(ANSWERS) == (0.0, "")  # answers to different prompts: nothing shared beyond chance
+    tics = [f"{a + b}. {TIC}"[: 60 + 7 * i] for i, (a, b) in enumerate(zip(range(3, 7), range(20, 24)))]  # cut where the budget ran out
+    share, text = shared_tail(ANSWERS[:12] + tics)
+    assert share == pytest.approx(4 / 16) and text in TIC.lower().replace(",", "").replace("'", "")
+    assert shared_tail([TIC * 3]) == (0.0, "")  # one text repeating itself is repetition_rate's, not a shared tail
+    assert shared_tail(["too short", "too short"]) == (0.0, "")  # under n words: no tail
+
+
+@given(st.lists(st.text(alphabet="abc ", max_size=60), max_size=12))
+def test_shared_tail_is_a_share_of_the_texts(texts):
+    share, text = shared_tail(texts)
+    assert 0.0 <= share <= 1.0 and (share == 0.0) == (text == "")
+    assert share == 0.0 or share * len(texts) >= 2 - 1e-9
+    assert shared_tail(texts + texts)[0] >= share  # doubling the texts never hides a tail
+
+
+def test_the_trend_names_the_shared_tail():
+    history = [flat(shared_tail_rate=0.0), flat(shared_tail_rate=0.25, shared_tail="is correct but i'll make")]
+    (w,) = pathology_trend(history)
+    assert w["check"] == "shared_tail_rate" and w["round"] == 1 and w["threshold"] == pytest.approx(0.15)
+    assert "the shared text \"is correct but i'll make\"" in w["message"] and "judge" in w["message"]
 
 
 def flat(**overrides):

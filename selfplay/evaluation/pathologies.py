@@ -1,7 +1,9 @@
 """Pathologies of generated text: pure functions over a round's eval generations (no IO).
 
 `verbosity` (mean tokens), `sycophancy_rate` (sycophantic openers), `hedging_rate` (evasive hedges),
-`repetition_rate` (repeated word n-grams) and `degenerate_rate` (looping text), all in `pathologies`. Self-play DPO
+`repetition_rate` (repeated word n-grams), `degenerate_rate` (looping text) and `shared_tail_rate` (the same trailing
+text in many answers: a tic the judge rewards, such as "Your answer is correct, but I'll make sure to provide..."
+after every answer), all in `pathologies`, with the shared tail itself as `shared_tail`. Self-play DPO
 tends to amplify whatever the judge rewards, so `pathology_trend` warns when a measure grew beyond
 `TREND_THRESHOLDS` since round 0. (The win rate and the data-sanity checks are `selfplay.evaluation.quality`.)
 """
@@ -24,6 +26,7 @@ __all__ = [
     "pathologies",
     "pathology_trend",
     "repetition_rate",
+    "shared_tail",
     "sycophancy_rate",
     "verbosity",
 ]
@@ -134,14 +137,40 @@ def degenerate_rate(texts: list[str], min_unique_ratio: float = 0.3, min_tokens:
     return bad / len(texts)
 
 
-def pathologies(texts: list[str]) -> dict[str, float]:
-    """All five measures, keyed by their function names (defaults for the parameters)."""
+def shared_tail(texts: list[str], n: int = 5) -> tuple[float, str]:
+    """The word n-gram found in the last two thirds of the most texts, as (the share of texts it is in, the n-gram); a
+    text counts once however often it repeats it, and a text shorter than n words has no tail. (0.0, "") when no
+    n-gram is in two texts. Answers to different prompts rarely end alike; a policy that learned a tic does.
+
+    >>> shared_tail(["12. Your answer is correct, but I will check it", "7. Your answer is correct, but I will",
+    ...              "Paris is the capital of France"])
+    (0.6666666666666666, 'is correct but i will')
+    """
+    if not texts:
+        return 0.0, ""
+    counts: dict[tuple[str, ...], int] = {}
+    for text in texts:
+        words = [w.strip(".,;:!?\"'()") for w in _tokens(text)]
+        tail = [w for w in words[len(words) // 3:] if w] if len(words) >= n else []
+        for gram in {tuple(tail[i:i + n]) for i in range(len(tail) - n + 1)}:
+            counts[gram] = counts.get(gram, 0) + 1
+    if not counts or max(counts.values()) < 2:
+        return 0.0, ""
+    best = max(counts, key=lambda g: (counts[g], g))
+    return counts[best] / len(texts), " ".join(best)
+
+
+def pathologies(texts: list[str]) -> dict[str, float | str]:
+    """All six measures, keyed by their function names (defaults for the parameters), and the shared tail's text."""
+    tail_share, tail = shared_tail(texts)
     return {
         "verbosity": verbosity(texts),
         "sycophancy_rate": sycophancy_rate(texts),
         "hedging_rate": hedging_rate(texts),
         "repetition_rate": repetition_rate(texts),
         "degenerate_rate": degenerate_rate(texts),
+        "shared_tail_rate": tail_share,
+        "shared_tail": tail,
     }
 
 
@@ -152,6 +181,7 @@ TREND_THRESHOLDS: dict[str, tuple[str, float]] = {
     "hedging_rate": ("absolute", 0.15),
     "repetition_rate": ("absolute", 0.1),
     "degenerate_rate": ("absolute", 0.1),
+    "shared_tail_rate": ("absolute", 0.15),
 }
 
 _TREND_ADVICE = {
@@ -165,10 +195,13 @@ _TREND_ADVICE = {
                        "raise dpo beta, and check the generations.",
     "degenerate_rate": "more answers loop on a few words: the policy is degenerating. Stop and roll back to an "
                        "earlier round; lower the learning rate or raise dpo beta.",
+    "shared_tail_rate": "more answers end with the same text: the policy learned a tic the judge rewards or does not "
+                        "penalise (a judge that checks only part of an answer). Read the kept pairs' chosen responses; "
+                        "add a rubric line against filler, or a verifier that scores the whole answer.",
 }
 
 
-def pathology_trend(history: list[dict[str, float]]) -> list[dict[str, Any]]:
+def pathology_trend(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Warnings for measures that grew beyond `TREND_THRESHOLDS` relative to round 0.
 
     `history` holds one `pathologies` dict per round, round 0 first. Each later round is compared with round 0;
@@ -202,8 +235,9 @@ def pathology_trend(history: list[dict[str, float]]) -> list[dict[str, Any]]:
                 warnings.append(warning(
                     measure, float(v), float(limit),
                     f"{measure} rose from {b:.3g} at round 0 to {v:.3g} at round {k} ({growth}; threshold "
-                    f"{'+' + format(amount, '.0%') if kind == 'relative' else '+' + format(amount, '.2f')}): "
-                    + _TREND_ADVICE[measure],
+                    f"{'+' + format(amount, '.0%') if kind == 'relative' else '+' + format(amount, '.2f')})"
+                    + (f", the shared text {row['shared_tail']!r}" if measure == "shared_tail_rate" and row.get("shared_tail") else "")
+                    + ": " + _TREND_ADVICE[measure],
                     round=k,
                 ))
     return warnings
