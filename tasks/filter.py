@@ -31,7 +31,7 @@ from prefect.cache_policies import NONE
 
 from selfplay.config.run import RunConfig
 from selfplay.evaluation.quality import data_quality
-from selfplay.pairs.selection import drop_counts, select_pairs
+from selfplay.pairs.selection import drop_counts, drop_llm_pairs, select_pairs
 from selfplay.runtime.rundir import RunDir
 from selfplay.runtime.stages import run_logger, stage
 
@@ -44,6 +44,11 @@ def filter_pairs(cfg: RunConfig, k: int) -> None:
     run = RunDir(cfg.run_dir)
     pairs = select_pairs(pd.read_parquet(run.stage_dir(k, "judge") / "judgments.parquet"), cfg.judge.pairing, cfg.judge.scoring,
                          cfg.filter.prefer_shorter_below_margin)
+    audit = run.manifest(k, "judge")["metrics"].get("audit") or {}
+    if audit.get("informative") is False and cfg.judge.audit.on_chance == "drop":
+        pairs = drop_llm_pairs(pairs)
+        log.warning("round %d: the judge audit found the LLM judge no better than chance (judge.audit.on_chance=drop): the %d pairs it "
+                    "decided leave the training set", k, int((pairs["drop_reason"] == "judge_at_chance").sum()))
     prompts = pd.read_parquet(run.stage_dir(k, "sample") / "samples.parquet").drop_duplicates("prompt_id")["prompt"].tolist()
     quality = data_quality(pairs, prompts)
     with run.stage_output(k, "filter") as (out, manifest):

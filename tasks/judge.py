@@ -22,13 +22,30 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from selfplay.config.run import RunConfig
+from selfplay.evaluation.audit import audit_line, audit_stats, pick_audit
 from selfplay.judging.runner import run_judge
-from selfplay.judging.verdicts import check_error_rate, llm_count
+from selfplay.judging.verdicts import JudgeFailed, check_error_rate, llm_count, verifier_verdict
 from selfplay.judging.verifiers import Verifier, score_table, verifier_stats
 from selfplay.pairs.build import build_pairs, judged_tables, pair_comparisons
 from selfplay.pairs.knockout import KnockoutPhases, max_matches
 from selfplay.runtime.rundir import RunDir
 from selfplay.runtime.stages import Progress, run_logger, stage
+
+
+def audit_sample(pairs: pd.DataFrame, size: float, seed: int) -> tuple[pd.DataFrame, list]:
+    """The comparisons of the judge audit: of the unscreened pairs the verifier decides (one response scores higher),
+    `size` picked (`pick_audit`), as comparisons the LLM judge must answer (the verifier's scores taken away, the
+    reference kept, as any judge prompt on a prompt with one shows it). Returns their rows (prompt_id, i, j, the
+    verifier's winner `truth`, the two responses' lengths in characters) and the comparisons, in the same order."""
+    columns = ["prompt_id", "i", "j", "truth", "len_1", "len_2"]
+    decided = []
+    for row, c in zip(pairs[pairs["screened"].isna()].to_dict("records"), pair_comparisons(pairs, "all_pairs")):
+        verdict = verifier_verdict(c._replace(llm_on_tie=False))
+        if verdict is not None and verdict["verdict"] in ("first", "second"):
+            decided.append(({"prompt_id": row["prompt_id"], "i": row["i"], "j": row["j"], "truth": verdict["verdict"],
+                             "len_1": len(c.response_a), "len_2": len(c.response_b)}, c._replace(score_a=None, score_b=None)))
+    picked = [decided[i] for i in pick_audit(len(decided), size, seed)]
+    return pd.DataFrame([r for r, _ in picked], columns=columns), [c for _, c in picked]
 
 
 @task(name="judge", cache_policy=NONE)
@@ -61,10 +78,21 @@ def judge(cfg: RunConfig, k: int, reference: str) -> None:
         elapsed = time.time() - started
         log.info("round %d: judge calls %d/%d (%.2f calls/s, %.0f s)", k, done, total, done / max(elapsed, 1e-9), elapsed)
 
-    [judged], peak = run_judge(cfg, reference, [comparisons], run.round_dir(k), f"round {k} judge", log, progress,
-                               server_log=run.round_dir(k) / "judge-server.log")
+    audit_rows, audited = audit_sample(pairs, cfg.judge.audit.size, cfg.seed + k)
+    [judged, *audit], peak = run_judge(cfg, reference, [comparisons, audited] if audited else [comparisons], run.round_dir(k),
+                                       f"round {k} judge", log, progress, server_log=run.round_dir(k) / "judge-server.log")
     table, calls, stats = judged_tables(pairs, judged)
     stats.update(verifier_stats(samples))
+    verdicts = audit[0].verdicts if audit else []
+    audit_table = audit_rows.assign(**{c: [v[c] for v in verdicts] for c in ("verdict", "p_first", "consistent", "mode")})
+    stats["audit"] = audit_stats(audit_rows["truth"].tolist(), verdicts, audit_rows["len_1"].tolist(), audit_rows["len_2"].tolist())
+    stats["audit"]["on_chance"] = cfg.judge.audit.on_chance
+    stats["audit_line"] = audit_line(stats["audit"])
+    log.info("round %d: %s", k, stats["audit_line"])
+    if stats["audit"]["informative"] is False and cfg.judge.audit.on_chance == "fail":
+        raise JudgeFailed(f"round {k}: {stats['audit_line']}. judge.audit.on_chance=fail: the LLM judge's verdicts are no better than chance "
+                          f"on comparisons the verifier decides. Use a stronger judge (judge.backend endpoint or vllm, judge.model), or set "
+                          f"judge.audit.on_chance to drop (train on the verifier's pairs only) or warn.")
     stats["peak_gpu_gb"] = peak
     stats["seconds"] = time.time() - started
     if cfg.judge.backend == "endpoint":
@@ -77,6 +105,7 @@ def judge(cfg: RunConfig, k: int, reference: str) -> None:
         calls.to_parquet(out / "calls.parquet", index=False)
         samples[["prompt_id", "sample_idx", "verifier", "verify_score"]].to_parquet(out / "scores.parquet", index=False)
         table.to_parquet(out / "judgments.parquet", index=False)
+        audit_table.to_parquet(out / "audit.parquet", index=False)
         manifest["metrics"] = stats
     costs = "; ".join(f"{m}: {c['calls']} calls, {c['tokens_in_per_call'] + c['tokens_out_per_call']:.0f} tokens "
                       f"({c['tokens_out_per_call']:.0f} out) and {c['seconds_per_call']:.2f} s per call" for m, c in stats["per_mode"].items())

@@ -41,7 +41,7 @@ def test_round_report_lays_out_every_section_verbatim():
                          "(3 wins, 0 ties, 5 losses).")
     assert [b for b in blocks if b.startswith("## ")] == ["## Judge", "## Training", "## Evaluation", "## Warnings"]
     judge_table = blocks[blocks.index("## Judge") + 1].splitlines()
-    assert judge_table[:2] == ["| | |", "|---|---|"] and len(judge_table) == 2 + 11
+    assert judge_table[:2] == ["| | |", "|---|---|"] and len(judge_table) == 2 + 12  # the judge audit line among them
     assert "| decided by the verifier / by the LLM | 4 / 1 |" in judge_table and "| samples correct | 0.25 |" in judge_table
     assert "| invalid rate | - |" in judge_table and "| cache hits | 3 |" in judge_table
     assert "| final loss | 0.5123 |" in text and "| 95% Wilson interval | [0.1, 0.7] |" in text

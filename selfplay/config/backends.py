@@ -147,6 +147,18 @@ class VerifierConfig(Section):
         return self
 
 
+class AuditConfig(Section):
+    """The judge audit: comparisons the verifier decides, put to the LLM judge as well (both orders, the reference
+    shown as for any prompt that has one), to measure whether its verdicts are right. Its verdicts never change the
+    verifier's labels."""
+
+    size: float = Field(24, ge=0, description="How many verifier-decided comparisons to audit each round: a whole number (at most that "
+                        "many), a fraction below 1 (that share of them), or 0 (off: no audit calls).")
+    on_chance: Literal["warn", "drop", "fail"] = Field(
+        "warn", description="When the judge's agreement with the verifier is not above chance (its 95% interval reaches 0.5): 'warn' in "
+        "the round report; 'drop' the pairs the LLM decided from the training set; 'fail' the judge stage.")
+
+
 class JudgeConfig(Section):
     """What every judge reads; `judge.backend` picks one of the subclasses below."""
 
@@ -170,6 +182,7 @@ class JudgeConfig(Section):
     rubric: str | None = Field(None, description="Rubric file filled into {rubric}; the shipped default when unset.")
     system_prompt: str = Field("You are a careful, impartial judge of AI assistant responses.", description="Judge system prompt.")
     verifier: VerifierConfig = Field(default_factory=VerifierConfig, description="Verifiers for prompts with a reference answer (the hybrid judge).")
+    audit: AuditConfig = Field(default_factory=AuditConfig, description="Check the LLM judge against the verifier every round.")
     max_error_rate: float = operational(
         0.05, ge=0, le=1, description="The judge stage fails when more than this fraction of pairs get no verdict: judge_error (the endpoint failed) "
                                       "or invalid (its replies were unreadable).")

@@ -26,7 +26,7 @@ from selfplay.judging.calls import JudgeResult
 from selfplay.judging.verdicts import VERDICT_COLUMNS, Comparison, Judged, judge_stats
 
 REASONS = ("empty", "truncated", "too_similar", "length_ratio", "over_budget", "not_matched", "judge_error", "invalid", "tie", "inconsistent",
-           "not_selected")
+           "not_selected", "judge_at_chance")
 PAIR_COLUMNS = ["prompt_id", "prompt", "reference", "i", "j", "response_1", "response_2", "truncated_1", "truncated_2", "similarity",
                 "verify_1", "verify_2", "screened"]
 COLUMNS = PAIR_COLUMNS + VERDICT_COLUMNS

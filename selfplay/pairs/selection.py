@@ -111,6 +111,17 @@ def _select_tournament(out: pd.DataFrame, scoring: str) -> pd.DataFrame:
     return out
 
 
+def drop_llm_pairs(selected: pd.DataFrame) -> pd.DataFrame:
+    """Pure: the kept pairs the LLM judge decided leave the training set (`judge_at_chance`), the verifier's stay; for
+    `judge.audit.on_chance: drop`, when the audit found the judge no better than chance."""
+    out = selected.copy()
+    drop = out["kept"] & (out["source"] == "llm")
+    out.loc[drop, "drop_reason"] = "judge_at_chance"
+    out.loc[drop, ["chosen", "rejected"]] = None
+    out["kept"] = out["kept"] & ~drop
+    return out
+
+
 def drop_counts(pairs: pd.DataFrame) -> dict[str, int]:
     counts = pairs["drop_reason"].value_counts().to_dict()
     return {reason: int(counts.get(reason, 0)) for reason in REASONS}

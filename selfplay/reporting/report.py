@@ -29,6 +29,7 @@ TABLE_COLUMNS = (
     ("judged", "judged", "{}"),
     ("kept", "kept", "{}"),
     ("position_consistency", "consistency", "{:.2f}"),
+    ("judge_audit_cell", "judge vs verifier [95% CI]", "{}"),
     ("dpo_loss", "DPO loss", "{:.4f}"),
     ("reward_accuracy", "reward acc", "{:.2f}"),
     ("reward_margin", "margin", "{:.4f}"),
@@ -99,6 +100,9 @@ def summarize_round(run: RunDir, k: int) -> dict[str, Any]:
         "judge_error_rate": m["judge"]["error_rate"],
         "judge_cache_hits": m["judge"].get("cache_hits", 0),
         "judge_cost": m["judge"].get("cost", 0.0),
+        "judge_audit": m["judge"].get("audit"),
+        "judge_audit_cell": audit_cell(m["judge"].get("audit")),
+        "judge_audit_line": m["judge"].get("audit_line"),
         "dpo_loss": m["train"].get("final_loss"),
         "dpo_initial_loss": m["train"].get("initial_loss"),
         "reward_accuracy": m["train"].get("reward_accuracy"),
@@ -114,6 +118,20 @@ def summarize_round(run: RunDir, k: int) -> dict[str, Any]:
         "training_warnings": m["train"].get("warnings", []),
         "checkpoint": str(run.checkpoint(k)),
     }
+
+
+def audit_cell(audit: dict[str, Any] | None) -> str | None:
+    """The judge audit in a table cell: agreement [interval], and 'chance' where the interval reaches 0.5.
+
+    >>> audit_cell({"agreement": 0.5, "ci": [0.33, 0.67], "informative": False}), audit_cell({"answered": 0}), audit_cell(None)
+    ('0.50 [0.33, 0.67] chance', 'no truth', None)
+    """
+    if not audit:
+        return None
+    if audit.get("agreement") is None:
+        return "no truth"
+    lo, hi = audit["ci"]
+    return f"{audit['agreement']:.2f} [{lo:.2f}, {hi:.2f}]" + ("" if audit["informative"] else " chance")
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -232,6 +250,7 @@ def round_report_context(run_name: str, summary: dict[str, Any], judge: dict[str
             ("pairs judged", judge["judged"]),
             ("decided by the verifier / by the LLM", "{} / {}".format(*((judge.get("sources") or {}).get(x, 0) for x in ("verifier", "llm")))),
             ("verifier calls (samples scored)", judge.get("verifier_calls")), ("samples correct", judge.get("sample_accuracy")),
+            ("judge audit", judge.get("audit_line")),
             ("position consistency (LLM)", judge["position_consistency"]),
             ("first-position win rate (bias)", judge["first_position_win_rate"]), ("tie rate", judge["tie_rate"]),
             ("invalid rate", judge.get("invalid_rate")), ("error rate", judge["error_rate"]),
