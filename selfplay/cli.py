@@ -211,7 +211,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         print("\n" + trend)
     for k in rounds:
         s = run.round_manifest(k)
-        print(f"\nround {k}: {s.get('gate_reason', 'no gate decision recorded')}\n  drops {s['drops']}\n  checkpoint {s['checkpoint']}")
+        print(f"\nround {k}: {s.get('gate_reason', 'no gate decision recorded')}\n  drops {s['drops']}\n  checkpoint {s['checkpoint']}"
+              + (f"\n  {s['judge_audit_line']}" if s.get("judge_audit_line") else ""))
     return 0
 
 

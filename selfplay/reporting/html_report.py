@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from selfplay.inputs.tables import present
-from selfplay.reporting.report import accuracy_cell, accuracy_curve, accuracy_fields, accuracy_png, templates
+from selfplay.reporting.report import accuracy_cell, accuracy_curve, accuracy_fields, accuracy_png, audit_cell, templates
 from selfplay.runtime.provenance import describe
 from selfplay.runtime.rundir import MANIFEST, STAGES, RunDir, read_json
 
@@ -106,6 +106,7 @@ def _partial_summary(run: RunDir, k: int) -> dict[str, Any]:
     if m["judge"] is not None:
         s["judged"] = m["judge"].get("judged")
         s["position_consistency"] = m["judge"].get("position_consistency")
+        s["judge_audit_cell"] = audit_cell(m["judge"].get("audit"))
     if m["filter"] is not None:
         s["kept"] = m["filter"].get("kept")
         s["drops"] = m["filter"].get("drops")
@@ -183,6 +184,7 @@ def table_cells(s: dict[str, Any]) -> dict[str, Any]:
     return {
         "sampled": num(s.get("completions")), "judged": num(s.get("judged")), "kept": num(s.get("kept")),
         "consistency": num(s.get("position_consistency"), "{:.2f}"),
+        "audit": _text(s.get("judge_audit_cell")) or "-",
         "loss": "-" if initial is None and final is None else f"{num(initial, '{:.4f}')} → {num(final, '{:.4f}')}",
         "reward_accuracy": num(s.get("reward_accuracy"), "{:.2f}"), "reward_margin": num(s.get("reward_margin"), "{:.4f}"),
         "win_rate": num(s.get("win_rate")), "ci": f"[{num(ci[0], '{:.2f}')}, {num(ci[1], '{:.2f}')}]" if has_ci else None,

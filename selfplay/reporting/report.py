@@ -291,7 +291,8 @@ def lineage_rows(output_dir: Path) -> list[dict[str, Any]]:
         rows.append({"run": manifest.parent.parent.name, "round": s.get("round"), "kept": s.get("kept"),
                      "dpo_loss": _cell(s.get("dpo_loss")), "win_rate": _cell(s.get("win_rate")),
                      "accuracy": _cell(s.get("accuracy")), "accuracy_ci": accuracy_cell(s.get("accuracy"), s.get("accuracy_ci")),
-                     "wins_ties_losses": s.get("wins_ties_losses"), "finished_at": s.get("finished_at")})
+                     "wins_ties_losses": s.get("wins_ties_losses"), "judge_vs_verifier": s.get("judge_audit_cell"),
+                     "finished_at": s.get("finished_at")})
     return sorted(rows, key=lambda r: r["finished_at"] or 0)
 
 
