@@ -48,6 +48,16 @@ def audit_sample(pairs: pd.DataFrame, size: float, seed: int) -> tuple[pd.DataFr
     return pd.DataFrame([r for r, _ in picked], columns=columns), [c for _, c in picked]
 
 
+def audit_pairs(cfg: RunConfig, k: int, pairs: pd.DataFrame, raw: pd.DataFrame) -> pd.DataFrame:
+    """The candidate pairs the audit picks from: the round's own, or, where `judge.verifier.kind` is 'none' (the LLM
+    judges every prompt, those with a reference too), the same pairs scored by the 'auto' verifier, which then only
+    checks the judge and decides no label."""
+    if cfg.judge.audit.size == 0 or cfg.judge.verifier.kind != "none":
+        return pairs
+    truth = Verifier(cfg.judge.verifier.model_copy(update={"kind": "auto"}))
+    return build_pairs(score_table(truth, raw), cfg.judge.pairing, cfg.seed + k, cfg.filter, cfg.judge.max_calls_per_prompt)
+
+
 @task(name="judge", cache_policy=NONE)
 @stage("judge")
 def judge(cfg: RunConfig, k: int, reference: str) -> None:
@@ -55,7 +65,8 @@ def judge(cfg: RunConfig, k: int, reference: str) -> None:
     log = run_logger()
     run = RunDir(cfg.run_dir)
     started = time.time()
-    samples = score_table(Verifier(cfg.judge.verifier), pd.read_parquet(run.stage_dir(k, "sample") / "samples.parquet"))
+    raw = pd.read_parquet(run.stage_dir(k, "sample") / "samples.parquet")
+    samples = score_table(Verifier(cfg.judge.verifier), raw)
     pairs = build_pairs(samples, cfg.judge.pairing, cfg.seed + k, cfg.filter, cfg.judge.max_calls_per_prompt)
     knockout = cfg.judge.pairing == "knockout"
     comparisons = KnockoutPhases(pairs) if knockout else pair_comparisons(pairs, cfg.judge.pairing)
@@ -78,7 +89,7 @@ def judge(cfg: RunConfig, k: int, reference: str) -> None:
         elapsed = time.time() - started
         log.info("round %d: judge calls %d/%d (%.2f calls/s, %.0f s)", k, done, total, done / max(elapsed, 1e-9), elapsed)
 
-    audit_rows, audited = audit_sample(pairs, cfg.judge.audit.size, cfg.seed + k)
+    audit_rows, audited = audit_sample(audit_pairs(cfg, k, pairs, raw), cfg.judge.audit.size, cfg.seed + k)
     [judged, *audit], peak = run_judge(cfg, reference, [comparisons, audited] if audited else [comparisons], run.round_dir(k),
                                        f"round {k} judge", log, progress, server_log=run.round_dir(k) / "judge-server.log")
     table, calls, stats = judged_tables(pairs, judged)
@@ -87,6 +98,10 @@ def judge(cfg: RunConfig, k: int, reference: str) -> None:
     audit_table = audit_rows.assign(**{c: [v[c] for v in verdicts] for c in ("verdict", "p_first", "consistent", "mode")})
     stats["audit"] = audit_stats(audit_rows["truth"].tolist(), verdicts, audit_rows["len_1"].tolist(), audit_rows["len_2"].tolist())
     stats["audit"]["on_chance"] = cfg.judge.audit.on_chance
+    spent = audit[0].results if audit else []  # the audit's own cost, apart from the round's calls
+    stats["audit"].update(calls=len(spent), tokens=sum((r.tokens_in or 0) + (r.tokens_out or 0) for r in spent),
+                          seconds=sum(r.latency_s or 0.0 for r in spent))
+    stats["audit"]["truth"] = "auto verifier (audit only)" if cfg.judge.verifier.kind == "none" else "verifier"
     stats["audit_line"] = audit_line(stats["audit"])
     log.info("round %d: %s", k, stats["audit_line"])
     if stats["audit"]["informative"] is False and cfg.judge.audit.on_chance == "fail":

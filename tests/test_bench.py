@@ -47,6 +47,26 @@ def test_improvement_benchmark_tiny_runs_the_verifier_judged_pipeline(prefect_se
 
 
 @pytest.mark.timeout(1200)
+def test_improvement_benchmark_with_the_checking_judge_in_the_loop_prints_its_audit(prefect_server, tmp_path):
+    """`--judge checking`: the checking judge (real, over HTTP) decides every pair; the 'auto' verifier audits it and
+    decides none. The audit column and each round's audit line come from the run's own judge metrics."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    proc = subprocess.run([sys.executable, "-m", "tools.bench", "improvement", "--tiny", "--judge", "checking", "--output-dir", str(tmp_path),
+                           "--json", str(tmp_path / "rows.json")], cwd=REPO, env=env, capture_output=True, text=True, timeout=1100)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    judge = RunDir(tmp_path / "bench-improvement").manifest(1, "judge")["metrics"]
+    assert judge["sources"]["verifier"] == 0 and judge["sources"]["llm"] > 0 and judge["verifier_calls"] == 0
+    audit = judge["audit"]
+    assert audit["truth"] == "auto verifier (audit only)" and audit["answered"] == audit["comparisons"] > 0
+    assert audit["calls"] == 2 * audit["comparisons"] and audit["seconds"] > 0
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert rows[1]["audit"]["agreement"] == audit["agreement"]
+    lo, hi = audit["ci"]
+    assert f"{audit['agreement']:.2f} [{lo:.2f}, {hi:.2f}]" in proc.stdout.split("improvement benchmark (")[1]
+    assert f"round 1: {judge['audit_line']}" in proc.stdout
+
+
+@pytest.mark.timeout(1200)
 def test_speed_benchmark_tiny_prints_its_figures_beside_the_plain_loop(prefect_server, tmp_path):
     """`python -m tools.bench speed --tiny`: one round judged over HTTP by the checking judge, then the plain
     loop on the same prompts; every figure the benchmark promises is printed and agrees with the run's files."""

@@ -1,9 +1,11 @@
-"""The judge audit in the judge stage (tasks/judge.py) and what acts on it (tasks/filter.py): judges of known quality on
-the endpoint path, asked about comparisons the verifier decides. The checking judge (tools/checking_judge.py) is a
-real judge for numeric questions; the others are FAKE judges (tests/openai_stub.py) scripted to a known bias."""
+"""The judge audit in the judge stage (tasks/judge.py) and what acts on it (tasks/filter.py): judges of known quality,
+asked about comparisons the verifier decides. On the endpoint path, the checking judge (tools/checking_judge.py) is a
+real judge for numeric questions; the others are FAKE judges (tests/openai_stub.py) scripted to a known bias, since no
+real model is reliably biased one way. On the local path, the real bundled 135M model judges through transformers."""
 
 from __future__ import annotations
 
+import random
 import re
 
 import pandas as pd
@@ -39,10 +41,14 @@ def samples() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def judge_round(tmp_path, base_url: str, model: str, **audit):
-    cfg = build_config({"name": "audit", "output_dir": str(tmp_path), "rounds": 1,
-                        "judge": {"backend": "endpoint", "cache": False, "margin": 0.0, "audit": {"size": 24, **audit},
-                                  "endpoint": {"base_url": base_url, "model": model, "max_concurrency": 4}},
+def judge_round(tmp_path, base_url: str, model: str, verifier: str = "auto", **audit):
+    judge = {"backend": "endpoint", "cache": False, "endpoint": {"base_url": base_url, "model": model, "max_concurrency": 4}}
+    return judge_with(tmp_path, {**judge, "verifier": {"kind": verifier}}, audit)
+
+
+def judge_with(tmp_path, judge: dict, audit: dict, **top):
+    cfg = build_config({"name": "audit", "output_dir": str(tmp_path), "rounds": 1, **top,
+                        "judge": {"margin": 0.0, "audit": {"size": 24, **audit}, **judge},
                         "filter": {"drop_truncated": False, "max_similarity": 0.99}})
     run = RunDir(cfg.run_dir)
     run.stage_dir(1, "sample").mkdir(parents=True, exist_ok=True)
@@ -63,6 +69,15 @@ def prefers_longer(body: dict, n: int) -> Reply:
     user = body["messages"][-1]["content"]
     win = "A" if len(fenced(user, "response_A")) >= len(fenced(user, "response_B")) else "B"
     return Reply(json=chat_completion(win, logprobs={win: -0.05, "B" if win == "A" else "A": -3.0}))
+
+
+def coin(seed: int):
+    rng = random.Random(seed)
+
+    def reply(body: dict, n: int) -> Reply:
+        win = rng.choice("AB")
+        return Reply(json=chat_completion(win, logprobs={win: -0.05, "B" if win == "A" else "A": -3.0}))
+    return reply
 
 
 def test_the_checking_judge_agrees_with_the_verifier(tmp_path):
@@ -110,3 +125,38 @@ def test_an_audit_of_size_0_asks_nothing(tmp_path):
         _, _, metrics = judge_round(tmp_path, server.base_url, "judge", size=0)
         assert server.count == 2 * len(OPEN)  # the open prompts' comparisons only
     assert metrics["audit"]["comparisons"] == 0 and "no ground truth" in metrics["audit_line"]
+
+
+def test_a_judge_that_flips_coins_is_at_chance(tmp_path):
+    with ScriptedOpenAI(coin(7)) as server:
+        assume_probed(server.base_url, "judge")
+        _, _, metrics = judge_round(tmp_path, server.base_url, "judge", on_chance="drop")
+    audit = metrics["audit"]
+    assert audit["answered"] == 24 and audit["informative"] is False and audit["ci"][0] < 0.5 < audit["ci"][1]
+    assert 0 < audit["tie_rate"] < 1 and 0 < audit["position_consistency"] < 1  # it answers both ways, at random
+
+
+def test_with_no_verifier_deciding_the_auto_verifier_still_checks_the_judge(tmp_path):
+    """judge.verifier.kind none: the LLM judges every prompt, those with a reference too; the audit's truth is then the
+    'auto' verifier, which decides no label."""
+    with CheckingJudge(process=False) as judge:
+        assume_probed(judge.base_url, judge.model)
+        _, run, metrics = judge_round(tmp_path, judge.base_url, judge.model, verifier="none")
+    assert metrics["sources"]["verifier"] == 0 and metrics["audit"]["truth"] == "auto verifier (audit only)"
+    assert metrics["audit"]["answered"] == 24 and metrics["audit"]["agreement"] == 1.0
+    assert "checked by the 'auto' verifier" in metrics["audit_line"]
+    judgments = pd.read_parquet(run.stage_dir(1, "judge") / "judgments.parquet")
+    assert set(judgments["source"].dropna()) == {"llm"}
+
+
+def test_the_bundled_model_judging_locally_is_audited(tmp_path):
+    """The local path: the real bundled 135M model judges through transformers, in this process. Its verdicts on
+    these sums are read from its label probabilities; it names one position whatever the order, so each comparison
+    is a near-tie, and the audit says it is not better than chance."""
+    _, run, metrics = judge_with(tmp_path, {"backend": "transformers", "model": "bundled"}, {}, isolation="inline")
+    audit = metrics["audit"]
+    table = pd.read_parquet(run.stage_dir(1, "judge") / "audit.parquet")
+    assert len(table) == audit["comparisons"] == 24 and set(table["mode"]) == {"logprobs"}
+    assert audit["answered"] == 24 and audit["informative"] is False and audit["ci"][0] < 0.5
+    assert audit["longer_right"]["n"] + audit["shorter_right"]["n"] == 24
+    assert "not better than chance" in metrics["audit_line"] or "worse than chance" in metrics["audit_line"]

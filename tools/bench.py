@@ -2,6 +2,7 @@
 
     python -m tools.bench improvement            # 3 rounds, 128 prompts a round, K=8, verifier-judged
     python -m tools.bench improvement --tiny     # the pipeline end to end in a minute or two (CI runs this)
+    python -m tools.bench improvement --judge checking   # an outside judge decides every pair, audited each round
     python -m tools.bench speed                  # one round's cost by stage and per kept pair, beside a plain loop
     python -m tools.bench speed --tiny           # (make bench runs the full one; CI the tiny one)
     python -m tools.bench knockout [JUDGMENTS ...]   # a knockout's best-vs-worst against all pairs' (seconds)
@@ -24,15 +25,23 @@ true best and worst, and where they agree), and replayed on the all-pairs judgme
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from selfplay.evaluation.audit import audit_line
 from selfplay.runtime.rundir import STAGES, RunDir
 
 RECIPE = Path(__file__).resolve().parents[1] / "deployments" / "recipes" / "bench-improvement.yaml"
+# `--judge checking`: an outside judge in the loop. The checking judge (tools.checking_judge, over the endpoint path)
+# decides every pair (the verifier decides none: kind none); it reads the final number and nothing else, so, unlike
+# the verifier, it credits a cut-off answer whose last number is right. The judge audit checks it against the 'auto'
+# verifier every round.
+CHECKING = ["judge.backend=endpoint", "judge.endpoint.model=checker", "judge.mode=logprobs", "judge.verifier.kind=none",
+            "judge.audit.size=24"]
 TINY = ["rounds=1", "prompts.per_round=12", "sample.num_samples=4", "prompts.accuracy_size=8", "prompts.eval_size=2",
         "sample.max_new_tokens=24", "evaluate.max_new_tokens=24", "train.min_pairs=1"]
 
@@ -60,20 +69,27 @@ def improvement_rows(run: RunDir) -> list[dict[str, Any]]:
         rows.append({"round": k, "accuracy": s.get("accuracy"), "ci": s.get("accuracy_ci"), "n": s.get("accuracy_n"),
                      "sample_accuracy": s.get("sample_accuracy"), "kept": s.get("kept"), "sources": s.get("verdict_sources"),
                      "seconds": s["finished_at"] - started if s.get("finished_at") else None,
-                     "stages": _stage_seconds(run, k)})
+                     "stages": _stage_seconds(run, k), "audit": s.get("judge_audit")})
     return rows
 
 
 def format_improvement(rows: list[dict[str, Any]]) -> str:
+    """The rounds as a table; with a judge audit in any round, its agreement with the verifier [interval] too."""
+    from selfplay.reporting.report import audit_cell
+
+    audited = any((r.get("audit") or {}).get("comparisons") for r in rows)
     lines = [f"{'round':>5}  {'held-out accuracy [95% CI]':>27}  {'samples correct':>15}  {'kept':>5}  {'verifier/llm':>12}  "
-             f"{'seconds':>7}  by stage (s)"]
+             + (f"{'judge vs verifier':>24}  " if audited else "") + f"{'seconds':>7}  by stage (s)"]
     for r in rows:
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]"
         src = "-" if not r.get("sources") else f"{r['sources'].get('verifier', 0)}/{r['sources'].get('llm', 0)}"
         sa = "-" if r.get("sample_accuracy") is None else f"{r['sample_accuracy']:.3f}"
         secs = "-" if r.get("seconds") is None else f"{r['seconds']:.0f}"
         stages = " ".join(f"{st} {v:.0f}" for st, v in (r.get("stages") or {}).items())
-        lines.append(f"{r['round']:>5}  {acc:>27}  {sa:>15}  {str(r.get('kept', '-')):>5}  {src:>12}  {secs:>7}  {stages}")
+        judge = f"{(audit_cell(r.get('audit')) or '-'):>24}  " if audited else ""
+        lines.append(f"{r['round']:>5}  {acc:>27}  {sa:>15}  {str(r.get('kept', '-')):>5}  {src:>12}  {judge}{secs:>7}  {stages}")
+    if audited:
+        lines += ["", *(f"round {r['round']}: {audit_line(r['audit'])}" for r in rows if r.get("audit"))]
     return "\n".join(lines)
 
 
@@ -81,9 +97,16 @@ def improvement(args: argparse.Namespace) -> int:
     from selfplay.cli import main as selfplay_main
 
     overrides = [f"name={args.name}", f"output_dir={args.output_dir}", f"rounds={args.rounds}", f"prompts.per_round={args.per_round}",
-                 f"sample.num_samples={args.samples}"] + (TINY if args.tiny else []) + (args.set or [])
+                 f"sample.num_samples={args.samples}"] + (TINY if args.tiny else [])
     started = time.time()
-    code = selfplay_main(["run", "--config", str(args.recipe), *sum((["--set", o] for o in overrides), [])])
+    with contextlib.ExitStack() as stack:
+        if args.judge == "checking":
+            from tools.checking_judge import CheckingJudge
+
+            checker = stack.enter_context(CheckingJudge())
+            overrides += CHECKING + [f"judge.endpoint.base_url={checker.base_url}"]
+        overrides += args.set or []
+        code = selfplay_main(["run", "--config", str(args.recipe), *sum((["--set", o] for o in overrides), [])])
     run = RunDir(Path(args.output_dir) / args.name)
     rows = improvement_rows(run)
     cfg = json.loads((run.root / "run.json").read_text())["config"] if (run.root / "run.json").is_file() else {}
@@ -452,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="bench-improvement")
     p.add_argument("--output-dir", default="runs")
     p.add_argument("--tiny", action="store_true", help="a minute-long version that checks the pipeline runs (CI)")
+    p.add_argument("--judge", choices=["verifier", "checking"], default="verifier",
+                   help="who decides the pairs: the verifier (the recipe), or the checking judge over the endpoint path, audited")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="more config overrides")
     p.add_argument("--json", help="also write the rows as JSON here")
     q = sub.add_parser("speed", help="one round's cost by stage and per kept pair, beside a plain in-process loop")

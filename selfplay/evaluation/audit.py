@@ -111,4 +111,6 @@ def audit_line(stats: dict[str, Any] | None) -> str:
             parts.append(f"{stats[key]['agreement']:.2f} when the {label} response is right (n={stats[key]['n']})")
     if stats.get("unanswered"):
         parts.append(f"{stats['unanswered']} unreadable")
+    if stats.get("truth", "verifier") != "verifier":
+        parts.append("checked by the 'auto' verifier, which decides no label (judge.verifier.kind none)")
     return "; ".join(parts)
