@@ -38,13 +38,14 @@ from selfplay.evaluation.pathologies import pathologies
 from selfplay.evaluation.quality import accuracy_change
 from selfplay.generation.jobs import GENERATION_COLUMNS, EvalJob, answers_by_name, distinct_jobs
 from selfplay.generation.served import eval_generations_from_server
-from selfplay.inputs.prompts import accuracy_prompts, prompt_set
+from selfplay.inputs.lengths import usable_prompts
+from selfplay.inputs.prompts import accuracy_prompts
 from selfplay.judging.runner import run_judge
 from selfplay.judging.verdicts import check_error_rate, judge_stats
 from selfplay.judging.verifiers import Verifier, score_table
 from selfplay.runtime import isolate
 from selfplay.runtime.isolate import isolated
-from selfplay.runtime.rundir import RunDir
+from selfplay.runtime.rundir import RunDir, pinned_by
 from selfplay.runtime.stages import gpu_slot, run_logger, stage
 from selfplay.serving.kept import release_gpu
 
@@ -74,7 +75,7 @@ def evaluate(cfg: RunConfig, k: int, previous: str, base: str | None = None) -> 
     run = RunDir(cfg.run_dir)
     started = time.time()
     e = cfg.evaluate
-    every = prompt_set(cfg.prompts, "eval")
+    every = usable_prompts(cfg, "eval")  # those that fit their token budgets (preflight said which did not)
     held_out, checkable = every[: cfg.prompts.eval_size], accuracy_prompts(cfg.prompts, every)
     against_base = e.vs_base and base is not None and base != previous
     checkpoint = str(run.checkpoint(k))
@@ -114,9 +115,10 @@ def evaluate(cfg: RunConfig, k: int, previous: str, base: str | None = None) -> 
     stats = judge_stats(table, judged[0].results)
     base_table = evaluation_table(new, first, judged[1].verdicts) if against_base else None
     # an outage must fail the stage, not decide the gate
-    check_error_rate(table, cfg.judge.max_error_rate, k, cfg.judge, stats["unreadable_replies"])
+    check_error_rate(table, cfg.judge.max_error_rate, k, cfg.judge, stats["unreadable_replies"], pinned_by(run, "judge.template"))
     if base_table is not None:
-        check_error_rate(base_table, cfg.judge.max_error_rate, k, cfg.judge, judge_stats(base_table, judged[1].results)["unreadable_replies"])
+        check_error_rate(base_table, cfg.judge.max_error_rate, k, cfg.judge, judge_stats(base_table, judged[1].results)["unreadable_replies"],
+                         pinned_by(run, "judge.template"))
     accuracy = accuracy_table(new_greedy, old_greedy) if checkable else None
     metrics: dict[str, Any] = {
         **win_rates(table, new, old),

@@ -28,7 +28,7 @@ from selfplay.judging.verdicts import JudgeFailed, check_error_rate, llm_count, 
 from selfplay.judging.verifiers import Verifier, score_table, verifier_stats
 from selfplay.pairs.build import build_pairs, judged_tables, pair_comparisons
 from selfplay.pairs.knockout import KnockoutPhases, max_matches
-from selfplay.runtime.rundir import RunDir
+from selfplay.runtime.rundir import RunDir, pinned_by
 from selfplay.runtime.stages import Progress, run_logger, stage
 
 
@@ -107,14 +107,17 @@ def judge(cfg: RunConfig, k: int, reference: str) -> None:
     if stats["audit"]["informative"] is False and cfg.judge.audit.on_chance == "fail":
         raise JudgeFailed(f"round {k}: {stats['audit_line']}. judge.audit.on_chance=fail: the LLM judge's verdicts are no better than chance "
                           f"on comparisons the verifier decides. Use a stronger judge (judge.backend endpoint or vllm, judge.model), or set "
-                          f"judge.audit.on_chance to drop (train on the verifier's pairs only) or warn.")
+                          f"judge.audit.on_chance to drop (train on the verifier's pairs only) or warn"
+                          + (f"; {by} used the judge's settings, so that means a new run (--set name=...)." if (by := pinned_by(run, "judge.template"))
+                             else "; no completed stage has used these settings yet, so they may change for a rerun."))
     stats["peak_gpu_gb"] = peak
     stats["seconds"] = time.time() - started
     if cfg.judge.backend == "endpoint":
         from selfplay.serving.probe import remembered
 
         stats["endpoint"] = remembered(cfg.judge.endpoint)  # what the endpoint was probed to honour
-    check_error_rate(table, cfg.judge.max_error_rate, k, cfg.judge, stats["unreadable_replies"])  # before anything is published
+    check_error_rate(table, cfg.judge.max_error_rate, k, cfg.judge, stats["unreadable_replies"],  # before anything is published
+                     pinned_by(run, "judge.template"))
     judge_model = cfg.judge.endpoint.model if cfg.judge.backend == "endpoint" else cfg.judge.model
     with run.stage_output(k, "judge", {"judge": cfg.judge.backend, "judge_model": judge_model, "reference": reference}) as (out, manifest):
         calls.to_parquet(out / "calls.parquet", index=False)

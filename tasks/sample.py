@@ -16,7 +16,8 @@ from prefect.cache_policies import NONE
 
 from selfplay.config.run import RunConfig
 from selfplay.generation.served import sample_from_server
-from selfplay.inputs.prompts import draw_prompts, prompt_set
+from selfplay.inputs.lengths import usable_prompts
+from selfplay.inputs.prompts import draw_prompts
 from selfplay.runtime import isolate
 from selfplay.runtime.isolate import isolated
 from selfplay.runtime.rundir import RunDir
@@ -27,7 +28,7 @@ COLUMNS = ["prompt_id", "prompt", "reference", "verifier", "sample_idx", "respon
 
 
 def round_prompts(cfg: RunConfig, k: int) -> list[dict[str, str]]:
-    pool = prompt_set(cfg.prompts, "train")
+    pool = usable_prompts(cfg, "train")  # those that fit their token budgets (preflight said which did not)
     return draw_prompts(pool, cfg.prompts.per_round, cfg.seed, k)
 
 

@@ -114,6 +114,19 @@ def test_a_status_the_client_does_not_retry_is_refused_at_once():
     assert info.value.refused and info.value.attempts == 2 and "AuthenticationError 401" in str(info.value)
 
 
+def test_501_not_implemented_is_refused_at_once_and_503_is_retried():
+    """A server without the route (a plain HTTP server answers 501 to POST) is not asked again; a busy one is."""
+    with ScriptedOpenAI([api_error(501, "Unsupported method ('POST')")] * 3) as server:
+        with pytest.raises(RequestFailed) as info:
+            ask(server, max_retries=5)
+        assert server.count == 1
+    assert info.value.refused and info.value.attempts == 1 and "501" in str(info.value)
+    with ScriptedOpenAI([api_error(503)] * 3) as server:
+        with pytest.raises(RequestFailed):
+            ask(server, max_retries=2)
+        assert server.count == 3
+
+
 def test_a_good_reply_after_retries_is_returned():
     good = Reply(json=chat_completion("fine"))
     with ScriptedOpenAI([api_error(503), NO_CHOICES, api_error(429, headers={"Retry-After": "0"}), good]) as server:

@@ -127,14 +127,29 @@ def test_missing_column_lists_columns_and_names_the_option(tmp_path):
 def test_empty_prompts_are_counted_with_their_rows(tmp_path):
     path = tmp_path / "p.jsonl"
     pd.DataFrame({"prompt": ["fine", "", "   ", "also fine", None]}).to_json(path, orient="records", lines=True)
-    with pytest.raises(PromptError, match=r"3 empty prompt\(s\) in column 'prompt' at rows 1, 2, 4; remove them"):
+    with pytest.raises(PromptError) as err:
         load_prompts(str(path))
+    assert "3 row(s) have no prompt text in column 'prompt': 2 hold blank text at rows 1, 2; 1 hold no value (row 4 has nothing) at rows 4" in str(err.value)
 
 
-def test_many_empty_prompts_show_the_first_ten_rows():
+def test_many_empty_prompts_show_the_first_rows():
     records = [{"prompt": ""} for _ in range(25)]
-    with pytest.raises(PromptError, match=r"25 empty prompt\(s\) .* at rows 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 \.\.\."):
+    with pytest.raises(PromptError, match=r"25 row\(s\) have no prompt text .* 25 hold blank text at rows 0, 1, 2, 3, 4 \.\.\."):
         rows_to_prompts(records, "prompt", None, "src")
+
+
+def test_rows_holding_numbers_or_another_key_say_so_and_name_the_column_that_would_fix_it(tmp_path):
+    """A jsonl whose rows hold a number as the prompt, or no `prompt` key (their text under `question`)."""
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [{"prompt": 12, "question": "What is 5 + 7?"}, {"question": "Name a colour."},
+                                                          {"prompt": "Fine.", "question": "And this?"}]))
+    with pytest.raises(PromptError) as err:
+        load_prompts(str(path))
+    msg = str(err.value)
+    assert "2 row(s) have no prompt text in column 'prompt'" in msg
+    assert "hold a number (row 0: 12) at rows 0" in msg or "hold no value" in msg  # datasets may read a mixed column as text
+    assert "1 hold no value (row 1 has 'question') at rows 1" in msg
+    assert "set prompts.column to the column that holds the prompt text ('question' has text in every row)" in msg
 
 
 def test_no_rows_is_an_error():

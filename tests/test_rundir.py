@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -214,14 +215,69 @@ def test_open_run_writes_run_json_once(tmp_path):
     assert record.read_bytes() == first
 
 
-def test_resume_with_a_result_changing_difference_is_refused(tmp_path):
-    open_locked(config(tmp_path), "/models/base")
+def complete(cfg, k: int, *stages: str, round_done: bool = False) -> None:
+    """Mark stages of round k complete as the stages do: their manifest written last."""
+    run = RunDir(cfg.run_dir)
+    for stage in stages:
+        run.stage_dir(k, stage).mkdir(parents=True)
+        write_json_atomic(run.stage_dir(k, stage) / MANIFEST, {"stage": stage})
+    if round_done:
+        write_json_atomic(run.round_dir(k) / MANIFEST, {"round": k})
+
+
+def test_a_start_that_completed_nothing_pins_nothing(tmp_path, caplog):
+    """A failed start with nothing completed: any setting, the model too, may change; the run goes on with the new
+    values, says so once, and run.json records them and the change."""
+    open_locked(config(tmp_path), "/models/broken")
+    with locked(config(tmp_path).run_dir):
+        open_run(config(tmp_path, "judge.max_length=8192", "sample.temperature=0.5"), "/models/fixed", log=LOG)
+    saved = read_json(tmp_path / "r1" / "run.json")
+    assert saved["config"]["judge"]["max_length"] == 8192 and saved["config"]["sample"]["temperature"] == 0.5
+    assert saved["base_model"] == "/models/fixed"
+    assert saved["resumed_under"][-1]["changes"] == [
+        "judge.max_length: 1024 -> 8192 (no completed stage had used it)", "sample.temperature: 0.8 -> 0.5 (no completed stage had used it)",
+        "base model: '/models/broken' -> '/models/fixed' (no completed stage had used it)"]
+    assert any("no completed stage used" in w and "judge.max_length: 1024 -> 8192" in w for w in warnings_of(caplog))
+    open_locked(config(tmp_path, "judge.max_length=8192", "sample.temperature=0.5"), "/models/fixed")  # now the record
+
+
+def test_after_sampling_completed_the_judge_settings_may_change_and_the_sampling_ones_may_not(tmp_path):
+    cfg = config(tmp_path)
+    open_locked(cfg, "/models/base")
+    complete(cfg, 1, "sample")
+    open_locked(config(tmp_path, "judge.max_length=8192", "judge.margin=0.2", "train.dpo.max_length=512"), "/models/base")
+    assert read_json(cfg.run_dir / "run.json")["config"]["judge"]["max_length"] == 8192
     with pytest.raises(RunDirError) as err:
-        open_locked(config(tmp_path, "sample.temperature=0.5"), "/models/base")
-    assert "sample.temperature: 0.8 -> 0.5" in str(err.value)
-    assert "--set name=" in str(err.value)
-    with pytest.raises(RunDirError, match="base model: /models/base -> /models/other"):
-        open_locked(config(tmp_path), "/models/other")
+        open_locked(config(tmp_path, "judge.max_length=8192", "judge.margin=0.2", "train.dpo.max_length=512", "sample.temperature=0.5"),
+                    "/models/base")
+    assert "sample.temperature: 0.8 -> 0.5: round 1's sample stage used the old value (completed)" in str(err.value)
+    assert "judge.max_length" not in str(err.value) and "--set name=" in str(err.value)
+    with pytest.raises(RunDirError, match=r"base model: '/models/base' -> '/models/other': round 1's sample stage used it"):
+        open_locked(config(tmp_path, "judge.max_length=8192", "judge.margin=0.2", "train.dpo.max_length=512"), "/models/other")
+
+
+def test_after_a_round_completed_its_settings_are_fixed_and_rounds_may_grow(tmp_path):
+    cfg = config(tmp_path, "rounds=1")
+    open_locked(cfg, "/models/base")
+    complete(cfg, 1, "sample", "judge", "filter", "train", "evaluate", round_done=True)
+    for setting, stage in (("judge.max_length=8192", "round 1's judge stage"), ("filter.max_similarity=0.5", "round 1's judge stage"),
+                           ("judge.audit.on_chance=drop", "round 1's filter stage"), ("train.dpo.beta=0.3", "round 1's train stage"),
+                           ("evaluate.temperature=0.1", "round 1's evaluate stage"), ("gate.min_upper_bound=0.4", "round 1 (completed: its gate decision)"),
+                           ("seed=7", "round 1's sample stage")):
+        with pytest.raises(RunDirError, match=re.escape(stage)):
+            open_locked(config(tmp_path, "rounds=1", setting), "/models/base")
+    open_locked(config(tmp_path, "rounds=3"), "/models/base")
+    assert read_json(cfg.run_dir / "run.json")["config"]["rounds"] == 3
+
+
+def test_a_resume_compares_effective_values_not_what_was_written(tmp_path):
+    """train.dpo.beta=0.1 is TRL's default, learning_rate=5e-5 selfplay's: writing them out changes nothing."""
+    cfg = config(tmp_path)
+    open_locked(cfg, "/models/base")
+    complete(cfg, 1, "sample", "judge", "filter", "train", "evaluate", round_done=True)
+    open_locked(config(tmp_path, "train.dpo.beta=0.1", "train.dpo.learning_rate=5e-5"), "/models/base")
+    with pytest.raises(RunDirError, match=r"train.dpo.beta: '<unset>' -> 0.2: round 1's train stage"):
+        open_locked(config(tmp_path, "train.dpo.beta=0.2"), "/models/base")
 
 
 def test_resume_changing_only_rounds_is_accepted_and_recorded(tmp_path):

@@ -25,7 +25,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, NamedTuple, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, WrapValidator, field_validator, model_validator
@@ -77,6 +77,9 @@ class PromptsConfig(Section):
     accuracy_size: int | None = Field(
         None, ge=1, description="Held-out prompts with a reference answer on which each checkpoint's greedy accuracy is measured (the first ones); "
                                 "unset, all of them.")
+    too_long: Literal["drop", "error"] = Field(
+        "drop", description="A prompt too long for a token budget (the model's context, train.dpo.max_length, a local judge's judge.max_length, "
+                            "with the answers asked for): 'drop' it with a warning before any stage, or 'error'.")
 
 
 class FilterConfig(Section):
@@ -358,9 +361,12 @@ def load_config(paths: str | Path | list[str | Path] | None, overrides: list[str
         if not path.is_file():
             raise ConfigError(f"recipe not found: {path} (see deployments/recipes/ for examples)")
         try:
-            layer = yaml.safe_load(path.read_text()) or {}
+            layer = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
+        if layer is None:
+            raise ConfigError(f"recipe {path} is empty: it sets nothing, so every setting would be its default (a run named "
+                              f"'selfplay' on the bundled prompts). Put the settings in it (deployments/recipes/ has examples), at least a name:")
         if not isinstance(layer, dict):
             raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(layer).__name__}")
         data = deep_merge(data, layer)
@@ -394,17 +400,70 @@ def result_fields(model: BaseModel, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def result_differences(old: RunConfig, new: RunConfig) -> list[str]:
-    """Dotted keys whose change would change results, as 'key: old -> new'. A section whose backend changed shows
-    that change, and its settings that both backends have; the others have nothing to compare with."""
-    a, b = result_fields(old), result_fields(new)
+UNSET = "<unset>"
+
+
+def effective_default(key: str) -> Any:
+    """What leaving a pass-through key unset means: `train.dpo.X` selfplay's default for it, else trl.DPOConfig's;
+    `train.lora.X` peft.LoraConfig's. UNSET for any other key, or one neither library has.
+
+    >>> effective_default("train.dpo.learning_rate"), effective_default("train.dpo.beta"), effective_default("seed")
+    (5e-05, 0.1, '<unset>')
+    """
+    section, _, name = key.removeprefix("train.").partition(".")
+    if not key.startswith("train.") or section not in ("dpo", "lora") or not name or "." in name:
+        return UNSET
+    if section == "dpo":
+        from selfplay.training.dpo import DPO_DEFAULTS
+
+        if name in DPO_DEFAULTS:
+            return DPO_DEFAULTS[name]
+        import trl
+
+        fields = {f.name: f for f in dataclasses.fields(trl.DPOConfig)}
+    else:
+        import peft
+
+        fields = {f.name: f for f in dataclasses.fields(peft.LoraConfig)}
+    field = fields.get(name)
+    if field is None or field.default is dataclasses.MISSING:
+        return UNSET
+    return field.default
+
+
+class Change(NamedTuple):
+    """A result-changing setting that differs between two configurations (`key` dotted, 'base model' for the model)."""
+
+    key: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.old!r} -> {self.new!r}"
+
+
+def result_changes(old: RunConfig, new: RunConfig) -> list[Change]:
+    """The settings whose change would change results, compared by their effective values: a pass-through key left
+    unset counts as its default (`effective_default`), an empty `train.dpo` as no keys. A section whose backend
+    changed shows that change, and its settings that both backends have; the others have nothing to compare with."""
+    a, b = ({k: v for k, v in result_fields(c).items() if v != {}} for c in (old, new))
     switched = tuple(f"{s}." for s in BACKENDS if getattr(old, s).backend != getattr(new, s).backend)
-    diffs = []
+    changes = []
     for key in sorted(set(a) | set(b)):
-        if a.get(key) == b.get(key) or (key.startswith(switched) and (key not in a or key not in b)):
+        if key.startswith(switched) and (key not in a or key not in b):
             continue
-        diffs.append(f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}")
-    return diffs
+        before, after = a.get(key, UNSET), b.get(key, UNSET)
+        if UNSET in (before, after) and before != after:
+            default = effective_default(key)
+            before, after = (default if v == UNSET else v for v in (before, after))
+        if before != after:
+            changes.append(Change(key, a.get(key, UNSET), b.get(key, UNSET)))
+    return changes
+
+
+def result_differences(old: RunConfig, new: RunConfig) -> list[str]:
+    """`result_changes` as 'key: old -> new' lines."""
+    return [str(c) for c in result_changes(old, new)]
 
 
 def scheduled(value: list[float] | Decay, k: int) -> float:

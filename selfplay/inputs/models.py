@@ -75,10 +75,26 @@ def resolve_model(spec: str) -> Path:
     if path.exists():
         if not is_hf_dir(path):
             raise ModelError(f"{path} is not a Hugging Face model directory (no config.json in it)")
+        check_model_files(path)
         return path.resolve()
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec) and not spec.startswith((".", "/")):
         return download_from_hub(spec)
     raise ModelError(f"unknown model {spec!r}: not 'bundled', an existing directory, a .gguf file, or a hub id (org/name)")
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_files(path: Path) -> None:
+    """A local model directory holds weights and a tokenizer, or a one-line error names what it lacks (before
+    transformers fails deep inside loading with another library's advice)."""
+    if not any((path / name).is_file() for name in WEIGHT_FILES) and not any(path.glob("*.safetensors")):
+        raise ModelError(f"{path} has a config.json but no weights: none of {', '.join(WEIGHT_FILES)}, nor any *.safetensors. Point at "
+                         f"the directory a model was saved to with save_pretrained, or copy its weight files in")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"{path} has no tokenizer files: none of {', '.join(TOKENIZER_FILES)}. Save the model's tokenizer into it "
+                         f"(tokenizer.save_pretrained), or copy them from the model it came from")
 
 
 def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:

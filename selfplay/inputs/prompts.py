@@ -46,6 +46,36 @@ def _text(value: Any) -> str | None:
     return text or None
 
 
+def _what_it_holds(value: Any) -> str:
+    """What a prompt cell that is not usable text holds, in words."""
+    if present(value) is None:
+        return "no value"
+    if isinstance(value, str):
+        return "blank text"
+    if isinstance(value, bool | int | float):
+        return "a number" if not isinstance(value, bool) else "a boolean"
+    return f"a {type(value).__name__}, not text"
+
+
+def _bad_rows_message(records: list[dict[str, Any]], bad: dict[str, list[int]], key: str, source: str, messages_column: str | None) -> str:
+    """Which rows hold no usable prompt and what they hold instead, and the setting that would read the right column."""
+    total = sum(map(len, bad.values()))
+    parts = []
+    for what, rows in bad.items():
+        shown = ", ".join(map(str, rows[:5])) + (" ..." if len(rows) > 5 else "")
+        example = records[rows[0]][key]
+        detail = f" (row {rows[0]}: {example!r})" if what in ("a number", "a boolean") or what.endswith("not text") else ""
+        if what == "no value":
+            others = [k for k, v in records[rows[0]].items() if k != key and present(v) is not None]
+            detail = f" (row {rows[0]} has {', '.join(repr(k) for k in others) or 'nothing'})"
+        parts.append(f"{len(rows)} hold {what}{detail} at rows {shown}")
+    texts = [k for k in records[0] if k != key and all(isinstance(r.get(k), str) and r[k].strip() for r in records)]
+    option = "prompts.messages_column" if messages_column else "prompts.column"
+    hint = (f"; or set {option} to the column that holds the prompt text ({', '.join(repr(t) for t in texts)} has text in every row)"
+            if texts else "")
+    return f"{source}: {total} row(s) have no prompt text in column {key!r}: {'; '.join(parts)}. Fix or remove those rows{hint}"
+
+
 def rows_to_prompts(records: list[dict[str, Any]], column: str, messages_column: str | None, source: str,
                     answer_column: str = "answer", verifier_column: str = "verifier") -> list[dict[str, str]]:
     """Pure: pick the prompt text (and any reference answer and verifier) from each record, check it, and give each
@@ -56,11 +86,11 @@ def rows_to_prompts(records: list[dict[str, Any]], column: str, messages_column:
     if key not in records[0]:
         option = "prompts.messages_column" if messages_column else "prompts.column"
         raise PromptError(f"{source}: no column {key!r} (columns: {', '.join(records[0])}); set {option}")
-    out, empty = [], []
+    out, bad = [], {}
     for i, record in enumerate(records):
         text = _prompt_from_messages(record[key], i) if messages_column else record[key]
         if not isinstance(text, str) or not text.strip():
-            empty.append(i)
+            bad.setdefault(_what_it_holds(text), []).append(i)
             continue
         rid = record.get("id")
         prompt = {"id": str(i if rid is None else rid), "prompt": text.strip()}
@@ -68,9 +98,8 @@ def rows_to_prompts(records: list[dict[str, Any]], column: str, messages_column:
             if _text(record.get(col)) is not None:
                 prompt[field] = _text(record[col])
         out.append(prompt)
-    if empty:
-        shown = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
-        raise PromptError(f"{source}: {len(empty)} empty prompt(s) in column {key!r} at rows {shown}; remove them")
+    if bad:
+        raise PromptError(_bad_rows_message(records, bad, key, source, messages_column))
     seen: dict[str, int] = {}
     for row, p in enumerate(out):
         if p["id"] in seen:

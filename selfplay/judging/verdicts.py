@@ -221,7 +221,7 @@ def judge_source(cfg: JudgeConfig) -> str:
 
 
 def check_error_rate(table: pd.DataFrame, max_error_rate: float, k: int, judge: JudgeConfig | None = None,
-                     replies: Sequence[str] = ()) -> None:
+                     replies: Sequence[str] = (), pinned: str | None = None) -> None:
     """Fail when more than `max_error_rate` of the judged pairs got no verdict: `judge_error` (the endpoint failed)
     or `invalid` (it answered, but nothing could be read from its `replies`). Either is the judge's fault; let
     through, it would surface later as too few pairs to train on, with advice about pairs, not the judge."""
@@ -254,7 +254,10 @@ def check_error_rate(table: pd.DataFrame, max_error_rate: float, k: int, judge: 
     if len(errors):
         kinds = errors["error"].fillna("unknown").str.split(":").str[0].value_counts().to_dict()
         message += f" Errors by kind: {kinds}. First: {errors['error'].iloc[0]}."
-    raise JudgeFailed(message + " Fix the judge and rerun to resume (with judge.cache on, calls that succeeded are not asked again).")
+    settings = (f" The judge's settings that change verdicts (judge.template, judge.mode, its model) stay as they are on a resume: {pinned} "
+                f"used them. Fix the server, or start a new run (--set name=...) to judge otherwise." if pinned else
+                " No completed stage has used the judge's settings yet, so they may change for the rerun.")
+    raise JudgeFailed(message + " Fix the judge and rerun to resume (with judge.cache on, calls that succeeded are not asked again)." + settings)
 
 
 def llm_count(comparisons: Batch, cfg: JudgeConfig) -> int:

@@ -43,7 +43,8 @@ def _preflight(cfg: RunConfig) -> Path:
     if checked["error"]:
         raise ConfigError(checked["error"])
     check_training_hardware(cfg, checked["device"])
-    check_verifiers(cfg, check_prompts(cfg.prompts))
+    sets = check_prompts(cfg.prompts)
+    check_verifiers(cfg, sets)
     try:
         load_template(cfg.judge.template)
         load_rubric(cfg.judge.rubric)
@@ -51,6 +52,7 @@ def _preflight(cfg: RunConfig) -> Path:
         raise ConfigError(str(exc)) from None
     base = resolve_model(cfg.policy.model)
     load_tokenizer(base)  # a chat template is required
+    check_lengths(cfg, base, sets)
     check_lora_targets(cfg.train.lora, base)
     for section, spec in (("sample", cfg.sample.server if cfg.sample.backend == "vllm" else None),
                           ("judge", cfg.judge.server if cfg.judge.backend == "vllm" else None)):
@@ -124,9 +126,43 @@ def check_sampling_endpoint(cfg: RunConfig) -> None:
             "sample.endpoint %s ignores seeds: its samples are not reproducible (a rerun of a stage draws other completions)", caps.base_url)
 
 
+def check_lengths(cfg: RunConfig, base: Path, sets: dict[str, list[dict[str, str]]]) -> None:
+    """Every prompt against the token budgets it must fit (`selfplay.inputs.lengths`): over-long prompts are dropped
+    with one warning naming the first few, or refused (`prompts.too_long: error`); a budget that leaves fewer prompts
+    than a round draws (`per_round`) or the evaluate stage judges (`eval_size`) is refused with its numbers."""
+    from collections import Counter
+
+    from selfplay.inputs.lengths import describe, fitting, spread
+
+    for which, need, setting in (("train", cfg.prompts.per_round, "prompts.per_round"), ("eval", cfg.prompts.eval_size, "prompts.eval_size")):
+        kept, over = fitting(cfg, which, base, sets[which])
+        if not over:
+            continue
+        if len(kept) < need:
+            budget = Counter(o.budget for o in over).most_common(1)[0][0]
+            key = budget.setting.split("=")[0]
+            fix = "Use a model with a longer context" if key.startswith("the model") else f"Raise {key}"
+            raise ConfigError(
+                f"prompts.{which}: only {len(kept)} of {len(sets[which])} prompt(s) fit their token budgets, fewer than {setting}={need}: "
+                f"{budget.setting} allows at most {budget.limit} prompt tokens ({budget.why}), and the prompts over it take "
+                f"{spread([o for o in over if o.budget == budget])}. {fix}, or use shorter prompts.")
+        message = f"prompts.{which}: {describe(over, len(sets[which]), which)}"
+        if cfg.prompts.too_long == "error":
+            raise ConfigError(f"{message}. Shorten or remove them, raise the budget named, or set prompts.too_long: drop to run without them.")
+        logging.getLogger(__name__).warning("%s: dropped, the run goes on without them (prompts.too_long: error refuses them instead)", message)
+
+
 def check_prompts(p: PromptsConfig) -> dict[str, list[dict[str, str]]]:
     """Both prompt sets load, and hold at least the prompts a round draws (`per_round`) and the evaluate stage uses
     (`eval_size`): a draw takes min(per_round, available), so a short set would otherwise shrink every round silently."""
+    sources = [s for which in (p.train, p.eval) for s in ([which] if isinstance(which, str) else which)]
+    bundled = [s for s in dict.fromkeys(sources) if s.startswith("bundled:")]
+    custom = [f"prompts.{name}={getattr(p, name)!r}" for name in ("column", "messages_column")
+              if getattr(p, name) != PromptsConfig.model_fields[name].default]
+    if bundled and custom:
+        logging.getLogger(__name__).warning(
+            "%s does not apply to %s: a bundled prompt set is read by its own columns, so the setting is ignored there%s", " and ".join(custom),
+            ", ".join(bundled), "" if len(bundled) == len(set(sources)) else " (it applies to the other sources)")
     train = prompt_set(p, "train")
     if len(train) < p.per_round:
         raise ConfigError(

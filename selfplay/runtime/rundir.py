@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -25,7 +26,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from selfplay.config.run import RunConfig, result_differences
+from selfplay.config.run import Change, RunConfig, result_changes
 from selfplay.errors import SelfplayError
 from selfplay.runtime import hooks, provenance
 
@@ -145,6 +146,16 @@ class RunDir:
 _held: dict[Path, int] = {}  # run directories this process holds, and how many `locked` blocks hold each
 
 
+def unwritable(root: Path, exc: OSError) -> str:
+    """Why the run directory `root` cannot be made or written, in one line that says what to change (output_dir)."""
+    blocker = next((p for p in [root, *root.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return f"cannot create the run directory {root}: {blocker} is a file, not a directory. Set output_dir to a directory (--set output_dir=...)"
+    existing = next(p for p in [root, *root.parents] if p.exists())
+    return (f"cannot create the run directory {root}: {existing} is not writable here ({exc.strerror or exc}). Set output_dir to a directory "
+            f"this user can write (--set output_dir=...)")
+
+
 @contextlib.contextmanager
 def locked(root: Path) -> Iterator[None]:
     """Hold an exclusive lock on the run directory; a second process is refused at once, not queued.
@@ -162,9 +173,12 @@ def locked(root: Path) -> Iterator[None]:
         finally:
             _held[root] -= 1
         return
-    root.mkdir(parents=True, exist_ok=True)
     path = root / ".lock"
-    fh = open(path, "a+")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")
+    except OSError as exc:
+        raise RunDirError(unwritable(root, exc)) from None
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -195,30 +209,79 @@ def locked(root: Path) -> Iterator[None]:
         fh.close()
 
 
+# Which stages read a setting: the first prefix that matches a dotted key names them ("round": the round's gate
+# decision, made when the round completes). A setting no prefix matches is read by every stage.
+READ_BY: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("prompts.eval", ("evaluate",)),
+    ("prompts.accuracy_size", ("evaluate",)),
+    ("prompts.", ("sample", "evaluate")),
+    ("sample.", ("sample", "evaluate")),  # the evaluate stage generates with the sampler's backend
+    ("judge.audit.on_chance", ("filter",)),
+    ("judge.audit.", ("judge",)),
+    ("judge.pairing", ("judge", "filter", "evaluate")),
+    ("judge.scoring", ("judge", "filter", "evaluate")),
+    ("judge.", ("judge", "evaluate")),  # the evaluate stage's win rate is judged too
+    ("filter.", ("judge", "filter")),  # pairs the filter would drop are screened out before judging
+    ("train.", ("train",)),
+    ("evaluate.", ("evaluate",)),
+    ("gate.", ("round",)),
+)
+
+
+def read_by(key: str) -> tuple[str, ...]:
+    """The stages that read setting `key` (`READ_BY`); every stage for one not listed (seed, policy, the base model).
+
+    >>> read_by("judge.max_length"), read_by("judge.audit.on_chance"), read_by("seed") == (*STAGES, "round")
+    (('judge', 'evaluate'), ('filter',), True)
+    """
+    return next((stages for prefix, stages in READ_BY if key.startswith(prefix)), (*STAGES, "round"))
+
+
+def pinned_by(run: RunDir, key: str) -> str | None:
+    """The first completed stage that read `key`, as "round k's <stage> stage", or None while none has: a setting
+    may change on a resume until then."""
+    rounds = sorted(int(p.name.removeprefix("round_")) for p in run.root.glob("round_*") if p.name.removeprefix("round_").isdigit())
+    for k in rounds:
+        for stage in read_by(key):
+            if stage == "round" and run.round_done(k):
+                return f"round {k} (completed: its gate decision)"
+            if stage != "round" and run.is_done(k, stage):
+                return f"round {k}'s {stage} stage"
+    return None
+
+
 def open_run(cfg: RunConfig, base_model: str, log=None) -> RunDir:
-    """Create the run's record, or check that a resume matches it. Call while holding `locked(cfg.run_dir)`.
+    """Create the run's record, or check that a resume may go on. Call while holding `locked(cfg.run_dir)`.
 
     run.json records the config, the base model and the provenance (`selfplay.runtime.provenance`: commit, Python,
-    library versions, device). A resume that would change results is refused; one under other versions is not, but
-    with `log` (the flow passes its run logger; the CLI's early check passes none) it says so in one warning line
-    and run.json keeps the change under `resumed_under`.
+    library versions, device). What completed pins: a result-changing setting may change on a resume as long as no
+    completed stage read it (`pinned_by`); the new values are recorded, and the change noted under `resumed_under`.
+    A change a completed stage read is refused, naming that stage. A start that failed before any stage completed
+    pins nothing. A resume under other library versions is not refused; with `log` (the flow passes its run logger;
+    the CLI's early check passes none) it says so in one warning line, kept under `resumed_under` too.
     """
     run = RunDir(cfg.run_dir)
     record = run.root / "run.json"
     if record.is_file():
         saved = read_json(record)
         old = RunConfig.model_validate(saved["config"], context={"recorded": True})  # older runs recorded every backend
-        diffs = result_differences(old, cfg)
+        changes = result_changes(old, cfg)
         if saved.get("base_model") != base_model:
-            diffs.append(f"base model: {saved.get('base_model')} -> {base_model}")
-        if diffs:
-            listing = "\n".join(f"  - {d}" for d in diffs)
+            changes.append(Change("base model", saved.get("base_model"), base_model))
+        refused = [(c, by) for c in changes if (by := pinned_by(run, c.key))]
+        if refused:
+            listing = "\n".join(f"  - {c}: {by} used {'it' if c.key == 'base model' else 'the old value'} (completed)" for c, by in refused)
             raise RunDirError(
-                f"{run.root} was started with a different configuration, and resuming would mix results:\n{listing}\n"
+                f"{run.root} has completed work that the new configuration would contradict:\n{listing}\n"
                 f"Restore those values, or start a new run with --set name=<new-name>."
             )
         changed = saved["config"].get("rounds") != cfg.rounds
         saved["config"]["rounds"] = cfg.rounds
+        if changes:  # none read by a completed stage: the run goes on with the new values
+            saved["config"], saved["base_model"], changed = cfg.model_dump(mode="json"), base_model, True
+            saved.setdefault("resumed_under", []).append({"at": time.time(), "changes": [f"{c} (no completed stage had used it)" for c in changes]})
+            (log or logging.getLogger(__name__)).warning("%s: settings changed that no completed stage used, so the run goes on with them: %s",
+                                                run.root.name, "; ".join(map(str, changes)))
         if log is not None:
             now = provenance.collect()
             if "provenance" not in saved:  # a run started before provenance was recorded

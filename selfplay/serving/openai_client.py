@@ -112,13 +112,21 @@ async def _count_attempt(request: Any) -> None:
         counter[0] += 1
 
 
+# 5xx answers that no retry changes: 501 Not Implemented (a server without the chat completions route), 505.
+NEVER_RETRIED = (501, 505)
+
+
 def async_client(base_url: str, api_key: str, *, timeout: float, max_retries: int) -> openai.AsyncOpenAI:
     """An `openai.AsyncOpenAI` that retries as the client does, up to `max_retries` times, and lets `chat` count
     its attempts. Use it as `async with`: that closes its connections."""
     import openai
 
+    class Client(openai.AsyncOpenAI):
+        def _should_retry(self, response) -> bool:  # a route the server does not implement stays unimplemented
+            return response.status_code not in NEVER_RETRIED and super()._should_retry(response)
+
     http = openai.DefaultAsyncHttpxClient(event_hooks={"request": [_count_attempt]})
-    return openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries, http_client=http)
+    return Client(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries, http_client=http)
 
 
 def describe(exc: BaseException) -> str:
@@ -179,7 +187,7 @@ async def chat(client: openai.AsyncOpenAI, *, max_retries: int, check: Callable[
             except openai.APIError as exc:
                 made = max(counter[0], rounds)
                 status = getattr(exc, "status_code", None) if isinstance(exc, openai.APIStatusError) else None
-                refused = status is not None and status not in (408, 409, 429) and status < 500  # what the client never retries
+                refused = status is not None and status not in (408, 409, 429) and (status < 500 or status in NEVER_RETRIED)  # never retried
                 raise RequestFailed(exc, made, refused, _seconds(client.timeout)) from exc
             if problem is None:
                 return reply

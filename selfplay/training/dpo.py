@@ -69,7 +69,8 @@ def check_enough_pairs(kept: int, min_pairs: int, drops: dict[str, int], k: int)
         f"To get more: draw more prompts (prompts.per_round), sample more per prompt (sample.num_samples), "
         f"give answers room to finish (sample.max_new_tokens) if many were truncated, lower judge.margin if many "
         f"were ties, raise filter.max_similarity if many were too similar; or lower train.min_pairs. These change the "
-        f"round's data, so start a new run (--set name=...) with them; only train.min_pairs can change on a resume."
+        f"round's data, which its completed sample, judge and filter stages used: start a new run (--set name=...) "
+        f"with them; of these, only train.min_pairs can change on a resume."
     )
 
 
