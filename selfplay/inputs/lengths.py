@@ -60,8 +60,7 @@ def budgets(cfg, context: int | None) -> dict[str, Budget]:
     answer = answer_tokens(cfg)
     out = {}
     if context:
-        out["context"] = Budget(f"the model's context={context}", context - answer,
-                                f"the model's {context}-token context less the longest answer asked for ({answer} tokens)")
+        out["context"] = Budget(f"the model's context of {context} tokens", context - answer, f"less the longest answer asked for ({answer} tokens)")
     max_length = train_max_length(cfg)
     out["train"] = Budget(f"train.dpo.max_length={max_length}", max_length - 1, "a prompt must leave room for its completion")
     if cfg.judge.backend == "transformers":
