@@ -288,6 +288,50 @@ def test_resume_changing_only_rounds_is_accepted_and_recorded(tmp_path):
     assert saved["config"]["sample"] == config(tmp_path).sample.model_dump(mode="json")
 
 
+def failed_judging(k: int, pinned: str | None) -> str:
+    """The judge stage's error-rate failure, as round k's judge stage raises it."""
+    from selfplay.judging.verdicts import JudgeFailed, check_error_rate
+
+    table = pd.DataFrame({"verdict": ["judge_error"] * 4, "error": ["APIConnectionError: down"] * 4, "mode": [None] * 4})
+    with pytest.raises(JudgeFailed) as err:
+        check_error_rate(table, 0.05, k, None, (), pinned)
+    return str(err.value)
+
+
+def test_the_judge_failure_says_what_a_rerun_may_change_and_it_is_true(tmp_path):
+    """Round 1's judge failed after sampling: its settings may change, and a rerun with a new margin is accepted.
+    Round 2's judge failed: round 1's judge stage used them, and the same change is refused naming it."""
+    from selfplay.runtime.rundir import pinned_by
+
+    cfg = config(tmp_path)
+    open_locked(cfg, "/models/base")
+    complete(cfg, 1, "sample")
+    message = failed_judging(1, pinned_by(RunDir(cfg.run_dir), "judge.template"))
+    assert message.endswith("Fix the judge and rerun to resume (with judge.cache on, calls that succeeded are not asked again). No completed "
+                            "stage has used the judge's settings yet, so they may change for the rerun.")
+    open_locked(config(tmp_path, "judge.margin=0.3"), "/models/base")
+    complete(cfg, 1, "judge", "filter", "train", "evaluate", round_done=True)
+    complete(cfg, 2, "sample")
+    message = failed_judging(2, pinned_by(RunDir(cfg.run_dir), "judge.template"))
+    assert "stay as they are on a resume: round 1's judge stage used them. Fix the server, or start a new run" in message
+    with pytest.raises(RunDirError, match=r"judge.margin: 0.3 -> 0.5: round 1's judge stage used the old value"):
+        open_locked(config(tmp_path, "judge.margin=0.5"), "/models/base")
+
+
+def test_too_few_pairs_says_only_min_pairs_can_change_on_a_resume_and_it_is_true(tmp_path):
+    from selfplay.training.dpo import NotEnoughPairs, check_enough_pairs
+
+    cfg = config(tmp_path)
+    open_locked(cfg, "/models/base")
+    complete(cfg, 1, "sample", "judge", "filter")  # the train stage found too few pairs
+    with pytest.raises(NotEnoughPairs, match="of these, only train.min_pairs can change on a resume"):
+        check_enough_pairs(3, 16, {"tie": 9}, 1)
+    for setting in ("prompts.per_round=48", "sample.num_samples=8", "sample.max_new_tokens=256", "judge.margin=0.0", "filter.max_similarity=0.99"):
+        with pytest.raises(RunDirError, match="used the old value"):
+            open_locked(config(tmp_path, setting), "/models/base")
+    open_locked(config(tmp_path, "train.min_pairs=2"), "/models/base")
+
+
 # ---------------------------------------------------------------- provenance: what produced a run
 
 def test_run_json_records_what_produced_the_run(tmp_path):
