@@ -68,13 +68,14 @@ def test_sigkill_during_training_then_resume(prefect_server, tiny_model, tmp_pat
     before = [fingerprint(p) for p in protected]
     sample_manifest = run.manifest(1, "sample")
 
-    # A resume that changes a result-changing field is refused before anything starts.
+    # A resume that changes a setting a completed stage read is refused before anything starts, naming the stage
+    # (training settings may still change: the train stage did not complete).
     changed = tmp_path / "changed.yaml"
-    changed.write_text(yaml.safe_dump({**cfg, "train": {**cfg["train"], "dpo": {**cfg["train"]["dpo"], "num_train_epochs": 1}}}))
+    changed.write_text(yaml.safe_dump({**cfg, "sample": {**cfg["sample"], "temperature": 0.5}}))
     refused = subprocess.run([SELFPLAY, "run", "--config", str(changed)], capture_output=True, text=True,
                              env={**os.environ, "PREFECT_API_URL": prefect_server}, timeout=300)
     assert refused.returncode == 2
-    assert "train.dpo.num_train_epochs: 20 -> 1" in refused.stderr
+    assert "sample.temperature: 1.0 -> 0.5: round 1's sample stage used the old value (completed)" in refused.stderr
 
     resumed = start_run(recipe, prefect_server)
     out, _ = resumed.communicate(timeout=900)
