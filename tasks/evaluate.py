@@ -38,11 +38,11 @@ from selfplay.evaluation.pathologies import pathologies
 from selfplay.evaluation.quality import accuracy_change
 from selfplay.generation.jobs import GENERATION_COLUMNS, EvalJob, answers_by_name, distinct_jobs
 from selfplay.generation.served import eval_generations_from_server
-from selfplay.inputs.lengths import usable_prompts
 from selfplay.inputs.prompts import accuracy_prompts
 from selfplay.judging.runner import run_judge
 from selfplay.judging.verdicts import check_error_rate, judge_stats
 from selfplay.judging.verifiers import Verifier, score_table
+from selfplay.orchestration.lengths import usable_prompts
 from selfplay.runtime import isolate
 from selfplay.runtime.isolate import isolated
 from selfplay.runtime.rundir import RunDir, pinned_by

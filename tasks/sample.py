@@ -16,8 +16,8 @@ from prefect.cache_policies import NONE
 
 from selfplay.config.run import RunConfig
 from selfplay.generation.served import sample_from_server
-from selfplay.inputs.lengths import usable_prompts
 from selfplay.inputs.prompts import draw_prompts
+from selfplay.orchestration.lengths import usable_prompts
 from selfplay.runtime import isolate
 from selfplay.runtime.isolate import isolated
 from selfplay.runtime.rundir import RunDir

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from selfplay.config.run import build_config
-from selfplay.inputs.lengths import fitting
+from selfplay.orchestration.lengths import fitting
 from selfplay.orchestration.preflight import check_prompts, preflight
 from tests.conftest import tiny_config
 from tests.test_preflight_inputs import run_cli
@@ -123,8 +123,9 @@ def test_an_output_dir_that_cannot_be_written_is_one_line_before_the_server_star
 
 
 def test_an_empty_recipe_is_refused(tmp_path):
-    from tests.test_preflight_inputs import SELFPLAY
     import subprocess
+
+    from tests.test_preflight_inputs import SELFPLAY
 
     recipe = tmp_path / "empty.yaml"
     recipe.write_text("\n# nothing here\n")
@@ -163,3 +164,39 @@ def test_a_column_setting_with_a_bundled_prompt_set_is_warned_as_not_applying(ca
     assert [r.getMessage() for r in caplog.records if "does not apply" in r.getMessage()] == [
         "prompts.column='text' does not apply to bundled:train, bundled:eval: a bundled prompt set is read by its own columns, so the "
         "setting is ignored there"]
+
+
+# ---------------------------------------------------------------- fixing it resumes (the CLI; the rule itself: tests/test_rundir.py)
+
+def test_a_start_that_recorded_a_broken_model_resumes_with_the_fixed_one_and_a_finished_round_pins_its_settings(prefect_server, tiny_model,
+                                                                                                                tmp_path):
+    """A start that recorded its configuration and then failed before any stage completed (here: run.json as it leaves
+    it, naming another model) pins nothing: the same command with the model fixed, and `train.dpo.beta=0.1` written
+    out (TRL's default, no change), runs the round. Once the round completed, a sampling change is refused naming it."""
+    import os
+    import subprocess
+
+    from selfplay.runtime.rundir import locked, open_run, read_json
+    from tests.test_preflight_inputs import SELFPLAY
+
+    cfg = tiny_config(tiny_model, tmp_path / "runs", name="fixed", rounds=1)
+    broken = build_config({**cfg, "policy": {"model": str(tmp_path / "broken")}})
+    with locked(broken.run_dir):
+        open_run(broken, str(tmp_path / "broken"))
+    recipe = tmp_path / "fixed.yaml"
+    recipe.write_text(json.dumps(cfg))
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+
+    def selfplay(*overrides: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(SELFPLAY), "run", "--config", str(recipe), *(a for o in overrides for a in ("--set", o))],
+                              capture_output=True, text=True, env=env, timeout=600)
+
+    done = selfplay("train.dpo.beta=0.1")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "settings changed that no completed stage used, so the run goes on with them: policy.model: " in done.stdout + done.stderr
+    saved = read_json(broken.run_dir / "run.json")
+    assert saved["base_model"] == str(tiny_model.resolve()) and saved["config"]["policy"]["model"] == str(tiny_model)
+    assert selfplay("train.dpo.beta=0.1").returncode == 0  # the finished run, again: nothing changed, nothing to do
+    refused = selfplay("sample.temperature=0.5")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "sample.temperature: 1.0 -> 0.5: round 1's sample stage used the old value (completed)" in refused.stderr

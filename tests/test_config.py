@@ -13,17 +13,15 @@ import pydantic
 import pytest
 
 from selfplay.config.backends import EndpointJudgeConfig, TransformersJudgeConfig, TransformersSampleConfig, VllmJudgeConfig
+from selfplay.config.resume import flatten, result_differences, result_fields
 from selfplay.config.run import (
     ConfigError,
     RunConfig,
     TrainConfig,
     check_passthrough,
     fingerprint,
-    flatten,
     load_config,
     parse_overrides,
-    result_differences,
-    result_fields,
 )
 
 pytestmark = pytest.mark.unit
@@ -183,10 +181,12 @@ def test_invalid_yaml_is_a_clear_error(tmp_path):
         load_config(recipe)
 
 
-def test_empty_recipe_means_defaults(tmp_path):
+def test_an_empty_recipe_is_refused_saying_every_setting_would_be_the_default(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("# nothing here\n")
-    assert load_config(recipe) == RunConfig()
+    with pytest.raises(ConfigError, match=r"r.yaml is empty: it sets nothing, so every setting would be its default"):
+        load_config(recipe)
+    assert load_config(None) == RunConfig()  # no recipe at all: the defaults, as --set alone asks
 
 
 # ---------------------------------------------------------------- resume checks and fingerprints

@@ -58,6 +58,8 @@ def test_directory_with_config_json_resolves_to_itself(tmp_path):
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert is_hf_dir(model)
+    (model / "model.safetensors").write_bytes(b"")  # only their presence is checked here
+    (model / "tokenizer.json").write_text("{}")
     assert resolve_model(str(model)) == model.resolve()
     assert resolve_model(f"  {model}  ") == model.resolve()
 

@@ -13,7 +13,7 @@ down for nothing a reader gains.
 
 Each field says whether it changes results: a field made with `operational(...)` (how and where work runs,
 budgets, accounting) may change on resume; every other field is part of the results, and a change of backend is one
-too (`config.result_differences` reads this from the models).
+too (`config.resume.result_changes` reads this from the models).
 
 Older spellings keep loading (`prepare_section`): the judge's `local` is now `transformers` and `openai` is
 `endpoint` (a one-line deprecation warning names the new spelling); a setting of another backend that still has its

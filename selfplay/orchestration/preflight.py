@@ -127,12 +127,12 @@ def check_sampling_endpoint(cfg: RunConfig) -> None:
 
 
 def check_lengths(cfg: RunConfig, base: Path, sets: dict[str, list[dict[str, str]]]) -> None:
-    """Every prompt against the token budgets it must fit (`selfplay.inputs.lengths`): over-long prompts are dropped
+    """Every prompt against the token budgets it must fit (`selfplay.orchestration.lengths`): over-long prompts are dropped
     with one warning naming the first few, or refused (`prompts.too_long: error`); a budget that leaves fewer prompts
     than a round draws (`per_round`) or the evaluate stage judges (`eval_size`) is refused with its numbers."""
     from collections import Counter
 
-    from selfplay.inputs.lengths import describe, fitting, spread
+    from selfplay.orchestration.lengths import describe, fitting, spread
 
     for which, need, setting in (("train", cfg.prompts.per_round, "prompts.per_round"), ("eval", cfg.prompts.eval_size, "prompts.eval_size")):
         kept, over = fitting(cfg, which, base, sets[which])

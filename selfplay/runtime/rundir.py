@@ -26,7 +26,8 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from selfplay.config.run import Change, RunConfig, result_changes
+from selfplay.config.resume import Change, result_changes
+from selfplay.config.run import RunConfig
 from selfplay.errors import SelfplayError
 from selfplay.runtime import hooks, provenance
 

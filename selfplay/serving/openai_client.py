@@ -82,18 +82,16 @@ def check_endpoint(endpoint: EndpointConfig, api_key: str) -> None:
     try:
         reply = httpx.get(url, headers={"Authorization": f"Bearer {api_key}"}, timeout=min(endpoint.timeout, 10.0))
     except httpx.HTTPError as exc:
-        raise EndpointError(
-            f"judge endpoint {endpoint.base_url} is unreachable ({exc.__class__.__name__}: {exc}); start the server or "
-            f"fix judge.endpoint.base_url"
-        ) from None
+        raise EndpointError(f"judge endpoint {endpoint.base_url} is unreachable ({exc.__class__.__name__}: {exc}); start the server or "
+                            f"fix judge.endpoint.base_url") from None
     if reply.status_code == 200:
         try:
             served = [m.get("id") for m in reply.json().get("data", [])]
         except (ValueError, AttributeError):
             served = []
         if served and endpoint.model not in served:
-            raise EndpointError(f"{endpoint.base_url} does not serve model {endpoint.model!r} (it serves: {', '.join(map(str, served[:10]))}); fix the "
-                                f"endpoint's model")
+            raise EndpointError(f"{endpoint.base_url} does not serve model {endpoint.model!r} (it serves: {', '.join(map(str, served[:10]))}); "
+                                f"fix the endpoint's model")
     if reply.status_code in (401, 403):
         source = (f"Prefect Secret {endpoint.api_key_secret!r}" if endpoint.api_key_secret
                   else f"${endpoint.api_key_env}" if endpoint.api_key_env else "judge.endpoint.api_key_env / api_key_secret (none is set)")
@@ -112,21 +110,20 @@ async def _count_attempt(request: Any) -> None:
         counter[0] += 1
 
 
-# 5xx answers that no retry changes: 501 Not Implemented (a server without the chat completions route), 505.
-NEVER_RETRIED = (501, 505)
+NEVER_RETRIED = (501, 505)  # 5xx answers no retry changes: 501 Not Implemented (a server without the route), 505
 
 
 def async_client(base_url: str, api_key: str, *, timeout: float, max_retries: int) -> openai.AsyncOpenAI:
-    """An `openai.AsyncOpenAI` that retries as the client does, up to `max_retries` times, and lets `chat` count
-    its attempts. Use it as `async with`: that closes its connections."""
+    """An `openai.AsyncOpenAI` that retries as the client does (but never a NEVER_RETRIED status), up to
+    `max_retries` times, and lets `chat` count its attempts. Use it as `async with`: that closes its connections."""
     import openai
 
     class Client(openai.AsyncOpenAI):
-        def _should_retry(self, response) -> bool:  # a route the server does not implement stays unimplemented
+        def _should_retry(self, response) -> bool:
             return response.status_code not in NEVER_RETRIED and super()._should_retry(response)
 
-    http = openai.DefaultAsyncHttpxClient(event_hooks={"request": [_count_attempt]})
-    return Client(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries, http_client=http)
+    return Client(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries,
+                  http_client=openai.DefaultAsyncHttpxClient(event_hooks={"request": [_count_attempt]}))
 
 
 def describe(exc: BaseException) -> str:
@@ -140,9 +137,8 @@ class MalformedReply(Exception):
 
 
 class RequestFailed(Exception):
-    """No attempt gave a usable reply. `error`: the last attempt's exception; `attempts`: how many were made;
-    `refused`: the server answered with a status the client does not retry (a 4xx other than 408/409/429: the
-    request itself is wrong), before the budget was spent."""
+    """No attempt gave a usable reply. `error`: the last attempt's exception; `attempts`: how many were made; `refused`: the server
+    answered with a status never retried (a 4xx other than 408/409/429: the request is wrong; NEVER_RETRIED) before the budget was spent."""
 
     def __init__(self, error: BaseException, attempts: int, refused: bool, timeout: float | None = None):
         import openai
@@ -451,5 +447,4 @@ def sample_chat(
     return run_sync(asample_chat(
         base_url, model, prompts, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
         max_concurrency=max_concurrency, api_key=api_key, timeout=timeout, system=system, max_retries=max_retries,
-        exact_tokens=exact_tokens, extra_body=extra_body, watch=watch, choices_per_request=choices_per_request, progress=progress,
-        every_s=every_s))
+        exact_tokens=exact_tokens, extra_body=extra_body, watch=watch, choices_per_request=choices_per_request, progress=progress, every_s=every_s))

@@ -34,21 +34,12 @@ from typing import Any
 
 import pandas as pd
 
+from selfplay.config.resume import DPO_DEFAULTS
 from selfplay.config.run import RunConfig, scheduled
 from selfplay.errors import SelfplayError
 from selfplay.evaluation.quality import warning
 
 # Defaults for a short CPU-friendly round; any of them can be overridden by train.dpo.
-DPO_DEFAULTS: dict[str, Any] = {
-    "per_device_train_batch_size": 8,
-    "num_train_epochs": 1,
-    "learning_rate": 5e-5,
-    "max_length": 256,
-    "logging_steps": 1,
-    "save_strategy": "no",
-    "report_to": "none",
-    "disable_tqdm": True,
-}
 
 
 # The log keys we summarise; TRL names them so in its DPOTrainer.

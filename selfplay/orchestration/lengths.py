@@ -49,7 +49,7 @@ def answer_tokens(cfg) -> int:
 
 
 def train_max_length(cfg) -> int:
-    from selfplay.config.run import effective_default
+    from selfplay.config.resume import effective_default
 
     value = cfg.train.dpo.get("max_length", effective_default("train.dpo.max_length"))
     return int(value)
