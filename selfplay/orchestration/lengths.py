@@ -27,11 +27,13 @@ _MEASURED: dict[str, tuple[list[dict[str, Any]], list[OverLong]]] = {}
 
 
 class Budget(NamedTuple):
-    """One budget: the setting that sets it (as 'key=value'), the most prompt tokens it allows, and how it follows."""
+    """One budget: the setting that sets it (as 'key=value'), the most prompt tokens it allows, how it follows, and
+    the key a user raises to widen it (None for the model's context)."""
 
     setting: str
     limit: int
     why: str
+    key: str | None = None
 
 
 class OverLong(NamedTuple):
@@ -62,10 +64,10 @@ def budgets(cfg, context: int | None) -> dict[str, Budget]:
     if context:
         out["context"] = Budget(f"the model's context of {context} tokens", context - answer, f"less the longest answer asked for ({answer} tokens)")
     max_length = train_max_length(cfg)
-    out["train"] = Budget(f"train.dpo.max_length={max_length}", max_length - 1, "a prompt must leave room for its completion")
+    out["train"] = Budget(f"train.dpo.max_length={max_length}", max_length - 1, "a prompt must leave room for its completion", "train.dpo.max_length")
     if cfg.judge.backend == "transformers":
         out["judge"] = Budget(f"judge.max_length={cfg.judge.max_length}", cfg.judge.max_length - 2 * answer,
-                              f"the judge's prompt holds two responses of up to {answer} tokens")
+                              f"the judge's prompt holds two responses of up to {answer} tokens", "judge.max_length")
     return out
 
 

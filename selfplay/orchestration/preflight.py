@@ -140,8 +140,7 @@ def check_lengths(cfg: RunConfig, base: Path, sets: dict[str, list[dict[str, str
             continue
         if len(kept) < need:
             budget = Counter(o.budget for o in over).most_common(1)[0][0]
-            key = budget.setting.split("=")[0]
-            fix = "Use a model with a longer context" if key.startswith("the model") else f"Raise {key}"
+            fix = f"Raise {budget.key}" if budget.key else "Use a model with a longer context"
             raise ConfigError(
                 f"prompts.{which}: only {len(kept)} of {len(sets[which])} prompt(s) fit their token budgets, fewer than {setting}={need}: "
                 f"{budget.setting} allows at most {budget.limit} prompt tokens ({budget.why}), and the prompts over it take "
